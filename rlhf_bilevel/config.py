@@ -1,0 +1,138 @@
+"""Typed, frozen configuration: dataclasses built from plain dicts (YAML), with `a.b=value` overrides.
+
+Every mistake names the key and says what would be accepted:
+    ConfigError: bilevel.sigmaa: unknown key (did you mean 'sigma'?)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from rlhf_bilevel.critic import CriticConfig
+from rlhf_bilevel.steps import StepConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in a recipe, an override or an option: one line, naming the field."""
+
+
+@dataclass(frozen=True)
+class BilevelConfig:
+    method: Literal["bilevel", "alternating"] = "bilevel"  # alternating: standard online RLHF, no λ′
+    pseudocode: Literal["corrected", "printed"] = "corrected"  # printed: errata 1–3 as the paper prints them
+    sigma: float = 0.1  # penalty σ: bias O(σ), noise amplified by 1/σ
+    outer_steps: int = 10  # T
+    inner_steps: int = 4  # K
+    pairs_per_step: int = 8  # B: oracle pairs per inner step; B·(K+1) per outer step
+    trajectories_per_step: int = 8  # n: trajectories of π_λ per inner step, for the critic and eq. 12
+    gamma: float = 1.0  # discount γ
+    beta: float = 0.1  # KL weight β of eq. 2
+    upper_loss: Literal["bt_nll", "disagreement"] = "bt_nll"
+    f_at: Literal["lambda_prime", "lambda"] = "lambda_prime"  # where ∇_φ f is taken (erratum 4)
+    labels: Literal["sample", "expected"] = "sample"  # expected: use P(first ≻ second) as a soft label
+    policy_step: StepConfig = field(default_factory=lambda: StepConfig(rule="adam", lr=0.05, schedule="constant"))
+    reward_step: StepConfig = field(default_factory=lambda: StepConfig(rule="normalized", lr=0.1, schedule="inverse"))
+    critic: CriticConfig = field(default_factory=CriticConfig)
+
+    def __post_init__(self) -> None:
+        positive(self, "sigma", "outer_steps", "inner_steps", "pairs_per_step", "trajectories_per_step")
+        if not 0 < self.gamma <= 1:
+            raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")
+        if self.beta < 0:
+            raise ConfigError(f"beta: must be ≥ 0, got {self.beta}")
+
+    @property
+    def pairs_per_outer_step(self) -> int:
+        """The oracle budget of one outer iteration: B·(K+1) (ALGORITHM.md)."""
+        return self.pairs_per_step * (self.inner_steps + 1)
+
+
+def positive(cfg: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not value > 0:
+            raise ConfigError(f"{name}: must be > 0, got {value}")
+
+
+def build(cls: type, data: Any, where: str = "") -> Any:
+    """A frozen dataclass from a dict, checking every key and every type."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        values[key] = convert(hints[key], value, path)
+    try:
+        return cls(**values)
+    except ConfigError as error:
+        raise ConfigError(f"{where}.{error}" if where else str(error)) from None
+
+
+def convert(hint: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return convert(inner, value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return origin(convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    if hint is Any:
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """`a.b=value` sets data['a']['b']; the value is parsed as YAML (numbers, booleans, lists)."""
+    data = copy_tree(data)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. bilevel.sigma=0.05")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node[leaf] = value
+    return data
+
+
+def copy_tree(data: dict) -> dict:
+    return {k: copy_tree(v) if isinstance(v, dict) else v for k, v in data.items()}
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,167 @@
+"""Every gradient estimator of Algorithm 1, each a named function (ALGORITHM.md, steps 3–6).
+
+Each one is a weighted sum over a batch: with sample weights 1/N it is the stochastic
+estimator of the paper; with the exact trajectory probabilities as weights (an
+enumerated rollout) the very same expression is the exact gradient, because
+Σ_τ p(τ) ∇log p(τ) g(τ) = ∇ Σ_τ p(τ) g(τ). Gradients are lists of tensors, one per
+parameter, as `torch.autograd.grad` returns them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from rlhf_bilevel.types import PreferencePairs, Rollout, Transitions
+
+Grads = list[Tensor]
+UpperLoss = Literal["bt_nll", "disagreement"]
+
+
+def discounts(horizon: int, gamma: float) -> Tensor:
+    """γ^h for h = 0 … H−1 (the time index: erratum 5 of eq. 15)."""
+    return gamma ** torch.arange(horizon, dtype=torch.float64)
+
+
+def taken_log_probs(log_probs: Tensor, rollout: Rollout) -> Tensor:
+    """[N, H] log π(a_h|s_h) of the taken tokens, zero after EOS."""
+    return log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1) * rollout.mask
+
+
+def shaped_rewards(rollout: Rollout, rewards: Tensor, beta: float) -> Tensor:
+    """r̃ = r_φ(s,a) − β log(π(a|s)/π_ref(a|s)), the per-token reward of J (eq. 2)."""
+    return (rewards - beta * (rollout.logp - rollout.ref_logp)) * rollout.mask
+
+
+def returns(rollout: Rollout, rewards: Tensor, gamma: float) -> Tensor:
+    """[N] Σ_h γ^h r_h per trajectory."""
+    return (rewards * rollout.mask * discounts(rollout.horizon, gamma).to(rewards)).sum(-1)
+
+
+def objective_value(rollout: Rollout, rewards: Tensor, beta: float, gamma: float) -> Tensor:
+    """Ĵ(λ, φ): the weighted mean discounted shaped return (eq. 2)."""
+    return (rollout.weight * returns(rollout, shaped_rewards(rollout, rewards, beta), gamma)).sum()
+
+
+def kl_to_reference(rollout: Rollout) -> Tensor:
+    """Σ_h log(π/π_ref) along the trajectory, averaged: the sequence-level KL estimate."""
+    return (rollout.weight * ((rollout.logp - rollout.ref_logp) * rollout.mask).sum(-1)).sum()
+
+
+def pair_margins(rollout_rewards: Tensor, pairs: PreferencePairs) -> Tensor:
+    """R_φ(τ0) − R_φ(τ1) with R_φ(τ) = Σ_h r_φ(s_h, a_h) (eq. 8, undiscounted)."""
+    totals = (rollout_rewards * pairs.rollout.mask).sum(-1)
+    return totals[pairs.first] - totals[pairs.second]
+
+
+def upper_loss(margins: Tensor, label: Tensor, kind: UpperLoss) -> Tensor:
+    """ℓ(φ; τ0, τ1, y) per pair; y = 1 means τ0 preferred. Both forms are linear in y.
+
+    `disagreement` is the paper's U (eq. 7): the BT probability of the ordering the
+    oracle rejected. `bt_nll` is the usual reward-model loss (eq. 1, κ = −log sigmoid).
+    """
+    if kind == "bt_nll":
+        return -(label * F.logsigmoid(margins) + (1 - label) * F.logsigmoid(-margins))
+    if kind == "disagreement":
+        return label * torch.sigmoid(-margins) + (1 - label) * torch.sigmoid(margins)
+    raise ValueError(f"unknown upper loss {kind!r}")
+
+
+def advantages(q_values: Tensor, log_probs: Tensor, rollout: Rollout) -> Tensor:
+    """A(s,a) = Q(s,a) − V(s), with V(s) = Σ_a π(a|s) Q(s,a) exact over the vocabulary."""
+    values = (log_probs.detach().exp() * q_values).sum(-1)
+    taken = q_values.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
+    return (taken - values) * rollout.mask
+
+
+def grad_J_lambda(
+    log_probs: Tensor, params: list[Tensor], rollout: Rollout, q_values: Tensor, gamma: float
+) -> Grads:
+    """∇_λ J by the critic (eq. 12): E_τ Σ_h γ^h ∇_λ log π_λ(a_h|s_h) · A(s_h, a_h).
+
+    Summed over h and averaged over trajectories, so it is unbiased for ∇J itself (not
+    ∇J / H); the scale matters where it is combined with σ∇f in d'_k. The KL term of J
+    needs no extra score term: E_a[∇ log π(a|s)] = 0, and Q is that of the shaped reward.
+    """
+    adv = advantages(q_values, log_probs, rollout)
+    weighted = discounts(rollout.horizon, gamma).to(adv) * adv
+    surrogate = (rollout.weight * (taken_log_probs(log_probs, rollout) * weighted).sum(-1)).sum()
+    return list(torch.autograd.grad(surrogate, params, retain_graph=True))
+
+
+def leave_one_out_baseline(losses: Tensor, weight: Tensor) -> Tensor:
+    """b_i = mean of the other pairs' losses: independent of pair i, so the estimator stays unbiased.
+
+    With exact (enumerated) weights there is no sampling noise to reduce and the
+    baseline is zero.
+    """
+    n = losses.shape[0]
+    if n < 2 or not torch.allclose(weight, weight.new_full((n,), 1.0 / n)):
+        return torch.zeros_like(losses)
+    return (losses.sum() - losses) / (n - 1)
+
+
+def grad_f_lambda(log_probs: Tensor, params: list[Tensor], pairs: PreferencePairs, losses: Tensor) -> Grads:
+    """∇_λ f by the score function (eq. 17), both responses carrying score terms.
+
+    ∇_λ f = E[(ℓ − b) · (Σ_h ∇ log π_λ(τ0) + Σ_h ∇ log π_λ(τ1))]; ℓ does not depend on λ,
+    only the sampling distribution does. `losses` are the per-pair ℓ (detached).
+    """
+    losses = losses.detach()
+    centred = losses - leave_one_out_baseline(losses, pairs.weight)
+    sequence = taken_log_probs(log_probs, pairs.rollout).sum(-1)
+    surrogate = (pairs.weight * centred * (sequence[pairs.first] + sequence[pairs.second])).sum()
+    return list(torch.autograd.grad(surrogate, params))
+
+
+def grad_J_phi(rewards: Tensor, params: list[Tensor], rollout: Rollout, gamma: float) -> Grads:
+    """∇_φ J(λ, φ) by Lemma 5 (eq. 14–15): E_τ∼π_λ Σ_h γ^h ∇_φ r_φ(s_h, a_h).
+
+    `rewards` is r_φ on this rollout, differentiable in φ; the KL term does not depend on φ.
+    """
+    surrogate = (rollout.weight * returns(rollout, rewards, gamma)).sum()
+    return list(torch.autograd.grad(surrogate, params, retain_graph=True))
+
+
+def grad_f_phi(rewards: Tensor, params: list[Tensor], pairs: PreferencePairs, kind: UpperLoss) -> tuple[Grads, Tensor]:
+    """∇_φ f(φ, λ) = E[∇_φ ℓ(φ; τ0, τ1, y)] on pairs from π_λ; returns (gradient, per-pair ℓ)."""
+    losses = upper_loss(pair_margins(rewards, pairs), pairs.label, kind)
+    surrogate = (pairs.weight * losses).sum()
+    return list(torch.autograd.grad(surrogate, params, retain_graph=True)), losses.detach()
+
+
+def hypergradient(grad_f: Grads, grad_J_lambda_star: Grads, grad_J_lambda_sigma: Grads, sigma: float) -> Grads:
+    """d_t = ∇_φ f(φ, λ') + (∇_φ J(λ, φ) − ∇_φ J(λ', φ)) / σ  (ALGORITHM.md step 6; eq. 11 corrected).
+
+    The gradient of the penalty objective L_σ; φ descends it.
+    """
+    return [gf + (gs - gp) / sigma for gf, gs, gp in zip(grad_f, grad_J_lambda_star, grad_J_lambda_sigma)]
+
+
+def penalised_direction(grad_J: Grads, grad_f: Grads, sigma: float) -> Grads:
+    """d'_k = ∇_λ' J(λ', φ) − σ ∇_λ' f(φ, λ'): ascent on J − σ f (ALGORITHM.md step 4, erratum 2)."""
+    return [gj - sigma * gf for gj, gf in zip(grad_J, grad_f)]
+
+
+def transitions(rollout: Rollout, features: Tensor, shaped: Tensor) -> Transitions:
+    """The (s, a, r̃, s', a', done) tuples of a rollout, for the critic's replay (Algorithm 2).
+
+    a' is the token the policy actually sampled at s' (on-policy, Algorithm 2 line 4).
+    """
+    n, horizon = rollout.tokens.shape
+    valid = rollout.mask.bool()
+    next_valid = torch.zeros_like(valid)
+    next_valid[:, :-1] = valid[:, 1:]
+    next_action = torch.zeros_like(rollout.tokens)
+    next_action[:, :-1] = rollout.tokens[:, 1:]
+    return Transitions(
+        state=features[:, :horizon][valid],
+        action=rollout.tokens[valid],
+        reward=shaped.detach()[valid],
+        next_state=features[:, 1:][valid],
+        next_action=next_action[valid],
+        done=(~next_valid)[valid].float(),
+    )

@@ -1,0 +1,193 @@
+"""Exact quantities on the enumerated tree: J, f, Q, λ*(φ), λ_σ(φ), Φ(φ), L_σ(φ), ∇Φ, ∇L_σ, Φ*.
+
+Policies here are tables of log-probabilities [S, V] over every state (policy space), so
+λ*(φ) has a closed form (soft backward induction, β > 0) through which autograd gives
+the true hypergradient ∇Φ; λ_σ(φ) is found by ascent on J − σ f in that space.
+Also the exact `RolloutSource` and critic, so Algorithm 1 can run on exact gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlhf_bilevel.estimators import UpperLoss, upper_loss
+from rlhf_bilevel.exact.models import ExactPolicy, ExactReward, GoldOracle
+from rlhf_bilevel.exact.tree import TokenTree
+from rlhf_bilevel.types import PreferencePairs, Rollout
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything that defines the bilevel problem besides φ and the policy."""
+
+    tree: TokenTree
+    ref: Tensor  # [S, V] log π_ref
+    gold: GoldOracle
+    beta: float
+    gamma: float
+    loss: UpperLoss
+
+
+def q_values(problem: Problem, logp: Tensor, rewards: Tensor) -> tuple[Tensor, Tensor]:
+    """Q^π(s, a) and V^π(s) of the shaped reward r − β log(π/π_ref), by backward induction."""
+    tree = problem.tree
+    shaped = rewards[tree.child] - problem.beta * (logp - problem.ref)
+    value = torch.zeros(tree.num_nodes, dtype=logp.dtype)
+    q = torch.zeros_like(logp)
+    depth = tree.depth[tree.state_nodes]
+    for h in reversed(range(tree.horizon)):
+        at = depth == h
+        cont = (~tree.child_terminal[at]).to(logp.dtype)
+        q_h = shaped[at] + problem.gamma * cont * value[tree.child[at]]
+        q = q.index_put((at.nonzero().squeeze(-1),), q_h)
+        value = value.index_put((tree.state_nodes[at],), (logp[at].exp() * q_h).sum(-1))
+    return q, value
+
+
+def soft_optimal(problem: Problem, rewards: Tensor) -> Tensor:
+    """log π*(·|s) ∝ log π_ref + Q*/β: the unique maximiser of J(·, φ) when β > 0 (λ*(φ))."""
+    tree = problem.tree
+    value = torch.zeros(tree.num_nodes, dtype=rewards.dtype)
+    logp = torch.zeros_like(problem.ref)
+    depth = tree.depth[tree.state_nodes]
+    for h in reversed(range(tree.horizon)):
+        at = depth == h
+        cont = (~tree.child_terminal[at]).to(rewards.dtype)
+        q_h = rewards[tree.child[at]] + problem.gamma * cont * value[tree.child[at]]
+        logits = problem.ref[at] + q_h / problem.beta
+        logp = logp.index_put((at.nonzero().squeeze(-1),), torch.log_softmax(logits, -1))
+        value = value.index_put((tree.state_nodes[at],), problem.beta * torch.logsumexp(logits, -1))
+    return logp
+
+
+def objective(problem: Problem, logp: Tensor, rewards: Tensor) -> Tensor:
+    """J(π, φ) = E_x V^π(x) with the uniform prompt distribution ν."""
+    _, value = q_values(problem, logp, rewards)
+    return value[problem.tree.roots].mean()
+
+
+def leaf_probs(problem: Problem, logp: Tensor) -> Tensor:
+    """ν(x)·π(τ|x) for every complete trajectory τ."""
+    tree = problem.tree
+    states = tree.path_states(tree.leaf_path)
+    taken = logp[states].gather(-1, tree.leaf_tokens.unsqueeze(-1)).squeeze(-1) * tree.leaf_mask
+    return taken.sum(-1).exp() / tree.prompts
+
+
+def upper(problem: Problem, logp: Tensor, rewards: Tensor) -> Tensor:
+    """f(φ, π) = E_x E_{τ0,τ1∼π} E_y ℓ(φ; τ0, τ1, y), summed exactly over every pair."""
+    tree = problem.tree
+    prob = leaf_probs(problem, logp)
+    score = (rewards[tree.leaf_path[:, 1:]] * tree.leaf_mask).sum(-1)
+    total = logp.new_zeros(())
+    for p in range(tree.prompts):
+        leaves = tree.leaf_prompt == p
+        margin = score[leaves][:, None] - score[leaves][None, :]
+        gold = problem.gold.leaf_gold[leaves]
+        label = torch.sigmoid((gold[:, None] - gold[None, :]) / problem.gold.temperature)
+        weight = prob[leaves][:, None] * prob[leaves][None, :] * tree.prompts
+        total = total + (weight * upper_loss(margin, label, problem.loss)).sum()
+    return total
+
+
+def phi(problem: Problem, reward: ExactReward) -> Tensor:
+    """Φ(φ) = f(φ, λ*(φ)), differentiable in φ through the soft-optimal policy."""
+    rewards = reward.node_rewards()
+    return upper(problem, soft_optimal(problem, rewards), rewards)
+
+
+def penalty_policy(problem: Problem, rewards: Tensor, sigma: float, steps: int = 300) -> Tensor:
+    """λ_σ(φ) = argmax_π J(π, φ) − σ f(φ, π), by L-BFGS on the logits from π*(φ)."""
+    rewards = rewards.detach()
+    logits = soft_optimal(problem, rewards).detach().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([logits], lr=1, max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-14, line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        logp = torch.log_softmax(logits, -1)
+        loss = -(objective(problem, logp, rewards) - sigma * upper(problem, logp, rewards))
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    return torch.log_softmax(logits.detach(), -1)
+
+
+def penalty_value(problem: Problem, reward: ExactReward, sigma: float) -> Tensor:
+    """L_σ(φ) = f(φ, λ_σ) + (J*(φ) − J(λ_σ, φ)) / σ (ALGORITHM.md, penalty reformulation)."""
+    rewards = reward.node_rewards()
+    star = soft_optimal(problem, rewards.detach())
+    lam_sigma = penalty_policy(problem, rewards, sigma)
+    return upper(problem, lam_sigma, rewards) + (
+        objective(problem, star, rewards) - objective(problem, lam_sigma, rewards)
+    ) / sigma
+
+
+def flat_grad(value: Tensor, reward: ExactReward) -> Tensor:
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, reward.parameters())])
+
+
+def minimise_phi(problem: Problem, reward: ExactReward, steps: int, lr: float = 0.05) -> float:
+    """Exact descent on Φ (Adam) from the reward's current weights; returns the final Φ."""
+    optimizer = torch.optim.Adam(reward.parameters(), lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        phi(problem, reward).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return phi(problem, reward).item()
+
+
+class ExactRollouts:
+    """A `RolloutSource` that enumerates: every trajectory, and every prompt-matched pair,
+    weighted by its exact probability. Fed to Algorithm 1, it gives exact gradients."""
+
+    def __init__(self, policy: ExactPolicy):
+        self.policy = policy
+        tree = policy.tree
+        self.pair_first, self.pair_second = [], []
+        for p in range(tree.prompts):
+            leaves = (tree.leaf_prompt == p).nonzero().squeeze(-1)
+            self.pair_first.append(leaves.repeat_interleave(len(leaves)))
+            self.pair_second.append(leaves.repeat(len(leaves)))
+        self.pair_first = torch.cat(self.pair_first)
+        self.pair_second = torch.cat(self.pair_second)
+
+    @torch.no_grad()
+    def rollouts(self, adapter: str, n: int) -> Rollout:
+        tree, policy = self.policy.tree, self.policy
+        with policy.adapter(adapter):
+            table = policy.table()
+        with policy.adapter(None):
+            ref_table = policy.table()
+        prompts = tree.leaf_prompt.tolist()
+        weight = torch.zeros(len(prompts))
+        rollout = policy.rollout(prompts, tree.leaf_tokens, tree.leaf_mask, tree.leaf_path, table, ref_table, weight)
+        rollout.weight = (rollout.logp.sum(-1)).exp() / tree.prompts
+        rollout.adapter = adapter
+        return rollout
+
+    def pairs(self, adapter: str, n: int) -> PreferencePairs:
+        rollout = self.rollouts(adapter, n)
+        prob = rollout.weight * rollout.weight.new_tensor(self.policy.tree.prompts)
+        weight = prob[self.pair_first] * prob[self.pair_second] / self.policy.tree.prompts
+        return PreferencePairs(rollout=rollout, first=self.pair_first, second=self.pair_second, weight=weight)
+
+
+class ExactCritic:
+    """Q^π_φ by backward induction: the critic with no approximation error (for exact runs)."""
+
+    def __init__(self, problem: Problem, policy: ExactPolicy, reward: ExactReward, adapter: str):
+        self.problem, self.policy, self.reward, self.adapter = problem, policy, reward, adapter
+
+    def fit(self, transitions) -> dict[str, float]:
+        return {}
+
+    @torch.no_grad()
+    def q_values(self, rollout: Rollout) -> Tensor:
+        with self.policy.adapter(self.adapter):
+            q, _ = q_values(self.problem, self.policy.table(), self.reward.node_rewards())
+        return q[self.policy.tree.path_states(rollout.context)]

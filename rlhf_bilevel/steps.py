@@ -1,0 +1,66 @@
+"""Step rules for the three parameter blocks (λ, λ′, φ): the paper's normalised steps, or Adam."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    rule: str = "normalized"  # normalized: x ± lr_k d/‖d‖ (eq. lines 9, 10, 14); adam: Adam on d
+    lr: float = 0.1  # lr_0
+    schedule: str = "inverse"  # inverse: lr_0/(k+1) (Theorem 1); constant: lr_0
+    max_norm: float | None = None  # adam only: clip d to this norm first
+
+
+def norm(direction: list[Tensor]) -> Tensor:
+    return torch.sqrt(sum((d.float() ** 2).sum() for d in direction))
+
+
+class Stepper:
+    """Moves `params` along a direction: +d to ascend (λ, λ′ on J), −d to descend (φ on L_σ).
+
+    The step counter is never restarted: restarting 1/k at every outer iteration kicks
+    the warm-started λ each time, and K then sets the floor (ALGORITHM.md, pitfalls).
+    """
+
+    def __init__(self, params: list[Tensor], cfg: StepConfig, ascend: bool):
+        self.params = params
+        self.cfg = cfg
+        self.sign = 1.0 if ascend else -1.0
+        self.count = 0
+        self.adam = torch.optim.Adam(params, lr=cfg.lr) if cfg.rule == "adam" else None
+
+    def rate(self) -> float:
+        return self.cfg.lr / (self.count + 1) if self.cfg.schedule == "inverse" else self.cfg.lr
+
+    @torch.no_grad()
+    def step(self, direction: list[Tensor]) -> float:
+        """Applies one step and returns ‖d‖."""
+        size = norm(direction)
+        if self.adam is not None:
+            scale = 1.0
+            if self.cfg.max_norm is not None and size > self.cfg.max_norm:
+                scale = self.cfg.max_norm / size
+            for p, d in zip(self.params, direction):
+                p.grad = -self.sign * scale * d.to(p.dtype)
+            for group in self.adam.param_groups:
+                group["lr"] = self.rate()
+            self.adam.step()
+            self.adam.zero_grad(set_to_none=True)
+        elif size > 0:
+            for p, d in zip(self.params, direction):
+                p.add_(d.to(p.dtype), alpha=self.sign * self.rate() / size.item())
+        self.count += 1
+        return size.item()
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "adam": self.adam.state_dict() if self.adam else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count = state["count"]
+        if self.adam is not None:
+            self.adam.load_state_dict(state["adam"])

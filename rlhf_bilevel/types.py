@@ -1,0 +1,139 @@
+"""The typed batches that pass between the parts, and the small protocols the algorithm needs.
+
+Everything in `bilevel.py` and `estimators.py` is written against these names only, so the
+same code runs on the enumerable token MDP (`exact/`) and on a Hugging Face model (`lm/`).
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+LAMBDA = "lambda"
+"""Adapter that ascends J alone: plays λ* (ALGORITHM.md, penalty reformulation)."""
+LAMBDA_PRIME = "lambda_prime"
+"""Adapter that ascends J − σ f: plays λ_σ."""
+ADAPTERS = (LAMBDA, LAMBDA_PRIME)
+
+
+@dataclass
+class Rollout:
+    """N trajectories of the token MDP, padded to the horizon H.
+
+    `weight` says how much each trajectory counts in an expectation: 1/N for samples, the
+    exact probability ν(x)·π(τ|x) when every trajectory was enumerated. Every estimator
+    is a weighted sum, which is what lets the exact and the sampled path share one code.
+    """
+
+    prompts: list[Any]
+    responses: list[Any]
+    tokens: Tensor  # [N, H] long; after EOS: padding
+    mask: Tensor  # [N, H] float; 1 up to and including EOS, then 0 (absorbing)
+    logp: Tensor  # [N, H] log π(a_h|s_h) under the policy that produced it, detached
+    ref_logp: Tensor  # [N, H] log π_ref(a_h|s_h), detached
+    weight: Tensor  # [N]
+    context: Any = None  # what the producing model needs to score it again
+    adapter: str = LAMBDA
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def horizon(self) -> int:
+        return self.tokens.shape[1]
+
+
+@dataclass
+class PreferencePairs:
+    """Prompt-matched pairs of responses, indices into one rollout, with the oracle's verdict.
+
+    `prob` is the oracle's P(first ≻ second); `label` is what the loss sees: a Bernoulli
+    draw of `prob` (y = 1 means the FIRST response is preferred), or `prob` itself when
+    the expectation over labels is taken exactly.
+    """
+
+    rollout: Rollout
+    first: Tensor  # [B] long
+    second: Tensor  # [B] long
+    weight: Tensor  # [B]
+    prob: Tensor | None = None
+    label: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.first.shape[0]
+
+
+@dataclass
+class Transitions:
+    """(s, a, r, s', a', done) tuples for the critic (Algorithm 2); states as feature vectors."""
+
+    state: Tensor  # [M, d]
+    action: Tensor  # [M]
+    reward: Tensor  # [M]
+    next_state: Tensor  # [M, d]
+    next_action: Tensor  # [M] a' ~ π(·|s'), the token the policy sampled next
+    done: Tensor  # [M] 1 when s' is terminal (EOS taken or horizon reached)
+
+    def __len__(self) -> int:
+        return self.action.shape[0]
+
+    def concat(self, other: Transitions) -> Transitions:
+        return Transitions(**{k: torch.cat([getattr(self, k), getattr(other, k)]) for k in _TRANSITION_FIELDS})
+
+    def slice(self, index: Tensor | slice) -> Transitions:
+        return Transitions(**{k: getattr(self, k)[index] for k in _TRANSITION_FIELDS})
+
+
+_TRANSITION_FIELDS = ("state", "action", "reward", "next_state", "next_action", "done")
+
+
+class Policy(Protocol):
+    """Two adapters (λ, λ′) on one frozen base; the base alone is the reference π_ref."""
+
+    def adapter(self, name: str) -> AbstractContextManager[None]:
+        """Make `name` the active adapter inside the block, and always switch back."""
+
+    def parameters_of(self, name: str) -> list[Tensor]:
+        """The trainable tensors of one adapter."""
+
+    def sample(self, prompts: Sequence[Any], generator: torch.Generator) -> Rollout:
+        """One trajectory per prompt from the active adapter, with `logp` and `ref_logp` filled."""
+
+    def log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, H, V] log π(·|s_h) under the active adapter, differentiable in its parameters."""
+
+    def state_features(self, rollout: Rollout) -> Tensor:
+        """[N, H + 1, d] features of s_0 … s_H (detached) for the critic; s_{h+1} = s_h ⊕ a_h."""
+
+
+class RewardModel(Protocol):
+    def parameters(self) -> list[Tensor]: ...
+
+    def token_rewards(self, rollout: Rollout) -> Tensor:
+        """[N, H] r_φ(s_h, a_h) ∈ [0, 1], differentiable in φ, zero after EOS."""
+
+
+class Critic(Protocol):
+    def fit(self, transitions: Transitions) -> dict[str, float]:
+        """Algorithm 2 on the stored transitions; returns diagnostics."""
+
+    def q_values(self, rollout: Rollout) -> Tensor:
+        """[N, H, V] Q(s_h, ·) for every action, detached."""
+
+
+class Oracle(Protocol):
+    def compare(self, prompts: Sequence[Any], first: Sequence[Any], second: Sequence[Any]) -> Tensor:
+        """P(first ≻ second) for each pair, in [0, 1]; raises OracleError, never guesses."""
+
+
+class RolloutSource(Protocol):
+    """Where the loop gets trajectories and pairs: by sampling, or by exact enumeration."""
+
+    def rollouts(self, adapter: str, n: int) -> Rollout: ...
+
+    def pairs(self, adapter: str, n: int) -> PreferencePairs: ...
+
