@@ -27,7 +27,8 @@ class CriticConfig:
     target_every: int = 50  # L: TD steps between target refreshes
     batch_size: int = 64  # transitions replayed per TD step
     radius: float | None = None  # R of the projection ‖θ − θ0‖ ≤ R; None: 1/(1−γ) if γ < 1, else off
-    replay_capacity: int = 4096  # transitions kept; the oldest are dropped first
+    replay_capacity: int = 1024  # transitions kept, newest first: older ones were sampled by older
+    # policies, and their a′ biases the on-policy target towards those policies' Q
 
 
 class QHead(nn.Module):

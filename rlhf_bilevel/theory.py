@@ -33,10 +33,10 @@ class TheoryConfig:
     outer_steps: int = 200  # T of the exact-gradient runs
     inner_steps: int = 10  # K
     sampled_outer_steps: int = 100
-    pairs: int = 32  # B of the sampled run
-    trajectories: int = 32  # n of the sampled runs
+    pairs: int = 64  # B of the sampled run
+    trajectories: int = 128  # n of the sampled runs
     sigmas: tuple[float, ...] = (0.8, 0.4, 0.2, 0.1)
-    batch_sizes: tuple[int, ...] = (4, 16, 64)
+    batch_sizes: tuple[int, ...] = (8, 32, 128)
     starts: int = 6  # random starts for Φ* = min Φ
     reward_lr: float = 2.0  # η_0 of η_t = η_0 / t
     policy_lr: float = 0.1  # Adam on λ, λ′ (plain ascent on softmax logits is badly conditioned)
@@ -54,7 +54,7 @@ class TheoryConfig:
     @classmethod
     def quick(cls, **changes) -> TheoryConfig:
         """Under a minute on 2 cores: shorter runs, fewer sweep points."""
-        base = dict(outer_steps=40, inner_steps=8, sampled_outer_steps=20, sigmas=(0.4, 0.2, 0.1), batch_sizes=(4, 32), starts=3)
+        base = dict(outer_steps=40, inner_steps=8, sampled_outer_steps=8, sigmas=(0.4, 0.2, 0.1), batch_sizes=(8, 32), starts=3)
         return cls(**{**base, **changes})
 
     def algorithm(self, **changes) -> BilevelConfig:
@@ -70,7 +70,8 @@ class TheoryConfig:
             labels="expected",
             policy_step=StepConfig(rule="adam", lr=self.policy_lr, schedule="constant"),
             reward_step=StepConfig(rule="normalized", lr=self.reward_lr, schedule="inverse"),
-            critic=CriticConfig(hidden=0, lr=0.1, blocks=2, target_every=25, batch_size=64),
+            # replay only the latest step's transitions: older ones came from older policies
+            critic=CriticConfig(hidden=0, lr=0.05, blocks=2, target_every=50, batch_size=128, replay_capacity=400),
         )
         return dataclasses.replace(base, **changes)
 
@@ -165,7 +166,7 @@ class Lab:
         }
         self.log(f"σ sweep: floor ∝ σ^{sigma_sweep['slope']:.2f}")
         batch_runs = [
-            self.run(star["phi_star"], False, cfg.sampled_outer_steps, labels="sample", pairs_per_step=b, trajectories_per_step=b)
+            self.run(star["phi_star"], False, cfg.sampled_outer_steps, labels="sample", pairs_per_step=b)
             for b in cfg.batch_sizes
         ]
         batch_sweep = {

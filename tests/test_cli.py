@@ -37,6 +37,6 @@ def test_quick_lab_writes_json_and_png(tmp_path):
     for key in ("phi_star", "gap_sq", "slope", "sigma", "B", "oracle_pairs"):
         assert key in data
     assert set(data["gap_sq"]) == {"exact", "sampled", "alternating", "printed"}
-    assert len(data["gap_sq"]["exact"]) == 40
+    assert len(data["gap_sq"]["exact"]) == 40 and len(data["gap_sq"]["sampled"]) == 8
     assert data["B"]["oracle_pairs"][1] > data["B"]["oracle_pairs"][0] > 0
     assert (tmp_path / "theory.png").read_bytes()[:4] == b"\x89PNG"
