@@ -132,7 +132,3 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def copy_tree(data: dict) -> dict:
     return {k: copy_tree(v) if isinstance(v, dict) else v for k, v in data.items()}
-
-
-def to_dict(cfg: Any) -> dict:
-    return dataclasses.asdict(cfg)
