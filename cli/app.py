@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -47,6 +48,42 @@ def theory(
     except ConfigError as error:
         fail(str(error))
     typer.echo(f"wrote {out / 'theory.json'} and {out / 'theory.png'} (Φ* = {result['phi_star']:.6f})")
+
+
+@app.command()
+def train(
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A recipe YAML, e.g. recipes/smollm2-sentiment.yaml."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe field: --set bilevel.sigma=0.05 (repeatable)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Shorthand for --set model.name=…: smollm2, tiny, a .gguf, a folder or a hub id."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run folder (default: runs/<recipe name>)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its newest checkpoint."),
+) -> None:
+    """Align a causal LM online with Algorithm 1 (or the alternating baseline) as a recipe says."""
+    from rlhf_bilevel.checkpoint import CheckpointError
+    from rlhf_bilevel.oracles.base import OracleError
+    from rlhf_bilevel.recipe import load_recipe
+    from rlhf_bilevel.train import resume as resume_run
+    from rlhf_bilevel.train import train as train_run
+
+    # deprecation notices of the libraries we call are for us, not for the user of the command
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    if model is not None:
+        overrides = [*overrides, f"model.name={model}"]
+    try:
+        if resume is not None:
+            if recipe is not None or output_dir is not None:
+                fail("--resume: the run folder holds its recipe; drop --recipe/--output-dir (use --set to change a field)")
+            summary = resume_run(resume, overrides)
+        elif recipe is None:
+            fail("--recipe: required, e.g. --recipe recipes/smollm2-sentiment.yaml (or --resume RUN_DIR)")
+        else:
+            run_dir = output_dir or Path("runs") / recipe.stem
+            summary = train_run(load_recipe(recipe, overrides), run_dir, recipe.resolve().parent)
+    except (ConfigError, CheckpointError) as error:
+        fail(str(error))
+    except OracleError as error:
+        fail(f"oracle: {error} (every pair labelled before it is in preferences.jsonl)")
+    typer.echo(summary.describe())
 
 
 def main() -> None:

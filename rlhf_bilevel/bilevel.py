@@ -19,6 +19,7 @@ from rlhf_bilevel.steps import Stepper
 from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME, Critic, Oracle, Policy, PreferencePairs, RewardModel, Rollout, RolloutSource
 
 PairsCallback = Callable[[PreferencePairs, dict], None]
+InnerCallback = Callable[[int, dict], None]
 
 
 class Bilevel:
@@ -32,10 +33,12 @@ class Bilevel:
         cfg: BilevelConfig,
         generator: torch.Generator,
         on_pairs: PairsCallback | None = None,
+        on_inner: InnerCallback | None = None,
     ):
         self.policy, self.reward, self.source, self.oracle, self.cfg = policy, reward, source, oracle, cfg
         self.generator = generator
         self.on_pairs = on_pairs
+        self.on_inner = on_inner
         self.bilevel = cfg.method == "bilevel"
         self.printed = cfg.pseudocode == "printed"
         adapters = (LAMBDA, LAMBDA_PRIME) if self.bilevel else (LAMBDA,)
@@ -63,22 +66,27 @@ class Bilevel:
         return pairs
 
     # -- the lower level -------------------------------------------------------------------------
-    def ascent_on_J(self, adapter: str, rollout: Rollout) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """Critic fit (Algorithm 2) then ∇J by eq. 12, for one adapter. Returns (∇J, log π)."""
+    def ascent_on_J(self, adapter: str, rollout: Rollout) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
+        """Critic fit (Algorithm 2) then ∇J by eq. 12, for one adapter. Returns (∇J, log π, diagnostics)."""
+        cfg = self.cfg
         with torch.no_grad():
-            shaped = est.shaped_rewards(rollout, self.reward.token_rewards(rollout), self.cfg.beta)
+            shaped = est.shaped_rewards(rollout, self.reward.token_rewards(rollout), cfg.beta)
         critic = self.critics[adapter]
-        critic.fit(est.transitions(rollout, self.policy.state_features(rollout), shaped))
+        diagnostics = critic.fit(rollout, shaped)
+        diagnostics["lower/J"] = (rollout.weight * est.returns(rollout, shaped, cfg.gamma)).sum().item()
+        diagnostics["lower/kl"] = est.kl_to_reference(rollout).item()
         with self.policy.adapter(adapter):
             log_probs = self.policy.log_probs(rollout)
+        advantage = critic.advantages(rollout, shaped, log_probs)
         params = self.policy.parameters_of(adapter)
-        return est.grad_J_lambda(log_probs, params, rollout, critic.q_values(rollout), self.cfg.gamma), log_probs
+        return est.grad_J_lambda(log_probs, params, rollout, advantage, cfg.gamma), log_probs, diagnostics
 
     def inner_step(self, k: int) -> dict[str, float]:
+        """Step k of the inner loop; its metrics come from the rollouts it drew anyway."""
         cfg = self.cfg
         rollout = self.source.rollouts(LAMBDA, cfg.trajectories_per_step)
-        d_k, _ = self.ascent_on_J(LAMBDA, rollout)
-        metrics = {"lower/d_norm": self.policy_steps[LAMBDA].step(d_k)}
+        d_k, _, metrics = self.ascent_on_J(LAMBDA, rollout)
+        metrics["lower/d_norm"] = self.policy_steps[LAMBDA].step(d_k)
         if not self.bilevel:
             return metrics
         pairs = self.label(self.source.pairs(LAMBDA_PRIME, cfg.pairs_per_step), k)
@@ -86,7 +94,8 @@ class Bilevel:
             d_prime = d_k  # erratum 3: line 10 steps λ′ along d_k, so λ′ ≡ λ
         else:
             # d'_k = ∇J(λ′, φ) − σ ∇f(φ, λ′)  (ALGORITHM.md step 4; erratum 2)
-            grad_J, log_probs = self.ascent_on_J(LAMBDA_PRIME, pairs.rollout)
+            grad_J, log_probs, diagnostics = self.ascent_on_J(LAMBDA_PRIME, pairs.rollout)
+            metrics["lower/J_prime"] = diagnostics["lower/J"]
             with torch.no_grad():
                 rewards = self.reward.token_rewards(pairs.rollout)
                 losses = est.upper_loss(est.pair_margins(rewards, pairs), pairs.label, cfg.upper_loss)
@@ -125,7 +134,10 @@ class Bilevel:
         start = time.perf_counter()
         metrics: dict[str, float] = {}
         for k in range(self.cfg.inner_steps):
-            metrics.update(self.inner_step(k))
+            inner = self.inner_step(k)
+            inner["oracle/pairs"] = float(self.oracle_pairs)
+            if self.on_inner is not None:
+                self.on_inner(k, inner)
         d_t, upper = self.hypergradient()
         metrics.update(upper)
         metrics["upper/d_norm"] = self.reward_step.step(d_t)

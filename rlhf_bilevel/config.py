@@ -75,6 +75,9 @@ def build(cls: type, data: Any, where: str = "") -> Any:
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"{path}: unknown key{hint}")
         values[key] = convert(hints[key], value, path)
+    for name, f in fields.items():
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{where}.{name}: required" if where else f"{name}: required")
     try:
         return cls(**values)
     except ConfigError as error:

@@ -1,5 +1,6 @@
-"""Algorithm 2: the critic Q_θ ≈ Q^π_φ by TD(0), with a target network, experience replay,
-projection onto a ball around the initial weights, and iterate averaging.
+"""The critics of eq. 12. `TDCritic` is Algorithm 2: Q_θ ≈ Q^π_φ by TD(0), with a target
+network, experience replay, projection onto a ball around the initial weights, and iterate
+averaging. `MCCritic` uses Monte-Carlo returns with a leave-one-out baseline instead.
 
 The Q head maps a state's features to one value per action (the vocabulary), so the
 baseline V(s) = Σ_a π(a|s) Q(s, a) used by eq. 12 is exact rather than learned.
@@ -7,19 +8,20 @@ baseline V(s) = Σ_a π(a|s) Q(s, a) used by eq. 12 is exact rather than learned
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from rlhf_bilevel.types import Rollout, Transitions
+from rlhf_bilevel import estimators as est
+from rlhf_bilevel.types import TRANSITION_FIELDS, Rollout, Transitions
 
 
 @dataclass(frozen=True)
 class CriticConfig:
-    kind: str = "td"  # td: Algorithm 2; mc: Monte-Carlo returns (no learned weights)
+    kind: Literal["td", "mc"] = "td"  # td: Algorithm 2; mc: Monte-Carlo returns (no learned weights)
     hidden: int = 64  # width of the Q head's hidden layer; 0 for a linear head
     lr: float = 0.05  # β′, the TD step size
     optimizer: str = "adam"  # sgd is the paper's plain step; adam converges in fewer steps
@@ -39,8 +41,10 @@ class QHead(nn.Module):
         else:
             self.net = nn.Linear(features, actions)
 
-    def forward(self, features: Tensor) -> Tensor:
-        return self.net(features)
+    def forward(self, features: Tensor, actions: Tensor | None = None) -> Tensor:
+        """Q(s, ·); with `actions`, Q(s, a) of one action per state."""
+        q = self.net(features)
+        return q if actions is None else q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
 
 def project_to_ball(params: list[Tensor], centre: list[Tensor], radius: float) -> None:
@@ -58,17 +62,18 @@ class TDCritic:
     def __init__(
         self,
         features: Callable[[Rollout], Tensor],
-        feature_dim: int,
-        actions: int,
+        head: nn.Module,
         gamma: float,
         cfg: CriticConfig,
         generator: torch.Generator,
     ):
+        """`features(rollout)` gives [N, H+1, d] state features; `head` maps them to Q(s, ·) over the
+        actions, and `head(features, actions)` to Q(s, a) of one action each (what TD needs)."""
         self.features = features
         self.gamma = gamma
         self.cfg = cfg
         self.generator = generator
-        self.q = QHead(feature_dim, actions, cfg.hidden)
+        self.q = head
         self.centre = [p.detach().clone() for p in self.q.parameters()]
         self.radius = cfg.radius if cfg.radius is not None else (1 / (1 - gamma) if gamma < 1 else None)
         self.optimizer = (
@@ -82,21 +87,22 @@ class TDCritic:
         joined = transitions if self.replay is None else self.replay.concat(transitions)
         self.replay = joined.slice(slice(-self.cfg.replay_capacity, None))
 
-    def fit(self, transitions: Transitions) -> dict[str, float]:
+    def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
         """J blocks of L TD(0) steps; each block bootstraps from the previous block's average."""
-        self.remember(transitions)
+        self.remember(est.transitions(rollout, self.features(rollout), shaped))
         replay = self.replay
         params = list(self.q.parameters())
         td_error = 0.0
         for _ in range(self.cfg.blocks):
-            target = copy.deepcopy(self.q).requires_grad_(False)
+            # the target network is the head run on frozen copies of its weights
+            target = {name: p.detach().clone() for name, p in self.q.named_parameters()}
             average = [torch.zeros_like(p) for p in params]
             for _ in range(self.cfg.target_every):
                 batch = replay.slice(torch.randint(len(replay), (self.cfg.batch_size,), generator=self.generator))
                 with torch.no_grad():
-                    bootstrap = target(batch.next_state).gather(-1, batch.next_action.unsqueeze(-1)).squeeze(-1)
+                    bootstrap = functional_call(self.q, target, (batch.next_state, batch.next_action))
                     y = batch.reward + self.gamma * (1 - batch.done) * bootstrap
-                q_sa = self.q(batch.state).gather(-1, batch.action.unsqueeze(-1)).squeeze(-1)
+                q_sa = self.q(batch.state, batch.action)
                 loss = 0.5 * ((y - q_sa) ** 2).mean()
                 self.optimizer.zero_grad()
                 loss.backward()  # semi-gradient: y carries no gradient (line 6)
@@ -114,11 +120,45 @@ class TDCritic:
 
     @torch.no_grad()
     def q_values(self, rollout: Rollout) -> Tensor:
+        """[N, H, V] Q_θ(s_h, ·)."""
         return self.q(self.features(rollout)[:, : rollout.horizon])
 
+    def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
+        return est.advantages(self.q_values(rollout), log_probs, rollout)
+
     def state_dict(self) -> dict:
-        return {"q": self.q.state_dict(), "optimizer": self.optimizer.state_dict()}
+        replay = None if self.replay is None else {k: getattr(self.replay, k) for k in TRANSITION_FIELDS}
+        return {"q": self.q.state_dict(), "optimizer": self.optimizer.state_dict(), "replay": replay}
 
     def load_state_dict(self, state: dict) -> None:
         self.q.load_state_dict(state["q"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.replay = None if state["replay"] is None else Transitions(**state["replay"])
+
+
+class MCCritic:
+    """Monte-Carlo returns minus a leave-one-out baseline: A_h = G_h − mean of the other G_h.
+
+    Unbiased with no learned weights, at the price of variance; the baseline at step h
+    averages the other trajectories still running at h, so it is independent of the
+    trajectory it centres.
+    """
+
+    def __init__(self, gamma: float):
+        self.gamma = gamma
+
+    def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
+        return {}
+
+    def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
+        to_go = est.rewards_to_go(rollout, shaped, self.gamma)
+        alive = rollout.mask
+        others = (alive.sum(0, keepdim=True) - alive).clamp(min=1)
+        baseline = ((to_go * alive).sum(0, keepdim=True) - to_go * alive) / others
+        return ((to_go - baseline) * alive).detach()
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -77,19 +77,27 @@ def advantages(q_values: Tensor, log_probs: Tensor, rollout: Rollout) -> Tensor:
     return (taken - values) * rollout.mask
 
 
-def grad_J_lambda(
-    log_probs: Tensor, params: list[Tensor], rollout: Rollout, q_values: Tensor, gamma: float
-) -> Grads:
+def grad_J_lambda(log_probs: Tensor, params: list[Tensor], rollout: Rollout, advantage: Tensor, gamma: float) -> Grads:
     """∇_λ J by the critic (eq. 12): E_τ Σ_h γ^h ∇_λ log π_λ(a_h|s_h) · A(s_h, a_h).
 
     Summed over h and averaged over trajectories, so it is unbiased for ∇J itself (not
     ∇J / H); the scale matters where it is combined with σ∇f in d'_k. The KL term of J
     needs no extra score term: E_a[∇ log π(a|s)] = 0, and Q is that of the shaped reward.
     """
-    adv = advantages(q_values, log_probs, rollout)
-    weighted = discounts(rollout.horizon, gamma).to(adv) * adv
+    weighted = discounts(rollout.horizon, gamma).to(advantage) * advantage.detach()
     surrogate = (rollout.weight * (taken_log_probs(log_probs, rollout) * weighted).sum(-1)).sum()
     return list(torch.autograd.grad(surrogate, params, retain_graph=True))
+
+
+def rewards_to_go(rollout: Rollout, shaped: Tensor, gamma: float) -> Tensor:
+    """[N, H] G_h = Σ_{h' ≥ h} γ^(h'−h) r̃_h': the Monte-Carlo estimate of Q(s_h, a_h)."""
+    masked = shaped * rollout.mask
+    out = torch.zeros_like(masked)
+    running = torch.zeros_like(masked[:, 0])
+    for h in reversed(range(rollout.horizon)):
+        running = masked[:, h] + gamma * running
+        out[:, h] = running
+    return out * rollout.mask
 
 
 def leave_one_out_baseline(losses: Tensor, weight: Tensor) -> Tensor:

@@ -6,9 +6,9 @@ same code runs on the enumerable token MDP (`exact/`) and on a Hugging Face mode
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -82,13 +82,13 @@ class Transitions:
         return self.action.shape[0]
 
     def concat(self, other: Transitions) -> Transitions:
-        return Transitions(**{k: torch.cat([getattr(self, k), getattr(other, k)]) for k in _TRANSITION_FIELDS})
+        return Transitions(**{k: torch.cat([getattr(self, k), getattr(other, k)]) for k in TRANSITION_FIELDS})
 
     def slice(self, index: Tensor | slice) -> Transitions:
-        return Transitions(**{k: getattr(self, k)[index] for k in _TRANSITION_FIELDS})
+        return Transitions(**{k: getattr(self, k)[index] for k in TRANSITION_FIELDS})
 
 
-_TRANSITION_FIELDS = ("state", "action", "reward", "next_state", "next_action", "done")
+TRANSITION_FIELDS = ("state", "action", "reward", "next_state", "next_action", "done")
 
 
 class Policy(Protocol):
@@ -110,6 +110,21 @@ class Policy(Protocol):
         """[N, H + 1, d] features of s_0 … s_H (detached) for the critic; s_{h+1} = s_h ⊕ a_h."""
 
 
+class AdapterSwitch:
+    """The `adapter(name)` block of the `Policy` protocol: sets `active`, and restores it on exit."""
+
+    active: str | None = LAMBDA
+
+    @contextmanager
+    def adapter(self, name: str | None) -> Iterator[None]:
+        """`None` disables the adapters: the reference policy."""
+        previous, self.active = self.active, name
+        try:
+            yield
+        finally:
+            self.active = previous
+
+
 class RewardModel(Protocol):
     def parameters(self) -> list[Tensor]: ...
 
@@ -118,11 +133,11 @@ class RewardModel(Protocol):
 
 
 class Critic(Protocol):
-    def fit(self, transitions: Transitions) -> dict[str, float]:
-        """Algorithm 2 on the stored transitions; returns diagnostics."""
+    def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
+        """Learns from a fresh rollout and its shaped rewards (Algorithm 2); returns diagnostics."""
 
-    def q_values(self, rollout: Rollout) -> Tensor:
-        """[N, H, V] Q(s_h, ·) for every action, detached."""
+    def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
+        """[N, H] A(s_h, a_h) of the taken tokens under the policy of `log_probs`, detached."""
 
 
 class Oracle(Protocol):

@@ -4,7 +4,7 @@ import torch
 
 from conftest import perturb
 from rlhf_bilevel import estimators as est
-from rlhf_bilevel.critic import CriticConfig, TDCritic, project_to_ball
+from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, TDCritic, project_to_ball
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
 from rlhf_bilevel.types import LAMBDA
@@ -17,11 +17,12 @@ def test_td_critic_matches_exact_q(testbed):
     generator = torch.Generator().manual_seed(0)
     source = SampledRollouts(policy, [0, 1, 2], generator)
     cfg = CriticConfig(hidden=0, lr=0.05, blocks=8, target_every=100, batch_size=128, replay_capacity=20000)
-    critic = TDCritic(policy.state_features, policy.inputs.shape[1], testbed.tree.vocab, testbed.problem.gamma, cfg, generator)
+    head = QHead(policy.inputs.shape[1], testbed.tree.vocab, cfg.hidden)
+    critic = TDCritic(policy.state_features, head, testbed.problem.gamma, cfg, generator)
     for _ in range(6):
         rollout = source.rollouts(LAMBDA, 512)
         shaped = est.shaped_rewards(rollout, reward.token_rewards(rollout).detach(), testbed.problem.beta)
-        critic.fit(est.transitions(rollout, policy.state_features(rollout), shaped))
+        critic.fit(rollout, shaped)
     exact = solve.ExactCritic(testbed.problem, policy, reward, LAMBDA)
     rollout = source.rollouts(LAMBDA, 2000)
     taken = rollout.tokens.unsqueeze(-1)

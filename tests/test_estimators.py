@@ -13,6 +13,7 @@ import torch
 
 from conftest import flat, perturb
 from rlhf_bilevel import estimators as est
+from rlhf_bilevel.critic import MCCritic
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
 from rlhf_bilevel.types import LAMBDA
@@ -54,13 +55,29 @@ def test_policy_gradient_with_critic_matches_exact_grad_J(setup):
     params = policy.parameters_of(LAMBDA)
     with policy.adapter(LAMBDA):
         exact = flat(torch.autograd.grad(solve.objective(testbed.problem, policy.table(), reward.node_rewards().detach()), params))
+    agree(sampled_grad_J(testbed, policy, reward, source, critic), exact, seed=0)
+
+
+def test_monte_carlo_critic_gives_unbiased_grad_J(setup):
+    testbed, policy, reward, source, _ = setup
+    params = policy.parameters_of(LAMBDA)
+    with policy.adapter(LAMBDA):
+        exact = flat(torch.autograd.grad(solve.objective(testbed.problem, policy.table(), reward.node_rewards().detach()), params))
+    agree(sampled_grad_J(testbed, policy, reward, source, MCCritic(testbed.problem.gamma)), exact, seed=1)
+
+
+def sampled_grad_J(testbed, policy, reward, source, critic):
+    """BATCHES independent estimates of ∇_λ J by eq. 12 with `critic`'s advantages."""
+    params = policy.parameters_of(LAMBDA)
     samples = []
     for _ in range(BATCHES):
         rollout = source.rollouts(LAMBDA, BATCH)
+        shaped = est.shaped_rewards(rollout, reward.token_rewards(rollout).detach(), testbed.problem.beta)
         with policy.adapter(LAMBDA):
             log_probs = policy.log_probs(rollout)
-        samples.append(flat(est.grad_J_lambda(log_probs, params, rollout, critic.q_values(rollout), testbed.problem.gamma)))
-    agree(samples, exact, seed=0)
+        advantage = critic.advantages(rollout, shaped, log_probs)
+        samples.append(flat(est.grad_J_lambda(log_probs, params, rollout, advantage, testbed.problem.gamma)))
+    return samples
 
 
 def test_score_function_grad_f_lambda_matches_exact(setup):
@@ -119,7 +136,7 @@ def test_enumerated_rollouts_make_every_estimator_exact(setup):
     with policy.adapter(LAMBDA):
         log_probs = policy.log_probs(rollout)
         table = policy.table()
-    grad = flat(est.grad_J_lambda(log_probs, params, rollout, critic.q_values(rollout), testbed.problem.gamma))
+    grad = flat(est.grad_J_lambda(log_probs, params, rollout, critic.advantages(rollout, None, log_probs), testbed.problem.gamma))
     exact = flat(torch.autograd.grad(solve.objective(testbed.problem, table, reward.node_rewards().detach()), params))
     torch.testing.assert_close(grad, exact, rtol=1e-6, atol=1e-9)
     rewards = reward.node_rewards().detach()

@@ -14,14 +14,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlhf_bilevel.exact.tree import TokenTree
-from rlhf_bilevel.types import ADAPTERS, Rollout
+from rlhf_bilevel.types import ADAPTERS, AdapterSwitch, Rollout
 
 
 def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, outputs))
 
 
-class ExactPolicy(nn.Module):
+class ExactPolicy(AdapterSwitch, nn.Module):
     """π(·|s) = softmax(base(s) + adapter(s)); the base alone is π_ref.
 
     The adapter reads the prefix encoding and a one-hot of the node, so it can represent
@@ -43,15 +43,6 @@ class ExactPolicy(nn.Module):
         for name in ADAPTERS[1:]:  # λ′_0 = λ_0: both start from the same point
             self.adapters[name].load_state_dict(self.adapters[ADAPTERS[0]].state_dict())
         self.active: str | None = ADAPTERS[0]
-
-    @contextmanager
-    def adapter(self, name: str | None) -> Iterator[None]:
-        """`None` disables the adapters: the reference policy."""
-        previous, self.active = self.active, name
-        try:
-            yield
-        finally:
-            self.active = previous
 
     def parameters_of(self, name: str) -> list[Tensor]:
         return list(self.adapters[name].parameters())

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.estimators import UpperLoss, upper_loss
+from rlhf_bilevel.estimators import UpperLoss, advantages, upper_loss
 from rlhf_bilevel.exact.models import ExactPolicy, ExactReward, GoldOracle
 from rlhf_bilevel.exact.tree import TokenTree
 from rlhf_bilevel.types import PreferencePairs, Rollout
@@ -183,8 +183,11 @@ class ExactCritic:
     def __init__(self, problem: Problem, policy: ExactPolicy, reward: ExactReward, adapter: str):
         self.problem, self.policy, self.reward, self.adapter = problem, policy, reward, adapter
 
-    def fit(self, transitions) -> dict[str, float]:
+    def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
         return {}
+
+    def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
+        return advantages(self.q_values(rollout), log_probs, rollout)
 
     @torch.no_grad()
     def q_values(self, rollout: Rollout) -> Tensor:

@@ -8,7 +8,7 @@ import torch
 
 from rlhf_bilevel.bilevel import Bilevel
 from rlhf_bilevel.config import BilevelConfig, ConfigError
-from rlhf_bilevel.critic import TDCritic
+from rlhf_bilevel.critic import QHead, TDCritic
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.exact.models import ExactPolicy, ExactReward, GoldOracle
 from rlhf_bilevel.exact.tree import TokenTree, TreeError
@@ -59,8 +59,8 @@ class Testbed:
             source = SampledRollouts(policy, list(range(self.tree.prompts)), generator)
 
             def make_critic(adapter: str) -> TDCritic:
-                dim = policy.inputs.shape[1]
-                return TDCritic(policy.state_features, dim, self.tree.vocab, cfg.gamma, cfg.critic, generator)
+                head = QHead(policy.inputs.shape[1], self.tree.vocab, cfg.critic.hidden)
+                return TDCritic(policy.state_features, head, cfg.gamma, cfg.critic, generator)
 
         return Bilevel(policy, reward, source, self.gold, make_critic, cfg, generator)
 

@@ -1,0 +1,168 @@
+"""The token-level MDP around a causal LM: the `Policy` protocol on a peft model with two adapters.
+
+A state s_h is the prompt plus the first h response tokens, an action is the next token,
+EOS is absorbing (the mask stops after it), and the horizon H is `max_new_tokens`.
+The reference policy π_ref is the same model with its adapters disabled, and that one
+reference forward pass also yields the hidden states that the reward head and the Q head
+read: their features are the frozen base's, shared by both adapters.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from torch import Tensor
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    max_new_tokens: int = 32  # the horizon H
+    max_prompt_tokens: int = 256  # longer prompts are cut from the left, keeping their end
+
+
+@dataclass
+class LMContext:
+    """What a rollout needs to be scored again: the token ids and the base's state features."""
+
+    input_ids: Tensor  # [N, P + H]: the left-padded prompt, then the response padded after EOS
+    attention_mask: Tensor  # [N, P + H]
+    prompt_len: int  # P
+    features: Tensor  # [N, H + 1, d] the base's last hidden state at s_0 … s_H, float32, detached
+
+
+class LMPolicy(AdapterSwitch):
+    """Samples from π_λ exactly (temperature 1, no top-k or top-p), so the score-function
+    estimators see the distribution they differentiate."""
+
+    def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, cfg: RolloutConfig, chat_template: bool):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        self.active: str | None = LAMBDA
+        self.tokens_generated = 0
+        # generate() fills every field its config leaves unset from the model's own defaults
+        # (a hub model's repetition_penalty, suppress_tokens …), which would sample from
+        # something other than the π_λ that log_probs scores: the model gets neutral defaults
+        model.get_base_model().generation_config = GenerationConfig(eos_token_id=self.eos, pad_token_id=self.pad)
+        self.generation = GenerationConfig(
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=self.eos,
+            pad_token_id=self.pad,
+            return_dict_in_generate=True,
+            output_logits=True,
+        )
+
+    @property
+    def feature_dim(self) -> int:
+        return self.model.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    # -- adapters -----------------------------------------------------------------------------------
+    @contextmanager
+    def _activated(self) -> Iterator[None]:
+        if self.active is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(self.active)
+            for p in self.parameters_of(self.active):  # set_adapter may freeze adapters it switches off
+                p.requires_grad_(True)
+            yield
+
+    def parameters_of(self, name: str) -> list[Tensor]:
+        return [p for key, p in self.model.named_parameters() if f".{name}." in key]
+
+    # -- the MDP ------------------------------------------------------------------------------------
+    def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
+        if self.chat_template:
+            texts = [
+                self.tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                for p in prompts
+            ]
+        else:
+            texts = list(prompts)
+        self.tokenizer.padding_side = "left"
+        self.tokenizer.truncation_side = "left"
+        batch = self.tokenizer(
+            texts, return_tensors="pt", padding=True, truncation=True,
+            max_length=self.cfg.max_prompt_tokens, add_special_tokens=not self.chat_template,
+        )
+        return batch["input_ids"], batch["attention_mask"]
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int, hidden: bool = False):
+        # positions count real tokens only, as generate() does for left-padded prompts
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        with self._activated():
+            return self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                logits_to_keep=logits_to_keep,
+                output_hidden_states=hidden,
+                use_cache=False,
+            )
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str], generator: torch.Generator) -> Rollout:
+        prompt_ids, prompt_mask = self.encode(prompts)
+        n, prompt_len, horizon = len(prompts), prompt_ids.shape[1], self.cfg.max_new_tokens
+        seed = int(torch.randint(2**62, (1,), generator=generator))
+        with torch.random.fork_rng(devices=[]), self._activated():
+            torch.manual_seed(seed)  # generate() draws from the global generator
+            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation)
+        tokens = torch.full((n, horizon), self.pad, dtype=torch.long)
+        generated = out.sequences[:, prompt_len:]
+        tokens[:, : generated.shape[1]] = generated
+        is_eos = tokens == self.eos
+        # 1 up to and including the first EOS, then 0: EOS is absorbing
+        mask = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).float()
+        logits = torch.stack(out.logits, 1).float()
+        logp = torch.zeros(n, horizon)
+        logp[:, : logits.shape[1]] = F.log_softmax(logits, -1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        input_ids = torch.cat([prompt_ids, tokens], 1)
+        attention_mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)
+        with self.adapter(None):
+            ref = self.forward(input_ids, attention_mask, logits_to_keep=horizon + 1, hidden=True)
+        ref_logp = F.log_softmax(ref.logits[:, :-1].float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        features = ref.hidden_states[-1][:, prompt_len - 1 :].float()
+        self.tokens_generated += int(mask.sum())
+        lengths = mask.sum(-1).long()
+        responses = [
+            self.tokenizer.decode(row[: int(length) - int(row[int(length) - 1] == self.eos)], skip_special_tokens=True).strip()
+            for row, length in zip(tokens, lengths)
+        ]
+        return Rollout(
+            prompts=list(prompts),
+            responses=responses,
+            tokens=tokens,
+            mask=mask,
+            logp=logp * mask,
+            ref_logp=ref_logp * mask,
+            weight=torch.full((n,), 1.0 / n),
+            context=LMContext(input_ids, attention_mask, prompt_len, features),
+            adapter=self.active,
+        )
+
+    def log_probs(self, rollout: Rollout) -> Tensor:
+        ctx: LMContext = rollout.context
+        out = self.forward(ctx.input_ids[:, :-1], ctx.attention_mask[:, :-1], logits_to_keep=rollout.horizon)
+        return F.log_softmax(out.logits.float(), -1)
+
+    def state_features(self, rollout: Rollout) -> Tensor:
+        return rollout.context.features

@@ -1,0 +1,112 @@
+"""What every oracle shares: its config, its error, and the step from a gold score to a preference.
+
+An oracle answers one question, P(first ≻ second) for a batch of prompt-matched pairs
+(the `Oracle` protocol of `rlhf_bilevel.types`), and knows nothing of the algorithm. Most
+oracles are a per-response gold score behind a Bradley–Terry link (`ScoredOracle`); those
+also expose `score`, so a run can log the gold reward of what its policy writes.
+
+A bad answer is never repaired: a wrong length, a NaN, a probability outside [0, 1] or an
+exception in user code is an `OracleError`, because a guessed label silently corrupts the
+very data the reward model is fitted to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from rlhf_bilevel.config import positive
+
+
+class OracleError(RuntimeError):
+    """The oracle could not give a verdict; raised rather than a guessed label."""
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    kind: str = "sentiment"  # a registered name (sentiment, length, keyword) or python:module:callable
+    labels: Literal["bradley_terry", "deterministic"] = "bradley_terry"  # how a score difference becomes P(first ≻ second)
+    temperature: float = 0.1  # Bradley–Terry temperature on gold-score differences; smaller is closer to deterministic
+    keywords: tuple[str, ...] = ()  # keyword: the words whose occurrences are counted (case-insensitive, whole words)
+    target_words: int | None = None  # length: None rewards longer responses, else closeness to this word count
+    pairwise: bool = False  # python: the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring
+
+    def __post_init__(self) -> None:
+        positive(self, "temperature")
+
+
+Scorer = Callable[[Sequence[str], Sequence[str]], Any]
+"""A gold score per response: fn(prompts, responses) -> list/array/tensor of floats."""
+
+
+class ScoredOracle:
+    """An oracle behind a per-response gold score s: P(first ≻ second) = sigmoid((s₁ − s₂) / temperature).
+
+    With `labels: deterministic` the preferred response gets probability 1 (0.5 on a tie),
+    the noiseless oracle that the Bradley–Terry one tends to as the temperature goes to 0.
+    """
+
+    def __init__(self, name: str, scorer: Scorer, cfg: OracleConfig):
+        self.name = name
+        self.scorer = scorer
+        self.labels = cfg.labels
+        self.temperature = cfg.temperature
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> Tensor:
+        """[N] gold score of each response to its prompt; finite, or an OracleError."""
+        check_batch(prompts, responses)
+        scores = as_vector(self.name, self.scorer(prompts, responses), len(responses), "scores")
+        bad = (~torch.isfinite(scores)).nonzero()
+        if len(bad):
+            i = int(bad[0])
+            raise OracleError(f"{self.name}: score {scores[i].item()} for response {i} is not finite")
+        return scores
+
+    def compare(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> Tensor:
+        check_batch(prompts, first, second)
+        # One scorer call for both sides: a batched judge (a model, an API) pays its overhead once.
+        n = len(prompts)
+        scores = self.score([*prompts, *prompts], [*first, *second])
+        margin = scores[:n] - scores[n:]
+        if self.labels == "deterministic":
+            return (torch.sign(margin) + 1) / 2
+        return torch.sigmoid(margin / self.temperature)
+
+
+def check_batch(prompts: Sequence[Any], *responses: Sequence[Any]) -> None:
+    """One response per prompt: a mismatch is the caller's bug, which zip would silently truncate."""
+    lengths = [len(prompts), *map(len, responses)]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"one response per prompt expected, got batches of lengths {lengths}")
+
+
+def as_vector(name: str, values: Any, n: int, what: str) -> Tensor:
+    """An oracle's answer as a [n] float tensor on the CPU, or an OracleError saying what was wrong."""
+    try:
+        vector = torch.as_tensor(values).detach().to("cpu", torch.get_default_dtype())
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise OracleError(f"{name}: {what} are not a list of numbers ({one_line(error)})") from error
+    if vector.shape != (n,):
+        raise OracleError(f"{name}: expected {n} {what}, one per pair or response, got shape {tuple(vector.shape)}")
+    return vector
+
+
+def check_probabilities(name: str, values: Any, n: int) -> Tensor:
+    """A judge's P(first ≻ second): n numbers, each in [0, 1] (NaN is not)."""
+    prob = as_vector(name, values, n, "probabilities")
+    outside = ~((prob >= 0) & (prob <= 1))  # NaN compares false both ways, so it is caught here too
+    if outside.any():
+        bad = prob[outside][0].item()
+        raise OracleError(f"{name}: P(first ≻ second) must be in [0, 1], got {bad:.6g} for pair {int(outside.nonzero()[0])}")
+    return prob
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as `Type: message` on one line, for error messages that must stay one line."""
+    message = " ".join(str(error).split())
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+

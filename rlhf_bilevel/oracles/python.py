@@ -1,0 +1,69 @@
+"""`python:module:callable`: a user's own scorer or pairwise judge, imported by name.
+
+This is how a project plugs in a judge of its own (an API call, a reward model) without
+editing the package. The user's code is called inside a guard: whatever it raises, or
+whatever malformed answer it returns, becomes a one-line OracleError naming the callable.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from torch import Tensor
+
+from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.oracles.base import OracleConfig, OracleError, ScoredOracle, check_batch, check_probabilities, one_line
+
+PREFIX = "python:"
+
+
+def python_oracle(cfg: OracleConfig) -> ScoredOracle | PairwiseOracle:
+    """A scorer, fn(prompts, responses) -> floats, behind Bradley–Terry; or, with `pairwise`, a judge."""
+    fn = load_callable(cfg.kind)
+    if cfg.pairwise:
+        return PairwiseOracle(cfg.kind, fn)
+
+    def guarded(prompts: Sequence[str], responses: Sequence[str]) -> Any:
+        return call_user(cfg.kind, fn, prompts, responses)
+
+    return ScoredOracle(cfg.kind, guarded, cfg)
+
+
+class PairwiseOracle:
+    """A judge that only compares: it has no gold score, so it has no `score` method."""
+
+    def __init__(self, name: str, judge: Callable[..., Any]):
+        self.name = name
+        self.judge = judge
+
+    def compare(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> Tensor:
+        check_batch(prompts, first, second)
+        return check_probabilities(self.name, call_user(self.name, self.judge, prompts, first, second), len(prompts))
+
+
+def load_callable(kind: str) -> Callable[..., Any]:
+    """Imports `python:package.module:name`; every way of naming nothing callable is a ConfigError on oracle.kind."""
+    module_name, _, attribute = kind.removeprefix(PREFIX).partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"oracle.kind: expected python:module:callable, e.g. python:my_judges:score, got {kind!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ConfigError(f"oracle.kind: cannot import {module_name!r} for {kind!r} ({one_line(error)})") from None
+    try:
+        fn = getattr(module, attribute)
+    except AttributeError:
+        raise ConfigError(f"oracle.kind: module {module_name!r} has no attribute {attribute!r}") from None
+    if not callable(fn):
+        raise ConfigError(f"oracle.kind: {kind!r} is a {type(fn).__name__}, not a callable")
+    return fn
+
+
+def call_user(name: str, fn: Callable[..., Any], *args: Sequence[str]) -> Any:
+    """Calls user code; anything it raises is an OracleError, so no failed call can become a label."""
+    try:
+        return fn(*args)
+    except Exception as error:  # user code may raise anything; all of it means "no verdict"
+        raise OracleError(f"{name} raised {one_line(error)}") from error

@@ -1,0 +1,91 @@
+"""A training recipe: one YAML file, validated into one frozen `Recipe`, with `--set a.b=value` overrides.
+
+    model:    {name: smollm2, dtype: bfloat16}
+    bilevel:  {sigma: 0.1, outer_steps: 20, inner_steps: 2}
+    oracle:   {kind: sentiment}
+    prompts:  {train: data/prompts-train.jsonl, eval: data/prompts-eval.jsonl}
+
+Every section but `prompts` has defaults. Relative paths in a recipe are read from the
+recipe's own folder, so a recipe and its data move together.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rlhf_bilevel.config import BilevelConfig, ConfigError, apply_overrides, build, positive
+from rlhf_bilevel.lm.heads import RewardConfig
+from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig
+from rlhf_bilevel.lm.policy import RolloutConfig
+from rlhf_bilevel.oracles.base import OracleConfig
+from rlhf_bilevel.prompts import PromptConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    save_every: int = 5  # outer steps between checkpoints; the last step always saves one
+    keep: int | None = 2  # newest checkpoints kept; None keeps all
+    eval_every: int = 1  # outer steps between evaluations (the first and last always run)
+    eval_pairs: int = 16  # held-out prompts, two responses each: reward-model agreement and gold score
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        positive(self, "save_every", "eval_every", "eval_pairs")
+        if self.keep is not None:
+            positive(self, "keep")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    prompts: PromptConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapters: AdapterConfig = field(default_factory=AdapterConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    oracle: OracleConfig = field(default_factory=OracleConfig)
+    bilevel: BilevelConfig = field(default_factory=BilevelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"--recipe: no such file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"--recipe: {path} is not valid YAML{where}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--recipe: {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def parse_recipe(data: dict[str, Any], overrides: list[str] = ()) -> Recipe:
+    return build(Recipe, apply_overrides(data, list(overrides)))
+
+
+def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:
+    """The recipe at `path` with `overrides` (`a.b=value`) applied, checked key by key."""
+    return parse_recipe(read_yaml(path), overrides)
+
+
+def recipe_dict(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data (tuples as lists), ready for YAML or JSON."""
+
+    def plain(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: plain(v) for k, v in node.items()}
+        if isinstance(node, (list, tuple)):
+            return [plain(v) for v in node]
+        return node
+
+    return plain(dataclasses.asdict(recipe))

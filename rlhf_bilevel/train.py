@@ -1,0 +1,274 @@
+"""`rlhf-bilevel train`: Algorithm 1 on a Hugging Face causal LM, and everything a run leaves behind.
+
+A run directory holds:
+
+    recipe.yaml          the resolved recipe (after --set), what --resume reads back
+    run.json             where relative paths of the recipe were read from
+    metrics.jsonl        one record per inner step ("inner") and per outer step ("outer")
+    tensorboard/         the same numbers for TensorBoard
+    preferences.jsonl    every pair the oracle labelled, as it arrived (TRL preference format)
+    checkpoint-NNNNNN/   every `save_every` outer steps and at the end: adapters/lambda and
+                         adapters/lambda_prime (plain peft), reward head, critics, optimisers, RNG
+    summary.json         what the run learned: gold score of the reference and of π_λ
+
+The x-axis `step` of metrics.jsonl and TensorBoard counts policy updates: inner step k of
+outer iteration t is step t·K + k + 1, and outer iteration t ends at step (t + 1)·K.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers.utils import logging as hf_logging
+
+from rlhf_bilevel import estimators as est
+from rlhf_bilevel.bilevel import Bilevel
+from rlhf_bilevel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.critic import MCCritic, TDCritic
+from rlhf_bilevel.lm.heads import TokenReward, VocabQHead
+from rlhf_bilevel.lm.model import load_base, with_adapters
+from rlhf_bilevel.lm.policy import LMPolicy
+from rlhf_bilevel.oracles.registry import make_oracle
+from rlhf_bilevel.preferences import PreferenceLog, pair_records
+from rlhf_bilevel.prompts import load_prompts
+from rlhf_bilevel.recipe import Recipe, parse_recipe, read_yaml, recipe_dict
+from rlhf_bilevel.sampling import SampledRollouts
+from rlhf_bilevel.tracking import Tracker
+from rlhf_bilevel.types import ADAPTERS, LAMBDA, Critic, PreferencePairs
+
+RECIPE_FILE = "recipe.yaml"
+RUN_FILE = "run.json"
+SUMMARY_FILE = "summary.json"
+EVAL_SEED_OFFSET = 7919
+"""Evaluation draws from its own generator, seeded the same at every evaluation: the
+reference and every π_λ answer the same prompts with the same random stream (common random
+numbers make their gold scores comparable), and training never sees evaluation draws."""
+
+
+@dataclass
+class Summary:
+    outer_steps: int
+    oracle_pairs: int
+    tokens_generated: int
+    seconds: float
+    gold_reference: float | None
+    gold_final: float | None
+    agreement: float | None
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def describe(self) -> str:
+        lines = [f"{self.outer_steps} outer steps, {self.oracle_pairs} oracle pairs, {self.tokens_generated} tokens, {self.seconds:.0f} s"]
+        if self.gold_reference is not None and self.gold_final is not None:
+            change = self.gold_final - self.gold_reference
+            lines.append(f"gold score on held-out prompts: reference {self.gold_reference:.3f} -> policy {self.gold_final:.3f} ({change:+.3f})")
+        if self.agreement is not None:
+            lines.append(f"reward model agrees with the oracle on {self.agreement:.0%} of fresh held-out pairs")
+        for example in self.examples:
+            lines += [f"  prompt:    {example['prompt']}", f"  reference: {example['reference']}", f"  policy:    {example['policy']}"]
+        return "\n".join(lines)
+
+
+class Trainer:
+    """Assembles a run from a recipe, then runs, checkpoints and evaluates it."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, base_dir: Path):
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        self.recipe, self.run_dir, self.base_dir = recipe, run_dir, base_dir
+        # everything that can reject the user's input comes before anything is written
+        self.train_prompts, held_out = load_prompts(recipe.prompts, base_dir)
+        self.eval_prompts = held_out or self.train_prompts
+        self.oracle = make_oracle(recipe.oracle)
+        seed = recipe.train.seed
+        torch.manual_seed(seed)  # LoRA and head initialisation
+        base, tokenizer = load_base(recipe.model)
+        self.model = with_adapters(base, recipe.adapters)
+        self.policy = LMPolicy(self.model, tokenizer, recipe.rollout, recipe.model.chat_template)
+        self.reward = TokenReward(self.policy.state_features, self.policy.feature_dim, recipe.reward)
+        self.generator = torch.Generator().manual_seed(seed)
+        source = SampledRollouts(self.policy, self.train_prompts, self.generator)
+        self.bilevel = Bilevel(
+            self.policy, self.reward, source, self.oracle, self.make_critic, recipe.bilevel, self.generator,
+            on_pairs=self.record_pairs, on_inner=self.log_inner,
+        )
+        self.tracker = Tracker(run_dir, tensorboard=recipe.train.tensorboard)
+        self.preferences = PreferenceLog(run_dir / "preferences.jsonl")
+        self.eval_oracle_pairs = 0
+        self.elapsed = 0.0
+        self.reference: dict | None = None  # the reference policy's evaluation, made once
+        self.last_eval: dict | None = None
+
+    def make_critic(self, adapter: str) -> Critic:
+        cfg = self.recipe.bilevel
+        if cfg.critic.kind == "mc":
+            return MCCritic(cfg.gamma)
+        head = VocabQHead(self.model.get_output_embeddings().weight, self.policy.feature_dim)
+        return TDCritic(self.policy.state_features, head, cfg.gamma, cfg.critic, self.generator)
+
+    # -- what arrives during a step ------------------------------------------------------------------
+    def record_pairs(self, pairs: PreferencePairs, meta: dict) -> None:
+        self.preferences.append(pair_records(pairs, meta))
+
+    def log_inner(self, k: int, metrics: dict[str, float]) -> None:
+        metrics["tokens/generated"] = float(self.policy.tokens_generated)
+        self.tracker.log(metrics, step=self.bilevel.t * self.recipe.bilevel.inner_steps + k + 1, phase="inner")
+
+    # -- evaluation ----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, adapter: str | None) -> dict:
+        """Two responses to each of `eval_pairs` held-out prompts: the oracle's verdicts against the
+        reward model's (agreement, on pairs that never enter training) and the mean gold score."""
+        n = self.recipe.train.eval_pairs
+        prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
+        doubled = [p for p in prompts for _ in range(2)]
+        generator = torch.Generator().manual_seed(self.recipe.train.seed + EVAL_SEED_OFFSET)
+        with self.policy.adapter(adapter):
+            rollout = self.policy.sample(doubled, generator)
+        first = torch.arange(0, 2 * n, 2)
+        prob = self.oracle.compare(prompts, rollout.responses[0::2], rollout.responses[1::2]).float()
+        self.eval_oracle_pairs += n
+        pairs = PreferencePairs(rollout=rollout, first=first, second=first + 1, weight=torch.full((n,), 1.0 / n))
+        margins = est.pair_margins(self.reward.token_rewards(rollout), pairs)
+        decided = prob != 0.5
+        result = {"prompts": prompts, "responses": rollout.responses[0::2]}
+        if decided.any():
+            # a tied margin is a coin flip: half right
+            agree = (torch.sign(margins) * torch.sign(prob - 0.5) + 1) / 2
+            result["eval/agreement"] = agree[decided].mean().item()
+        if hasattr(self.oracle, "score"):
+            result["gold/score"] = self.oracle.score(doubled, rollout.responses).mean().item()
+        result["eval/kl"] = est.kl_to_reference(rollout).item()
+        return result
+
+    def eval_metrics(self) -> dict[str, float]:
+        if self.reference is None:
+            self.reference = self.evaluate(None)
+        self.last_eval = self.evaluate(LAMBDA)
+        metrics = {k: v for k, v in self.last_eval.items() if "/" in k}
+        if "gold/score" in self.reference:
+            metrics["gold/reference"] = self.reference["gold/score"]
+        metrics["oracle/eval_pairs"] = float(self.eval_oracle_pairs)
+        return metrics
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self) -> Summary:
+        """Runs outer steps up to `bilevel.outer_steps`, from wherever the trainer stands."""
+        cfg, train = self.recipe.bilevel, self.recipe.train
+        self.write_run_files()
+        with self.tracker:
+            bar = self.tracker.progress(total=cfg.outer_steps, initial=self.bilevel.t)
+            if self.reference is None:
+                self.tracker.log(self.eval_metrics(), step=0, phase="outer")
+            while self.bilevel.t < cfg.outer_steps:
+                start = time.perf_counter()
+                metrics = self.bilevel.outer_step()
+                t = self.bilevel.t
+                if t % train.eval_every == 0 or t == cfg.outer_steps:
+                    metrics.update(self.eval_metrics())
+                self.elapsed += time.perf_counter() - start
+                metrics.update({"outer_step": float(t), "tokens/generated": float(self.policy.tokens_generated), "time/elapsed_s": self.elapsed})
+                self.tracker.log(metrics, step=t * cfg.inner_steps, phase="outer")
+                self.tracker.show(metrics)
+                bar.update(1)
+                if t % train.save_every == 0 or t == cfg.outer_steps:
+                    self.save()
+        summary = self.summary()
+        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=1, ensure_ascii=False), encoding="utf-8")
+        return summary
+
+    def summary(self) -> Summary:
+        final = self.last_eval or {}
+        reference = self.reference or {}
+        examples = [
+            {"prompt": p, "reference": r, "policy": q}
+            for p, r, q in list(zip(final.get("prompts", []), reference.get("responses", []), final.get("responses", [])))[:2]
+        ]
+        return Summary(
+            outer_steps=self.bilevel.t,
+            oracle_pairs=self.bilevel.oracle_pairs,
+            tokens_generated=self.policy.tokens_generated,
+            seconds=self.elapsed,
+            gold_reference=reference.get("gold/score"),
+            gold_final=final.get("gold/score"),
+            agreement=final.get("eval/agreement"),
+            examples=examples,
+        )
+
+    # -- checkpoints ---------------------------------------------------------------------------------
+    def write_run_files(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_dict(self.recipe), sort_keys=False), encoding="utf-8")
+        (self.run_dir / RUN_FILE).write_text(json.dumps({"base_dir": str(self.base_dir.resolve())}), encoding="utf-8")
+
+    def adapter_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
+        return {key: p.detach() for key, p in self.model.named_parameters() if f".{adapter}." in key}
+
+    def state_dict(self) -> dict:
+        return {
+            "bilevel": self.bilevel.state_dict(),
+            "adapters": {name: self.adapter_tensors(name) for name in ADAPTERS},
+            "reward": self.reward.state_dict(),
+            "critics": {name: critic.state_dict() for name, critic in self.bilevel.critics.items()},
+            "generator": self.generator.get_state(),
+            "tokens_generated": self.policy.tokens_generated,
+            "preferences": len(self.preferences),
+            "eval_oracle_pairs": self.eval_oracle_pairs,
+            "elapsed": self.elapsed,
+            "reference": self.reference,
+            "last_eval": self.last_eval,
+            "recipe": recipe_dict(self.recipe),
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.run_dir, self.bilevel.t, self.state_dict(),
+            write_extra=lambda folder: self.model.save_pretrained(folder / "adapters"),
+            keep=self.recipe.train.keep,
+        )
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        self.bilevel.load_state_dict(state["bilevel"])
+        params = dict(self.model.named_parameters())
+        for tensors in state["adapters"].values():
+            for key, value in tensors.items():
+                params[key].copy_(value)
+        self.reward.load_state_dict(state["reward"])
+        for name, critic in self.bilevel.critics.items():
+            critic.load_state_dict(state["critics"][name])
+        self.generator.set_state(state["generator"])
+        self.policy.tokens_generated = state["tokens_generated"]
+        self.eval_oracle_pairs = state["eval_oracle_pairs"]
+        self.elapsed = state["elapsed"]
+        self.reference, self.last_eval = state["reference"], state["last_eval"]
+        self.tracker.truncate_after(self.bilevel.t * self.recipe.bilevel.inner_steps)
+        self.preferences.truncate(state["preferences"])
+
+
+def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary:
+    """A fresh run of `recipe` in `run_dir`; refuses a folder that already holds a run."""
+    if (run_dir / RECIPE_FILE).exists():
+        raise ConfigError(f"--output-dir: {run_dir} already holds a run; continue it with --resume {run_dir}, or pick another folder")
+    return Trainer(recipe, run_dir, base_dir).fit()
+
+
+def resume(run_dir: Path, overrides: list[str] = ()) -> Summary:
+    """Continues the run in `run_dir` from its newest sound checkpoint (from the start if it has none)."""
+    if not (run_dir / RECIPE_FILE).is_file():
+        raise ConfigError(f"--resume: {run_dir} holds no run ({RECIPE_FILE} missing)")
+    recipe = parse_recipe(read_yaml(run_dir / RECIPE_FILE), overrides)
+    base_dir = Path(json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["base_dir"])
+    trainer = Trainer(recipe, run_dir, base_dir)
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        trainer.load_state_dict(load_checkpoint(checkpoint))
+    else:  # killed before its first checkpoint: start over, keeping no half-logged step
+        trainer.tracker.truncate_after(-1)
+        trainer.preferences.truncate(0)
+    return trainer.fit()

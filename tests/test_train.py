@@ -1,0 +1,161 @@
+"""`train` on the tiny model end to end: every artefact, resume after a kill, and bad input."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+from peft import PeftModel
+
+from rlhf_bilevel import tracking
+from rlhf_bilevel.checkpoint import load_checkpoint
+from rlhf_bilevel.lm import tiny
+from rlhf_bilevel.recipe import load_recipe
+from rlhf_bilevel.train import resume, train
+from rlhf_bilevel.types import ADAPTERS, LAMBDA
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+TINY = RECIPES / "tiny-debug.yaml"
+SETTINGS = ["bilevel.outer_steps=4", "train.save_every=2", "train.keep=null"]
+
+
+def tiny_recipe(*overrides):
+    return load_recipe(TINY, [*SETTINGS, *overrides])
+
+
+def records(run_dir: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+def comparable(metrics: list[dict]) -> list[dict]:
+    """Metrics without wall-clock times, which no two runs share."""
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in metrics]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    summary = train(tiny_recipe(), run_dir, RECIPES)
+    return run_dir, summary
+
+
+def test_run_writes_metrics_for_every_inner_and_outer_step(finished_run):
+    run_dir, summary = finished_run
+    recipe = tiny_recipe()
+    cfg = recipe.bilevel
+    metrics = records(run_dir, "metrics.jsonl")
+    inner = [r for r in metrics if r["phase"] == "inner"]
+    outer = [r for r in metrics if r["phase"] == "outer"]
+    assert [r["step"] for r in inner] == list(range(1, cfg.outer_steps * cfg.inner_steps + 1))
+    assert [r["step"] for r in outer] == [t * cfg.inner_steps for t in range(cfg.outer_steps + 1)]
+    for key in ("upper/loss", "lower/J", "lower/kl", "eval/agreement", "gold/score", "gold/reference",
+                "upper/d_norm", "penalty/gap", "oracle/pairs", "tokens/generated", "time/elapsed_s"):
+        assert all(key in r for r in outer[1:]), key
+    for key in ("lower/J", "lower/kl", "lower/d_norm", "lower/d_prime_norm", "oracle/pairs", "tokens/generated"):
+        assert all(key in r for r in inner), key
+    assert outer[-1]["oracle/pairs"] == cfg.outer_steps * cfg.pairs_per_outer_step == summary.oracle_pairs
+    assert outer[-1]["tokens/generated"] == summary.tokens_generated > 0
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((run_dir / "summary.json").read_text())["oracle_pairs"] == summary.oracle_pairs
+
+
+def test_every_labelled_pair_is_kept_in_trl_format(finished_run):
+    run_dir, summary = finished_run
+    data = datasets.load_dataset("json", data_files=str(run_dir / "preferences.jsonl"), split="train")
+    assert len(data) == summary.oracle_pairs
+    assert {"prompt", "chosen", "rejected", "first", "second", "label", "policy", "outer_step", "inner_step"} <= set(data.column_names)
+    assert set(data["policy"]) == {"lambda_prime"}  # bilevel: every pair comes from π_λ′ (eq. 7 at λ′)
+    cfg = tiny_recipe().bilevel
+    per_outer = [sum(1 for t in data["outer_step"] if t == step) for step in range(cfg.outer_steps)]
+    assert per_outer == [cfg.pairs_per_outer_step] * cfg.outer_steps
+    for row in data:
+        assert {row["chosen"], row["rejected"]} == {row["first"], row["second"]}
+
+
+def test_checkpoint_adapters_load_in_plain_peft(finished_run):
+    run_dir, _ = finished_run
+    last = run_dir / "checkpoint-000004"
+    assert (run_dir / "checkpoint-000002").is_dir() and last.is_dir()
+    state = json.loads((last / "state.json").read_text())
+    assert state["recipe"]["bilevel"]["outer_steps"] == 4
+    for key in ("reward", "critics", "generator", "bilevel"):
+        assert key in state
+    base, tokenizer = tiny.build()
+    loaded = PeftModel.from_pretrained(base, last / "adapters" / LAMBDA)
+    trained = load_checkpoint(last)["adapters"][LAMBDA]
+    assert trained
+    params = dict(loaded.named_parameters())
+    for key, value in trained.items():
+        name = key.replace(f".{LAMBDA}.", ".default.")
+        assert torch.equal(params[name], value), name
+    moved = any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+    assert moved, "training left λ at its initialisation"
+    for name in ADAPTERS:
+        assert (last / "adapters" / name / "adapter_config.json").is_file()
+
+
+def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, finished_run):
+    reference_dir, _ = finished_run
+    run_dir = tmp_path / "killed"
+    log = tracking.Tracker.log
+    cfg = tiny_recipe().bilevel
+
+    def killed_at_step_3(self, metrics, step, phase):
+        log(self, metrics, step, phase)
+        if phase == "outer" and step == 3 * cfg.inner_steps:  # after the checkpoint of step 2
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tracking.Tracker, "log", killed_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_recipe(), run_dir, RECIPES)
+    monkeypatch.setattr(tracking.Tracker, "log", log)
+    assert not (run_dir / "checkpoint-000003").exists()
+    resume(run_dir)
+    assert comparable(records(run_dir, "metrics.jsonl")) == comparable(records(reference_dir, "metrics.jsonl"))
+    assert records(run_dir, "preferences.jsonl") == records(reference_dir, "preferences.jsonl")
+
+
+def test_alternating_switch_uses_lambda_pairs(tmp_path):
+    summary = train(tiny_recipe("bilevel.method=alternating", "bilevel.outer_steps=2", "bilevel.critic.kind=mc"), tmp_path, RECIPES)
+    data = records(tmp_path, "preferences.jsonl")
+    assert {r["policy"] for r in data} == {"lambda"} and len(data) == summary.oracle_pairs == 2 * 4 * 3
+
+
+def cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "rlhf_bilevel_cli.app", *args], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    "extra, field",
+    [
+        (["--set", "bilevel.sigmaa=1"], "bilevel.sigmaa"),
+        (["--set", "oracle.kind=sentimnt"], "oracle.kind"),
+        (["--set", "prompts.train=missing.jsonl"], "prompts.train"),
+        (["--model", "./no/such/model"], "model.name"),
+        (["--set", "bilevel.inner_steps=0"], "bilevel.inner_steps"),
+    ],
+)
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, field):
+    out = tmp_path / "run"
+    result = cli("train", "--recipe", str(TINY), "--output-dir", str(out), *extra, cwd=tmp_path)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and field in errors[0], result.stderr
+    assert "Traceback" not in result.stderr
+    assert not out.exists()
+
+
+def test_cli_trains_and_refuses_to_overwrite_a_run(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--recipe", str(TINY), "--output-dir", str(out), "--set", "bilevel.outer_steps=1"]
+    result = cli(*args, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "gold score on held-out prompts" in result.stdout
+    again = cli(*args, cwd=tmp_path)
+    assert again.returncode != 0 and "--resume" in again.stderr
+    done = cli("train", "--resume", str(out), "--set", "bilevel.outer_steps=2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert records(out, "metrics.jsonl")[-1]["step"] == 2 * load_recipe(TINY).bilevel.inner_steps
