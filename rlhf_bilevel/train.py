@@ -18,6 +18,7 @@ outer iteration t is step t·K + k + 1, and outer iteration t ends at step (t + 
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,8 +252,16 @@ class Trainer:
         self.preferences.truncate(state["preferences"])
 
 
+def single_process() -> None:
+    """Several processes would each run the whole loop and write the same files."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise ConfigError(f"WORLD_SIZE={world}: train runs in one process for now; start it without accelerate launch")
+
+
 def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary:
     """A fresh run of `recipe` in `run_dir`; refuses a folder that already holds a run."""
+    single_process()
     if (run_dir / RECIPE_FILE).exists():
         raise ConfigError(f"--output-dir: {run_dir} already holds a run; continue it with --resume {run_dir}, or pick another folder")
     return Trainer(recipe, run_dir, base_dir).fit()
@@ -260,6 +269,7 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary:
 
 def resume(run_dir: Path, overrides: list[str] = ()) -> Summary:
     """Continues the run in `run_dir` from its newest sound checkpoint (from the start if it has none)."""
+    single_process()
     if not (run_dir / RECIPE_FILE).is_file():
         raise ConfigError(f"--resume: {run_dir} holds no run ({RECIPE_FILE} missing)")
     recipe = parse_recipe(read_yaml(run_dir / RECIPE_FILE), overrides)
