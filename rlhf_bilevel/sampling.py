@@ -25,6 +25,11 @@ class SampledRollouts:
         """n prompts, two independent responses to each from the same policy (eq. 7)."""
         prompts = [p for p in self.draw_prompts(n) for _ in range(2)]
         with self.policy.adapter(adapter):
-            rollout = self.policy.sample(prompts, self.generator)
-        first = torch.arange(0, 2 * n, 2)
-        return PreferencePairs(rollout=rollout, first=first, second=first + 1, weight=torch.full((n,), 1.0 / n))
+            return consecutive_pairs(self.policy.sample(prompts, self.generator))
+
+
+def consecutive_pairs(rollout: Rollout) -> PreferencePairs:
+    """Rows 2i and 2i+1 of a rollout (two responses to one prompt) as pair i, equally weighted."""
+    n = len(rollout) // 2
+    first = torch.arange(0, 2 * n, 2)
+    return PreferencePairs(rollout=rollout, first=first, second=first + 1, weight=torch.full((n,), 1.0 / n))

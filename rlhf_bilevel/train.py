@@ -39,7 +39,7 @@ from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, parse_recipe, read_yaml, recipe_dict
-from rlhf_bilevel.sampling import SampledRollouts
+from rlhf_bilevel.sampling import SampledRollouts, consecutive_pairs
 from rlhf_bilevel.tracking import Tracker
 from rlhf_bilevel.types import ADAPTERS, LAMBDA, Critic, PreferencePairs
 
@@ -131,10 +131,9 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.recipe.train.seed + EVAL_SEED_OFFSET)
         with self.policy.adapter(adapter):
             rollout = self.policy.sample(doubled, generator)
-        first = torch.arange(0, 2 * n, 2)
+        pairs = consecutive_pairs(rollout)
         prob = self.oracle.compare(prompts, rollout.responses[0::2], rollout.responses[1::2]).float()
         self.eval_oracle_pairs += n
-        pairs = PreferencePairs(rollout=rollout, first=first, second=first + 1, weight=torch.full((n,), 1.0 / n))
         margins = est.pair_margins(self.reward.token_rewards(rollout), pairs)
         decided = prob != 0.5
         result = {"prompts": prompts, "responses": rollout.responses[0::2]}

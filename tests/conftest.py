@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -28,3 +31,8 @@ def perturb(params, scale: float, seed: int) -> None:
 
 def flat(grads) -> torch.Tensor:
     return torch.cat([g.reshape(-1) for g in grads])
+
+
+def run_cli(*args, cwd=None) -> subprocess.CompletedProcess:
+    """`rlhf-bilevel ARGS` in a fresh interpreter, as a user runs it: exit code, stdout, stderr."""
+    return subprocess.run([sys.executable, "-m", "rlhf_bilevel_cli.app", *args], capture_output=True, text=True, cwd=cwd)

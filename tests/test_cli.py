@@ -1,14 +1,9 @@
 """The command line end to end: the quick lab's artefacts, and one-line errors for bad values."""
 
 import json
-import subprocess
-import sys
 
 import pytest
-
-
-def cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "rlhf_bilevel_cli.app", *args], capture_output=True, text=True, cwd=cwd)
+from conftest import run_cli
 
 
 @pytest.mark.parametrize(
@@ -23,7 +18,7 @@ def cli(*args, cwd=None):
     ],
 )
 def test_bad_values_give_one_line_errors(tmp_path, args, field):
-    result = cli("theory", "--quick", "--out", str(tmp_path / "out"), *args)
+    result = run_cli("theory", "--quick", "--out", str(tmp_path / "out"), *args)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and field in lines[0] and "Traceback" not in result.stderr
@@ -31,7 +26,7 @@ def test_bad_values_give_one_line_errors(tmp_path, args, field):
 
 
 def test_quick_lab_writes_json_and_png(tmp_path):
-    result = cli("theory", "--quick", "--out", str(tmp_path))
+    result = run_cli("theory", "--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "theory.json").read_text())
     for key in ("phi_star", "gap_sq", "slope", "sigma", "B", "oracle_pairs"):

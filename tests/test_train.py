@@ -1,13 +1,12 @@
 """`train` on the tiny model end to end: every artefact, resume after a kill, and bad input."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import datasets
 import pytest
 import torch
+from conftest import run_cli
 from peft import PeftModel
 
 from rlhf_bilevel import tracking
@@ -124,10 +123,6 @@ def test_alternating_switch_uses_lambda_pairs(tmp_path):
     assert {r["policy"] for r in data} == {"lambda"} and len(data) == summary.oracle_pairs == 2 * 4 * 3
 
 
-def cli(*args, cwd):
-    return subprocess.run([sys.executable, "-m", "rlhf_bilevel_cli.app", *args], capture_output=True, text=True, cwd=cwd)
-
-
 @pytest.mark.parametrize(
     "extra, field",
     [
@@ -140,7 +135,7 @@ def cli(*args, cwd):
 )
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, field):
     out = tmp_path / "run"
-    result = cli("train", "--recipe", str(TINY), "--output-dir", str(out), *extra, cwd=tmp_path)
+    result = run_cli("train", "--recipe", str(TINY), "--output-dir", str(out), *extra, cwd=tmp_path)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and field in errors[0], result.stderr
@@ -151,11 +146,11 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, extra, field):
 def test_cli_trains_and_refuses_to_overwrite_a_run(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--recipe", str(TINY), "--output-dir", str(out), "--set", "bilevel.outer_steps=1"]
-    result = cli(*args, cwd=tmp_path)
+    result = run_cli(*args, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "gold score on held-out prompts" in result.stdout
-    again = cli(*args, cwd=tmp_path)
+    again = run_cli(*args, cwd=tmp_path)
     assert again.returncode != 0 and "--resume" in again.stderr
-    done = cli("train", "--resume", str(out), "--set", "bilevel.outer_steps=2", cwd=tmp_path)
+    done = run_cli("train", "--resume", str(out), "--set", "bilevel.outer_steps=2", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert records(out, "metrics.jsonl")[-1]["step"] == 2 * load_recipe(TINY).bilevel.inner_steps
