@@ -143,7 +143,7 @@ def test_python_kind_that_names_no_callable_is_a_config_error(user_module, kind,
 
 
 def test_user_code_exceptions_become_one_line_oracle_errors(user_module):
-    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:broken"))
+    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:broken", retries=0))  # retries: test_oracle_retry.py
     with pytest.raises(OracleError, match=r"^python:my_judges:broken raised KeyError: 'no api key'$") as caught:
         oracle.compare(["p"], ["a"], ["b"])
     assert isinstance(caught.value.__cause__, KeyError)
@@ -160,7 +160,7 @@ def test_user_code_exceptions_become_one_line_oracle_errors(user_module):
     ],
 )
 def test_bad_answers_are_oracle_errors_not_labels(user_module, name, pairwise, match):
-    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:{name}", pairwise=pairwise))
+    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:{name}", pairwise=pairwise, retries=0))
     with pytest.raises(OracleError, match=match):
         oracle.compare(["p", "q"], ["a", "b"], ["c", "d"])
 

@@ -12,14 +12,17 @@ very data the reward model is fitted to.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import positive
+from rlhf_bilevel.config import ConfigError, positive
+
+DEFAULT_QUESTION = "Which response answers the prompt better: more helpful, more correct and clearer?"
 
 
 class OracleError(RuntimeError):
@@ -34,9 +37,28 @@ class OracleConfig:
     keywords: tuple[str, ...] = ()  # keyword: the words whose occurrences are counted (case-insensitive, whole words)
     target_words: int | None = None  # length: None rewards longer responses, else closeness to this word count
     pairwise: bool = False  # python: the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring
+    model: str | None = None  # llm-judge: the judge, as model.name (default smollm2); reward-model: a folder or hub id; http: the endpoint's model
+    dtype: Literal["float32", "bfloat16"] = "float32"  # llm-judge, reward-model: dtype of the judging model's weights
+    batch_size: int = 8  # llm-judge, reward-model: texts per forward pass; http: requests in flight at once
+    question: str = DEFAULT_QUESTION  # llm-judge, http: what the judge is asked about the two responses
+    choices: tuple[str, ...] = ("A", "B")  # llm-judge, http: the judge's names for the response shown first and second
+    url: str | None = None  # http: the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1/chat/completions
+    api_key_env: str | None = None  # http: the environment variable holding the API key; the key never goes in a recipe
+    timeout: float = 60.0  # seconds an http request (or a python: call) may take before that attempt has failed
+    retries: int = 3  # every kind: attempts after a failed one (exception, timeout, invalid label) before the run stops
+    backoff: float = 1.0  # seconds before the first retry, doubled before each next one
 
     def __post_init__(self) -> None:
-        positive(self, "temperature")
+        positive(self, "temperature", "batch_size", "timeout")
+        if self.retries < 0:
+            raise ConfigError(f"retries: must be ≥ 0, got {self.retries}")
+        if self.backoff < 0:
+            raise ConfigError(f"backoff: must be ≥ 0 seconds, got {self.backoff}")
+        if not self.question.strip():
+            raise ConfigError("question: must not be blank")
+        names = [c.strip().casefold() for c in self.choices]  # an http judge's reply is read ignoring case
+        if len(names) != 2 or not all(names) or names[0] == names[1]:
+            raise ConfigError(f"choices: expected two different non-blank labels, e.g. [A, B], got {list(self.choices)}")
 
 
 Scorer = Callable[[Sequence[str], Sequence[str]], Any]
@@ -110,3 +132,15 @@ def one_line(error: BaseException) -> str:
     message = " ".join(str(error).split())
     return f"{type(error).__name__}: {message}" if message else type(error).__name__
 
+
+@contextmanager
+def as_oracle_model() -> Iterator[None]:
+    """Loading a judging model reuses the policy's loader, whose errors name `model.name`: here
+    the user set `oracle.model`, so that is the field the error names."""
+    try:
+        yield
+    except ConfigError as error:
+        message = str(error)
+        if not message.startswith("model.name:"):
+            raise
+        raise ConfigError(f"oracle.model{message.removeprefix('model.name')}") from None
