@@ -1,0 +1,154 @@
+"""The benchmark's parts: exclusive phase timing, the floor arithmetic, and timing that changes nothing."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf_bilevel.bench import BILEVEL_PHASES, PhaseTimer, instrument, main, measure_floors, summarise
+from rlhf_bilevel.recipe import load_recipe
+from rlhf_bilevel.train import Trainer
+
+RECIPES = Path(__file__).parents[1] / "recipes"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_nested_phases_pause_the_phase_they_interrupt():
+    clock = Clock()
+    timer = PhaseTimer(clock)
+    timer.mark("lambda_step")
+    clock.now = 1.0
+    with timer.phase("rollouts"):
+        clock.now = 3.0
+        with timer.phase("reference"):
+            clock.now = 3.5
+        clock.now = 4.0
+    clock.now = 6.0
+    timer.mark(None)
+    clock.now = 100.0  # outside any phase: charged to none
+    timer.mark("phi_step")
+    clock.now = 101.0
+    timer.mark(None)
+    assert dict(timer.seconds) == {"lambda_step": 3.0, "rollouts": 2.5, "reference": 0.5, "phi_step": 1.0}
+
+
+def test_instrument_decides_per_call():
+    clock = Clock()
+    timer = PhaseTimer(clock)
+
+    class Thing:
+        on = False
+
+        def work(self, x):
+            clock.now += 2.0
+            return x + 1
+
+    thing = Thing()
+    timer.instrument(thing, "work", lambda: "on" if thing.on else None)
+    assert thing.work(1) == 2
+    thing.on = True
+    assert thing.work(1) == 2
+    assert dict(timer.seconds) == {"on": 2.0}
+
+
+def test_summary_against_hand_computed_floor():
+    results = {
+        "generate": {"seconds": 2.0, "tokens": 100, "peak_rss_mb": 400.0},
+        "lora_step": {"seconds": 1.0, "tokens": 100, "peak_rss_mb": 420.0},
+        "bilevel": {"seconds": 12.0, "tokens": 200, "pairs": 12, "peak_rss_mb": 500.0},
+    }
+    rows = summarise(results)
+    assert rows["bilevel"]["floor_s"] == pytest.approx(200 * (0.02 + 0.01))
+    assert rows["bilevel"]["to_floor"] == pytest.approx(12.0 / 6.0)
+    assert rows["bilevel"]["s_per_pair"] == pytest.approx(1.0)
+    assert rows["bilevel"]["tokens_per_s"] == pytest.approx(200 / 12)
+    assert rows["bilevel"]["rss_to_base"] == pytest.approx(1.25)
+    assert "s_per_pair" not in rows["generate"]
+
+
+def test_timing_hooks_change_nothing_and_cover_the_outer_step(tmp_path):
+    """Same seed, with and without the timing proxies: the same adapters and reward head afterwards."""
+    recipe = load_recipe(RECIPES / "tiny-debug.yaml", ["bilevel.inner_steps=1"])
+    plain = Trainer(recipe, tmp_path / "plain", RECIPES)
+    plain.bilevel.outer_step()
+    timed = Trainer(recipe, tmp_path / "timed", RECIPES)
+    timer = PhaseTimer()
+    instrument(timed, timer)
+    timer.mark(None)
+    metrics = timed.bilevel.outer_step()
+    timer.mark(None)
+    for a, b in zip(plain.model.parameters(), timed.model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(plain.reward.parameters(), timed.reward.parameters()):
+        assert torch.equal(a, b)
+    assert set(timer.seconds) == set(BILEVEL_PHASES)
+    assert sum(timer.seconds.values()) <= metrics["time/outer_s"] * 1.05 + 0.01
+
+
+def test_floors_generate_exactly_the_horizon():
+    recipe = load_recipe(RECIPES / "tiny-debug.yaml", ["rollout.max_new_tokens=6"])
+    floors = measure_floors(recipe, RECIPES, repeats=1)
+    expected = 2 * recipe.bilevel.pairs_per_step * 6
+    assert floors["generate"]["tokens"] == floors["lora_step"]["tokens"] == expected
+    assert all(f["seconds"] > 0 and f["peak_rss_mb"] > 0 for f in floors.values())
+
+
+def test_a_bad_override_is_one_line_before_any_worker_starts(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--quick", "--set", "bilevel.sigmaa=1"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: bilevel.sigmaa: unknown key (did you mean 'sigma'?)"
+
+
+def tiny_policy(**switches):
+    from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig, load_base, with_adapters
+    from rlhf_bilevel.lm.policy import LMPolicy, RolloutConfig
+
+    base, tokenizer = load_base(ModelConfig(name="tiny"))
+    torch.manual_seed(0)
+    model = with_adapters(base, AdapterConfig(r=4, alpha=8))
+    policy = LMPolicy(model, tokenizer, RolloutConfig(max_new_tokens=6, **switches), chat_template=False)
+    with torch.no_grad():  # move λ off zero so its gradients are not at a special point
+        for p in policy.parameters_of("lambda"):
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return policy
+
+
+def score_and_grad(policy, rollout):
+    log_probs = policy.log_probs(rollout)
+    taken = log_probs.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
+    grads = torch.autograd.grad((taken * rollout.mask).sum(), policy.parameters_of("lambda"))
+    return log_probs.detach(), torch.cat([g.reshape(-1) for g in grads])
+
+
+def test_gradient_checkpointing_changes_no_number_and_leaves_eval_mode():
+    plain, checkpointed = tiny_policy(), tiny_policy(gradient_checkpointing=True)
+    rollout = plain.sample(["a good day", "the dog"], torch.Generator().manual_seed(0))
+    lp_plain, g_plain = score_and_grad(plain, rollout)
+    layer, calls = checkpointed.model.get_base_model().model.layers[0], []
+    checkpoint = layer._gradient_checkpointing_func
+    layer._gradient_checkpointing_func = lambda *a, **k: calls.append(1) or checkpoint(*a, **k)
+    lp_ckpt, g_ckpt = score_and_grad(checkpointed, rollout)
+    assert len(calls) == 1  # the layer went through torch's checkpoint (transformers skips it in eval mode)
+    torch.testing.assert_close(lp_ckpt, lp_plain)
+    torch.testing.assert_close(g_ckpt, g_plain)
+    assert not checkpointed.model.training  # generate() must keep its KV cache
+
+
+def test_autocast_runs_in_bf16_close_to_float32():
+    plain, autocast = tiny_policy(), tiny_policy(autocast=True)
+    rollout = plain.sample(["a good day", "the dog"], torch.Generator().manual_seed(0))
+    lp_plain, g_plain = score_and_grad(plain, rollout)
+    lp_auto, g_auto = score_and_grad(autocast, rollout)
+    assert not torch.equal(lp_auto, lp_plain)  # it did run in bf16
+    # bf16 keeps 8 bits of mantissa: log-probs of a ~200-token vocabulary agree to a few 1e-2
+    torch.testing.assert_close(lp_auto, lp_plain, atol=0.05, rtol=0.02)
+    assert torch.isfinite(g_auto).all()
+    assert torch.nn.functional.cosine_similarity(g_auto, g_plain, dim=0) > 0.98

@@ -1,0 +1,143 @@
+"""`rlhf-bilevel eval`: the win-rate, agreement and bootstrap arithmetic by hand, then the command end to end."""
+
+import json
+import math
+from dataclasses import astuple
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+
+from rlhf_bilevel.evaluate import EvalConfig, agreement, both_orders, bootstrap, evaluate
+from rlhf_bilevel.oracles.base import OracleConfig
+from rlhf_bilevel.oracles.rules import length_oracle
+from rlhf_bilevel.train import train
+from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
+from test_train import RECIPES, TINY, tiny_recipe
+
+
+def test_both_orders_cancels_a_judge_position_bias():
+    p, bias = torch.tensor([0.9, 0.3, 0.5]), 0.07
+    shown_first, shown_second = p + bias, (1 - p) + bias  # the judge leans towards whatever it reads first
+    assert torch.allclose(both_orders(shown_first, shown_second), p)
+    # swapping the two responses turns P into 1 − P
+    assert torch.allclose(both_orders(shown_second, shown_first), 1 - p)
+
+
+def test_agreement_by_hand():
+    margins = torch.tensor([1.0, -1.0, 0.0, 2.0, -0.5])
+    prob = torch.tensor([0.9, 0.9, 0.8, 0.5, 0.1])
+    # right, wrong, a zero margin (half right), an oracle tie (dropped), right
+    assert agreement(margins, prob).tolist() == [1.0, 0.0, 0.5, 1.0]
+
+
+def test_bootstrap_of_a_constant_and_of_one_value():
+    generator = torch.Generator().manual_seed(0)
+    assert astuple(bootstrap(torch.full((7,), 0.25), 500, 0.9, generator)) == pytest.approx((0.25, 0.25, 0.25, 7))
+    assert astuple(bootstrap(torch.tensor([1.0]), 500, 0.9, generator)) == pytest.approx((1.0, 1.0, 1.0, 1))
+    assert math.isnan(bootstrap(torch.tensor([]), 500, 0.9, generator).mean)
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    # 200 wins out of 400: the 95% interval is 0.5 ± 1.96·sqrt(0.25/400) = 0.5 ± 0.049; with 4000
+    # resamples the percentile endpoints scatter by about 0.003, so 0.008 is a 2.5σ tolerance.
+    values = torch.tensor([1.0, 0.0] * 200)
+    estimate = bootstrap(values, 4000, 0.95, torch.Generator().manual_seed(1))
+    half_width = 1.96 * math.sqrt(0.25 / 400)
+    assert estimate.mean == 0.5
+    assert estimate.low == pytest.approx(0.5 - half_width, abs=0.008)
+    assert estimate.high == pytest.approx(0.5 + half_width, abs=0.008)
+
+
+class ScriptedPolicy(AdapterSwitch):
+    """Answers every prompt with a fixed text per adapter: the evaluation can then be worked out by hand."""
+
+    def __init__(self, answers: dict):
+        self.answers = answers
+
+    def sample(self, prompts, generator):
+        responses = [self.answers[self.active][i % len(self.answers[self.active])] for i in range(len(prompts))]
+        n, horizon = len(prompts), 4
+        mask = torch.ones(n, horizon)
+        # π_λ puts log 2 more on each of its four tokens than π_ref: a KL of 4·log 2 per response
+        logp = torch.full((n, horizon), -1.0)
+        ref_logp = logp - (math.log(2) if self.active == LAMBDA else 0.0)
+        return Rollout(list(prompts), responses, torch.zeros(n, horizon, dtype=torch.long), mask, logp, ref_logp, torch.full((n,), 1 / n))
+
+
+class LengthReward:
+    """A reward model that prefers the longer response, as the length oracle does."""
+
+    def token_rewards(self, rollout):
+        words = torch.tensor([float(len(r.split())) for r in rollout.responses])
+        return words[:, None] * rollout.mask / rollout.mask.sum(-1, keepdim=True)
+
+
+def test_evaluate_by_hand_with_a_scripted_policy():
+    # Prompts alternate between two answers per adapter: per prompt, the policy writes [long, short],
+    # the reference [short, short]. Deterministic length labels: the policy wins one comparison of
+    # two on every prompt (long ≻ short, short = short is a tie worth half): win rate 3/4 exactly.
+    policy = ScriptedPolicy({LAMBDA: ["a b c d", "a"], None: ["a", "a"]})
+    oracle = length_oracle(OracleConfig(kind="length", labels="deterministic"))
+    result = evaluate(policy, oracle, ["p1", "p2", "p3"], EvalConfig(resamples=200), reward=LengthReward())
+    assert result["win_rate"].mean == pytest.approx(0.75)
+    assert result["gold"]["policy"].mean == pytest.approx(2.5) and result["gold"]["reference"].mean == pytest.approx(1.0)
+    assert result["kl"] == pytest.approx(4 * math.log(2))
+    # the reward model orders the policy's pairs as the oracle does; the reference's pairs are all ties
+    assert result["agreement"]["policy"].mean == 1.0 and result["agreement"]["reference"].n == 0
+    # 3 prompts: 2 responses × 2 orders for the win rate, one pair each for agreement on both sides
+    assert result["oracle_pairs"] == 3 * 4 + 3 * 2
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("eval-run") / "run"
+    train(tiny_recipe(), run_dir, RECIPES)
+    return run_dir
+
+
+def test_eval_command_writes_json_report_and_plot(tiny_run, tmp_path):
+    out = tmp_path / "eval"
+    result = run_cli("eval", "--run", str(tiny_run), "--prompts", "6", "--resamples", "200", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "win rate vs reference" in result.stdout
+    report = json.loads((out / "eval.json").read_text())
+    assert report["prompts"] == 6 and report["oracle_pairs"] == 6 * 4 + 6 * 2
+    assert 0 <= report["win_rate"]["low"] <= report["win_rate"]["mean"] <= report["win_rate"]["high"] <= 1
+    assert set(report["agreement"]) == {"policy", "reference"} and set(report["gold"]) == {"policy", "reference"}
+    assert (out / "training.png").stat().st_size > 0
+    assert "![training curves](training.png)" in (out / "report.md").read_text()
+
+
+def test_eval_of_an_adapter_equal_to_the_reference_is_a_draw(tiny_run, tmp_path):
+    # A fresh LoRA adapter (B = 0) is π_ref itself. With common random numbers both write the same
+    # responses, so every comparison is a tie: win rate exactly 1/2, and KL 0 up to the float error
+    # between generate's logits and a fresh forward pass.
+    from rlhf_bilevel.lm.model import load_base, with_adapters
+
+    recipe = tiny_recipe()
+    model = with_adapters(load_base(recipe.model)[0], recipe.adapters)
+    model.save_pretrained(tmp_path / "fresh", selected_adapters=[LAMBDA])
+    adapter = tmp_path / "fresh" / LAMBDA
+    result = run_cli("eval", "--adapter", str(adapter), "--recipe", str(TINY), "--prompts", "4", "--resamples", "100")
+    assert result.returncode == 0, result.stderr
+    report = json.loads((adapter / "eval" / "eval.json").read_text())
+    assert report["win_rate"]["mean"] == 0.5 and report["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert "agreement" not in report  # an adapter alone has no reward model
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "--run or --adapter"),
+        (["--adapter", "nowhere"], "--recipe: required with --adapter"),
+        (["--adapter", "nowhere", "--recipe", str(TINY)], "--adapter: nowhere is not a peft adapter folder"),
+        (["--run", "nowhere"], "--run: nowhere holds no run"),
+        (["--run", "x", "--prompts", "0"], "prompts"),
+    ],
+)
+def test_eval_bad_input_is_one_line(args, message):
+    result = run_cli("eval", *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
