@@ -59,6 +59,7 @@ def train(
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its newest checkpoint."),
 ) -> None:
     """Align a causal LM online with Algorithm 1 (or the alternating baseline) as a recipe says."""
+    from rlhf_bilevel.bilevel import NonFiniteError
     from rlhf_bilevel.checkpoint import CheckpointError
     from rlhf_bilevel.oracles.base import OracleError
     from rlhf_bilevel.recipe import load_recipe
@@ -73,17 +74,86 @@ def train(
         if resume is not None:
             if recipe is not None or output_dir is not None:
                 fail("--resume: the run folder holds its recipe; drop --recipe/--output-dir (use --set to change a field)")
-            summary = resume_run(resume, overrides)
+            summary = resume_run(resume, overrides, log=lambda message: typer.echo(message, err=True))
         elif recipe is None:
             fail("--recipe: required, e.g. --recipe recipes/smollm2-sentiment.yaml (or --resume RUN_DIR)")
         else:
             run_dir = output_dir or Path("runs") / recipe.stem
             summary = train_run(load_recipe(recipe, overrides), run_dir, recipe.resolve().parent)
+    except (ConfigError, CheckpointError, NonFiniteError) as error:
+        fail(str(error))
+    except OracleError as error:
+        fail(f"oracle: {error} (pairs labelled before it are kept in the run folder's preferences.jsonl)")
+    if summary is not None:  # None on the processes of a multi-process launch other than the main one
+        typer.echo(summary.describe())
+
+
+@app.command(name="eval")
+def evaluate(
+    run: Optional[Path] = typer.Option(None, "--run", help="A run folder of `rlhf-bilevel train`: its newest checkpoint is evaluated."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="A peft adapter folder (from any trainer) to evaluate instead of a run."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="With --adapter: the recipe naming the model, oracle and held-out prompts."),
+    model: Optional[str] = typer.Option(None, "--model", help="With --adapter: shorthand for --set model.name=…"),
+    overrides: list[str] = typer.Option([], "--set", help="Change a recipe field for this evaluation: --set oracle.kind=llm-judge."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="Evaluate the first N held-out prompts (default: all)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed, shared by the policy and the reference."),
+    resamples: int = typer.Option(2000, "--resamples", help="Bootstrap resamples per confidence interval."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json, report.md, training.png (default: RUN/eval or ADAPTER/eval)."),
+) -> None:
+    """Win rate against the reference, gold score, KL, length, and reward-model agreement on- vs off-policy."""
+    from rlhf_bilevel.checkpoint import CheckpointError
+    from rlhf_bilevel.evaluate import EvalConfig, describe, eval_adapter, eval_run
+    from rlhf_bilevel.oracles.base import OracleError
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        cfg = EvalConfig(prompts=prompts, seed=seed, resamples=resamples)
+        if (run is None) == (adapter is None):
+            fail("--run or --adapter: give exactly one (a train run folder, or a peft adapter folder with --recipe)")
+        if run is not None:
+            if model is not None or recipe is not None:
+                fail("--run: the run folder holds its recipe and model; drop --recipe/--model (use --set to change a field)")
+            result = eval_run(run, cfg, out, overrides)
+        else:
+            if recipe is None:
+                fail("--recipe: required with --adapter (it names the model, the oracle and the held-out prompts)")
+            if model is not None:
+                overrides = [*overrides, f"model.name={model}"]
+            result = eval_adapter(adapter, recipe, cfg, out, overrides)
     except (ConfigError, CheckpointError) as error:
         fail(str(error))
     except OracleError as error:
-        fail(f"oracle: {error} (every pair labelled before it is in preferences.jsonl)")
-    typer.echo(summary.describe())
+        fail(f"oracle: {error}")
+    typer.echo(describe(result))
+
+
+@app.command()
+def compare(
+    recipe: Path = typer.Option(Path("recipes/smollm2-sentiment.yaml"), "--recipe", help="The problem all methods share."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs, comparison.json/.md/.png."),
+    seeds: list[int] = typer.Option([0], "--seed", help="A seed of the seed set (repeatable): each method runs once per seed."),
+    quick: bool = typer.Option(False, "--quick", help="The tiny model built in code and 4 outer steps: minutes on a CPU."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe field for every method (repeatable)."),
+    prompts: Optional[int] = typer.Option(None, "--prompts", help="Evaluate on the first N held-out prompts (default: all)."),
+    snapshots: int = typer.Option(4, "--snapshots", help="Points along each run on the gold-score curve."),
+    dpo_beta: float = typer.Option(0.1, "--dpo-beta", help="β of TRL's Online DPO."),
+) -> None:
+    """Bilevel vs alternating vs TRL Online DPO at one oracle budget: one table, one plot."""
+    from rlhf_bilevel.compare import CompareConfig
+    from rlhf_bilevel.compare import compare as run_comparison
+    from rlhf_bilevel.evaluate import EvalConfig
+    from rlhf_bilevel.oracles.base import OracleError
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    try:
+        cfg = CompareConfig(seeds=tuple(seeds), snapshots=snapshots, dpo_beta=dpo_beta, eval=EvalConfig(prompts=prompts))
+        run_comparison(recipe, out, cfg, list(overrides), quick=quick, log=typer.echo)
+    except ConfigError as error:
+        fail(str(error))
+    except OracleError as error:
+        fail(f"oracle: {error}")
+    typer.echo((out / "comparison.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'} and the runs in {out}")
 
 
 def main() -> None:

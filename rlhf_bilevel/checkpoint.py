@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -93,14 +94,22 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: Path) -> dict:
-    """The state saved in `path`, after checking every file against the manifest. Tensors come back on the CPU."""
+    """The state saved in `path`, after checking every file against the manifest. Tensors come back on the CPU.
+
+    A checkpoint may come from elsewhere, its manifest rewritten to match: whatever does not
+    decode is a CheckpointError, and nothing in it is ever executed (safetensors and JSON only).
+    """
     verify_checkpoint(path)
-    tensors = load_file(path / STATE_TENSORS, device="cpu")
-    return decode(json.loads((path / STATE_TREE).read_text(encoding="utf-8")), tensors)
+    try:
+        tensors = load_file(path / STATE_TENSORS, device="cpu")
+        return decode(json.loads((path / STATE_TREE).read_text(encoding="utf-8")), tensors)
+    except (SafetensorError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: its state does not decode ({type(error).__name__}: {error})") from None
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint of `run_dir` that verifies; each one skipped is named in a RuntimeWarning.
+def latest_checkpoint(run_dir: Path, on_skip: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint of `run_dir` that verifies. Each one skipped is described to `on_skip`
+    (by default in a RuntimeWarning): a user must learn that a run went back further than its newest folder.
 
     Unfinished saves (`.tmp`) are not candidates at all; they are what a kill leaves behind.
     """
@@ -108,7 +117,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         try:
             verify_checkpoint(path)
         except CheckpointError as error:
-            warnings.warn(f"skipping a checkpoint that does not verify: {error}", RuntimeWarning, stacklevel=2)
+            message = f"skipping a checkpoint that does not verify: {error}"
+            if on_skip is None:
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+            else:
+                on_skip(message)
             continue
         return path
     return None
@@ -120,14 +133,21 @@ def verify_checkpoint(path: Path) -> None:
         manifest = json.loads((path / MANIFEST).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path / MANIFEST}: missing (the save did not finish)") from None
-    except json.JSONDecodeError as error:
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
         raise CheckpointError(f"{path / MANIFEST}: not valid JSON ({error})") from None
-    files = manifest["files"]
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    entry = {"size": int, "sha256": str}
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and all(type(e.get(k)) is t for k, t in entry.items()) for e in files.values()
+    ):
+        raise CheckpointError(f"{path / MANIFEST}: not a manifest (expected files: {{name: {{size, sha256}}}})")
     for name in (STATE_TENSORS, STATE_TREE):
         if name not in files:
             raise CheckpointError(f"{path / name}: not listed in {MANIFEST}")
     for name, expected in files.items():
         file = path / name
+        if not file.resolve().is_relative_to(path.resolve()):
+            raise CheckpointError(f"{path / MANIFEST}: lists {name!r}, outside the checkpoint")
         if not file.is_file():
             raise CheckpointError(f"{file}: missing")
         size = file.stat().st_size

@@ -2,21 +2,36 @@
 
 Every mistake names the key and says what would be accepted:
     ConfigError: bilevel.sigmaa: unknown key (did you mean 'sigma'?)
+
+Two rules hold for every field, whatever its section: an int is a count, a size or a seed,
+so it lies in [0, 2⁶³) (torch's int64, where a larger one would overflow deep inside a
+tensor constructor); a float is finite and within float32's range (what the run computes in).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 
 from rlhf_bilevel.critic import CriticConfig
 from rlhf_bilevel.steps import StepConfig
+
+
+INT_MAX = 2**63 - 1
+FLOAT_MAX = float(torch.finfo(torch.float32).max)
+EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+SHOWN_CHARS = 60
+"""A value quoted in an error is cut to this length: the message stays one readable line."""
 
 
 class ConfigError(ValueError):
@@ -47,6 +62,20 @@ class BilevelConfig:
             raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")
         if self.beta < 0:
             raise ConfigError(f"beta: must be ≥ 0, got {self.beta}")
+        # steps.py and critic.py cannot raise a ConfigError (this module imports them), so the
+        # ranges of their configs are checked here, where they are part of a recipe
+        for name in ("policy_step", "reward_step"):
+            step = getattr(self, name)
+            positive(step, "lr", prefix=f"{name}.")
+            if step.max_norm is not None:
+                positive(step, "max_norm", prefix=f"{name}.")
+            if step.weight_decay < 0:
+                raise ConfigError(f"{name}.weight_decay: must be ≥ 0, got {step.weight_decay}")
+        positive(self.critic, "lr", "blocks", "target_every", "batch_size", "replay_capacity", prefix="critic.")
+        if self.critic.radius is not None:
+            positive(self.critic, "radius", prefix="critic.")
+        if self.critic.optimizer not in ("adam", "sgd"):
+            raise ConfigError(f"critic.optimizer: must be one of adam, sgd; got {shown(self.critic.optimizer)}")
 
     @property
     def pairs_per_outer_step(self) -> int:
@@ -54,11 +83,31 @@ class BilevelConfig:
         return self.pairs_per_step * (self.inner_steps + 1)
 
 
-def positive(cfg: Any, *names: str) -> None:
+def positive(cfg: Any, *names: str, prefix: str = "") -> None:
+    """Each field `names` of `cfg` is > 0; `prefix` is where `cfg` sits in its parent config."""
     for name in names:
         value = getattr(cfg, name)
         if not value > 0:
-            raise ConfigError(f"{name}: must be > 0, got {value}")
+            raise ConfigError(f"{prefix}{name}: must be > 0, got {value}")
+
+
+def read_text(path: Path, where: str) -> str:
+    """A file the user named, as UTF-8 text; one that cannot be read or decoded is a ConfigError on `where`."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{where}: cannot read {path} ({error.strerror or error})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        byte = error.object[error.start]
+        raise ConfigError(f"{where}: {path} is not valid UTF-8 (byte {byte:#04x} at offset {error.start})") from None
+
+
+def shown(value: Any) -> str:
+    """`repr(value)`, cut short: a recipe may hold a megabyte where a number belongs."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({len(text)} characters)"
 
 
 def build(cls: type, data: Any, where: str = "") -> Any:
@@ -96,20 +145,27 @@ def convert(hint: Any, value: Any, path: str) -> Any:
         return convert(inner, value, path)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{path}: must be one of {', '.join(map(str, args))}; got {value!r}")
+            raise ConfigError(f"{path}: must be one of {', '.join(map(str, args))}; got {shown(value)}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {value!r}")
+            raise ConfigError(f"{path}: expected a list, got {shown(value)}")
         return origin(convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if hint is float and isinstance(value, str) and EXPONENT_FLOAT.fullmatch(value):
+        value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        # abs() first: float() of an int beyond 1e308 raises OverflowError rather than giving inf
+        if not (abs(value) <= FLOAT_MAX and math.isfinite(value)):
+            raise ConfigError(f"{path}: must be a finite number of size at most {FLOAT_MAX:.3g} (float32), got {shown(value)}")
         return float(value)
+    if hint is int and type(value) is int and not 0 <= value <= INT_MAX:
+        raise ConfigError(f"{path}: must be a whole number from 0 to 2**63 - 1, got {shown(value)}")
     if hint in (int, str, bool) and type(value) is hint:
         return value
     if hint is Any:
         return value
     expected = getattr(hint, "__name__", str(hint))
-    raise ConfigError(f"{path}: expected {expected}, got {value!r}")
+    raise ConfigError(f"{path}: expected {expected}, got {shown(value)}")
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
@@ -128,7 +184,7 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: '{part}' is not a section")
+                raise ConfigError(f"--set {key}: '{part}' is a value, not a section")
         node[leaf] = value
     return data
 

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from rlhf_bilevel import estimators as est
+from rlhf_bilevel.distributed import World
 from rlhf_bilevel.types import TRANSITION_FIELDS, Rollout, Transitions
 
 
@@ -57,7 +58,12 @@ def project_to_ball(params: list[Tensor], centre: list[Tensor], radius: float) -
 
 
 class TDCritic:
-    """Q_θ for one policy, fitted by Algorithm 2 on replayed transitions; warm-started across fits."""
+    """Q_θ for one policy, fitted by Algorithm 2 on replayed transitions; warm-started across fits.
+
+    Across processes the critic is one: every process replays the transitions of the whole
+    batch (gathered), draws the same minibatch indices, takes the TD gradient on its share
+    of the minibatch, and steps along the mean of those gradients.
+    """
 
     def __init__(
         self,
@@ -66,6 +72,7 @@ class TDCritic:
         gamma: float,
         cfg: CriticConfig,
         generator: torch.Generator,
+        world: World = World(),
     ):
         """`features(rollout)` gives [N, H+1, d] state features; `head` maps them to Q(s, ·) over the
         actions, and `head(features, actions)` to Q(s, a) of one action each (what TD needs)."""
@@ -73,6 +80,7 @@ class TDCritic:
         self.gamma = gamma
         self.cfg = cfg
         self.generator = generator
+        self.world = world
         self.q = head
         self.centre = [p.detach().clone() for p in self.q.parameters()]
         self.radius = cfg.radius if cfg.radius is not None else (1 / (1 - gamma) if gamma < 1 else None)
@@ -89,7 +97,8 @@ class TDCritic:
 
     def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
         """J blocks of L TD(0) steps; each block bootstraps from the previous block's average."""
-        self.remember(est.transitions(rollout, self.features(rollout), shaped))
+        local = est.transitions(rollout, self.features(rollout), shaped)
+        self.remember(Transitions(**{k: self.world.cat(getattr(local, k)) for k in TRANSITION_FIELDS}))
         replay = self.replay
         params = list(self.q.parameters())
         td_error = 0.0
@@ -98,7 +107,8 @@ class TDCritic:
             target = {name: p.detach().clone() for name, p in self.q.named_parameters()}
             average = [torch.zeros_like(p) for p in params]
             for _ in range(self.cfg.target_every):
-                batch = replay.slice(torch.randint(len(replay), (self.cfg.batch_size,), generator=self.generator))
+                index = torch.randint(len(replay), (self.cfg.batch_size,), generator=self.generator)
+                batch = replay.slice(index[self.world.shard(self.cfg.batch_size)])
                 with torch.no_grad():
                     bootstrap = functional_call(self.q, target, (batch.next_state, batch.next_action))
                     y = batch.reward + self.gamma * (1 - batch.done) * bootstrap
@@ -106,6 +116,8 @@ class TDCritic:
                 loss = 0.5 * ((y - q_sa) ** 2).mean()
                 self.optimizer.zero_grad()
                 loss.backward()  # semi-gradient: y carries no gradient (line 6)
+                for p, g in zip(params, self.world.mean([p.grad for p in params])):
+                    p.grad = g
                 self.optimizer.step()
                 with torch.no_grad():
                     if self.radius is not None:
@@ -141,11 +153,12 @@ class MCCritic:
 
     Unbiased with no learned weights, at the price of variance; the baseline at step h
     averages the other trajectories still running at h, so it is independent of the
-    trajectory it centres.
+    trajectory it centres. Across processes the others are those of the whole batch.
     """
 
-    def __init__(self, gamma: float):
+    def __init__(self, gamma: float, world: World = World()):
         self.gamma = gamma
+        self.world = world
 
     def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
         return {}
@@ -153,8 +166,9 @@ class MCCritic:
     def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
         to_go = est.rewards_to_go(rollout, shaped, self.gamma)
         alive = rollout.mask
-        others = (alive.sum(0, keepdim=True) - alive).clamp(min=1)
-        baseline = ((to_go * alive).sum(0, keepdim=True) - to_go * alive) / others
+        running, total = self.world.sum([alive.sum(0, keepdim=True), (to_go * alive).sum(0, keepdim=True)])
+        others = (running - alive).clamp(min=1)
+        baseline = (total - to_go * alive) / others
         return ((to_go - baseline) * alive).detach()
 
     def state_dict(self) -> dict:

@@ -100,26 +100,33 @@ def rewards_to_go(rollout: Rollout, shaped: Tensor, gamma: float) -> Tensor:
     return out * rollout.mask
 
 
-def leave_one_out_baseline(losses: Tensor, weight: Tensor) -> Tensor:
+def leave_one_out_baseline(losses: Tensor, weight: Tensor, total: Tensor | None = None, count: int | None = None) -> Tensor:
     """b_i = mean of the other pairs' losses: independent of pair i, so the estimator stays unbiased.
 
+    When `losses` are one process's shard of a batch, `total` and `count` are the sum and
+    number of the losses of the whole batch, so that b_i is the one of the whole batch.
     With exact (enumerated) weights there is no sampling noise to reduce and the
     baseline is zero.
     """
     n = losses.shape[0]
-    if n < 2 or not torch.allclose(weight, weight.new_full((n,), 1.0 / n)):
+    if total is None or count is None:
+        total, count = losses.sum(), n
+    if count < 2 or not torch.allclose(weight, weight.new_full((n,), 1.0 / n)):
         return torch.zeros_like(losses)
-    return (losses.sum() - losses) / (n - 1)
+    return (total - losses) / (count - 1)
 
 
-def grad_f_lambda(log_probs: Tensor, params: list[Tensor], pairs: PreferencePairs, losses: Tensor) -> Grads:
+def grad_f_lambda(
+    log_probs: Tensor, params: list[Tensor], pairs: PreferencePairs, losses: Tensor, total: Tensor | None = None, count: int | None = None
+) -> Grads:
     """∇_λ f by the score function (eq. 17), both responses carrying score terms.
 
     ∇_λ f = E[(ℓ − b) · (Σ_h ∇ log π_λ(τ0) + Σ_h ∇ log π_λ(τ1))]; ℓ does not depend on λ,
-    only the sampling distribution does. `losses` are the per-pair ℓ (detached).
+    only the sampling distribution does. `losses` are the per-pair ℓ (detached); `total`
+    and `count` as in `leave_one_out_baseline`.
     """
     losses = losses.detach()
-    centred = losses - leave_one_out_baseline(losses, pairs.weight)
+    centred = losses - leave_one_out_baseline(losses, pairs.weight, total, count)
     sequence = taken_log_probs(log_probs, pairs.rollout).sum(-1)
     surrogate = (pairs.weight * centred * (sequence[pairs.first] + sequence[pairs.second])).sum()
     return list(torch.autograd.grad(surrogate, params))

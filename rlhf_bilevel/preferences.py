@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rlhf_bilevel.checkpoint import CheckpointError
 from rlhf_bilevel.types import PreferencePairs
 
 PAIR_FIELDS = frozenset({"prompt", "chosen", "rejected", "first", "second", "label", "prob"})
@@ -51,7 +52,10 @@ class PreferenceLog:
         if not self.enabled or n == self.count:
             return
         if n > self.count:
-            raise ValueError(f"{self.path}: has {self.count} records, the checkpoint expects at least {n}")
+            raise CheckpointError(
+                f"{self.path}: holds {self.count} labelled pairs, the checkpoint counted {n}: the file was cut or "
+                "replaced since; put the whole file back, or start a new run"
+            )
         with self.path.open("rb") as file:
             kept = b"".join(file.readline() for _ in range(n))
         rewritten = self.path.with_name(self.path.name + ".tmp")

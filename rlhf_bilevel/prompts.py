@@ -17,9 +17,10 @@ from pathlib import Path
 
 import datasets
 import pyarrow
+import pyarrow.parquet
 from datasets.exceptions import DatasetsError
 
-from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.config import ConfigError, positive, read_text
 
 SECTION = "prompts"
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -90,22 +91,30 @@ def read_file(path: Path, where: str) -> datasets.Dataset:
     builder_name = BUILDERS[path.suffix.lower()]
     if path.stat().st_size == 0:
         raise ConfigError(f"{where}: {path} has no prompts (the file is empty)")
-    if builder_name != "parquet":
+    if builder_name == "parquet":
+        # the parquet builder fails on a file of 0 rows with an internal "BatchSize must be greater than 0"
+        if read_parquet_rows(path, where) == 0:
+            raise ConfigError(f"{where}: {path} has no prompts")
+    else:
         # Arrow stores undecodable bytes as strings and fails only when a row is read: check first.
-        try:
-            path.read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            byte = error.object[error.start]
-            raise ConfigError(f"{where}: {path} is not valid UTF-8 (byte {byte:#04x} at offset {error.start})") from None
+        read_text(path, where)
     with tempfile.TemporaryDirectory(prefix="rlhf-bilevel-prompts-") as cache, quiet_datasets():
         builder = datasets.load_dataset_builder(builder_name, data_files=str(path), cache_dir=cache)
         try:
             builder.download_and_prepare()
-        except (DatasetsError, pyarrow.ArrowException, ValueError, StopIteration) as error:
+        except (DatasetsError, pyarrow.ArrowException, ValueError, StopIteration, OSError) as error:
             raise ConfigError(f"{where}: cannot read {path}: {root_cause(error)}") from None
         if not builder.info.splits["train"].num_examples:
             raise ConfigError(f"{where}: {path} has no prompts")
         return builder.as_dataset(split="train", in_memory=True)
+
+
+def read_parquet_rows(path: Path, where: str) -> int:
+    """The number of rows a parquet file's footer declares."""
+    try:
+        return pyarrow.parquet.read_metadata(path).num_rows
+    except (pyarrow.ArrowException, OSError) as error:
+        raise ConfigError(f"{where}: cannot read {path}: {root_cause(error)}") from None
 
 
 def read_hub(dataset_id: str, split: str, where: str) -> datasets.Dataset:

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from rlhf_bilevel.config import BilevelConfig, ConfigError, apply_overrides, build, positive
+from rlhf_bilevel.config import BilevelConfig, ConfigError, apply_overrides, build, positive, read_text
 from rlhf_bilevel.lm.heads import RewardConfig
 from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig
 from rlhf_bilevel.lm.policy import RolloutConfig
@@ -34,9 +34,10 @@ class TrainConfig:
     eval_every: int = 1  # outer steps between evaluations (the first and last always run)
     eval_pairs: int = 16  # held-out prompts, two responses each: reward-model agreement and gold score
     tensorboard: bool = True
+    max_bad_steps: int = 10  # the run stops once one block (λ, λ′, φ, a critic) skips this many non-finite updates in a row
 
     def __post_init__(self) -> None:
-        positive(self, "save_every", "eval_every", "eval_pairs")
+        positive(self, "save_every", "eval_every", "eval_pairs", "max_bad_steps")
         if self.keep is not None:
             positive(self, "keep")
 
@@ -52,12 +53,16 @@ class Recipe:
     bilevel: BilevelConfig = field(default_factory=BilevelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        # lm/policy.py's config has no checks of its own; 0 would fail inside generate() with a traceback
+        positive(self.rollout, "max_new_tokens", "max_prompt_tokens", prefix="rollout.")
+
 
 def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--recipe: no such file: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(read_text(path, "--recipe"))
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

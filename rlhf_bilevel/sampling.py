@@ -1,4 +1,9 @@
-"""The sampled `RolloutSource`: prompts drawn from a set, responses from the policy."""
+"""The sampled `RolloutSource`: prompts drawn from a set, responses from the policy.
+
+Batch sizes are global. In a run of several processes each one returns its own rows of
+the batch (`World.shard`); the prompts of the whole batch are drawn on every process from
+the same generator, so every process knows the whole batch and the generators stay in step.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,32 @@ from typing import Any, Sequence
 
 import torch
 
+from rlhf_bilevel.distributed import World
 from rlhf_bilevel.types import Policy, PreferencePairs, Rollout
 
 
 class SampledRollouts:
-    def __init__(self, policy: Policy, prompts: Sequence[Any], generator: torch.Generator):
-        self.policy, self.prompts, self.generator = policy, list(prompts), generator
+    def __init__(self, policy: Policy, prompts: Sequence[Any], generator: torch.Generator, world: World = World()):
+        self.policy, self.prompts, self.generator, self.world = policy, list(prompts), generator, world
 
     def draw_prompts(self, n: int) -> list[Any]:
         index = torch.randint(len(self.prompts), (n,), generator=self.generator)
         return [self.prompts[i] for i in index.tolist()]
 
-    def rollouts(self, adapter: str, n: int) -> Rollout:
+    def sample(self, adapter: str, prompts: list[Any]) -> Rollout:
         with self.policy.adapter(adapter):
-            return self.policy.sample(self.draw_prompts(n), self.generator)
+            if self.world.size == 1:
+                return self.policy.sample(prompts, self.generator)
+            # only a policy that can draw some rows of a batch runs on several processes (LMPolicy)
+            return self.policy.sample(prompts, self.generator, rows=self.world.shard(len(prompts)))
+
+    def rollouts(self, adapter: str, n: int) -> Rollout:
+        return self.sample(adapter, self.draw_prompts(n))
 
     def pairs(self, adapter: str, n: int) -> PreferencePairs:
-        """n prompts, two independent responses to each from the same policy (eq. 7)."""
-        prompts = [p for p in self.draw_prompts(n) for _ in range(2)]
-        with self.policy.adapter(adapter):
-            return consecutive_pairs(self.policy.sample(prompts, self.generator))
+        """n prompts, two independent responses to each from the same policy (eq. 7); a shard
+        holds whole pairs, since it starts at an even row."""
+        return consecutive_pairs(self.sample(adapter, [p for p in self.draw_prompts(n) for _ in range(2)]))
 
 
 def consecutive_pairs(rollout: Rollout) -> PreferencePairs:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -10,10 +11,11 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class StepConfig:
-    rule: str = "normalized"  # normalized: x ± lr_k d/‖d‖ (eq. lines 9, 10, 14); adam: Adam on d
+    rule: Literal["normalized", "adam"] = "normalized"  # normalized: x ± lr_k d/‖d‖ (eq. lines 9, 10, 14); adam: Adam on d
     lr: float = 0.1  # lr_0
-    schedule: str = "inverse"  # inverse: lr_0/(k+1) (Theorem 1); constant: lr_0
+    schedule: Literal["inverse", "inverse_sqrt", "constant"] = "inverse"  # inverse: lr_0/(k+1) (Theorem 1); inverse_sqrt: lr_0/√(k+1); constant: lr_0
     max_norm: float | None = None  # adam only: clip d to this norm first
+    weight_decay: float = 0.0  # ρ: the step follows d ∓ ρx, i.e. it optimises the objective ∓ ρ/2 ‖x‖²
 
 
 def norm(direction: list[Tensor]) -> Tensor:
@@ -35,11 +37,21 @@ class Stepper:
         self.adam = torch.optim.Adam(params, lr=cfg.lr) if cfg.rule == "adam" else None
 
     def rate(self) -> float:
-        return self.cfg.lr / (self.count + 1) if self.cfg.schedule == "inverse" else self.cfg.lr
+        if self.cfg.schedule == "inverse":
+            return self.cfg.lr / (self.count + 1)
+        if self.cfg.schedule == "inverse_sqrt":
+            # Adam at a constant rate jitters by ~lr around the optimum, and d_t magnifies what
+            # λ, λ′ miss by 1/σ; a decaying rate that does not restart lets warm starts converge
+            return self.cfg.lr / (self.count + 1) ** 0.5
+        return self.cfg.lr
 
     @torch.no_grad()
     def step(self, direction: list[Tensor]) -> float:
-        """Applies one step and returns ‖d‖."""
+        """Applies one step and returns ‖d‖ (the decay term included)."""
+        if self.cfg.weight_decay:
+            # an L2 term gives an objective whose minimiser is attained: a bounded reward's
+            # bt_nll can keep falling as ‖φ‖ → ∞ (sigmoids saturating), out of reach of 1/t steps
+            direction = [d - self.sign * self.cfg.weight_decay * p for p, d in zip(self.params, direction)]
         size = norm(direction)
         if self.adam is not None:
             scale = 1.0

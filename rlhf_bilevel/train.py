@@ -3,7 +3,9 @@
 A run directory holds:
 
     recipe.yaml          the resolved recipe (after --set), what --resume reads back
-    run.json             where relative paths of the recipe were read from
+    run.json             where relative paths of the recipe were read from, and the number of
+                         processes (`world_size`) it was last started with and each one's share
+                         of the (global) batch sizes
     metrics.jsonl        one record per inner step ("inner") and per outer step ("outer")
     tensorboard/         the same numbers for TensorBoard
     preferences.jsonl    every pair the oracle labelled, as it arrived (TRL preference format)
@@ -13,25 +15,29 @@ A run directory holds:
 
 The x-axis `step` of metrics.jsonl and TensorBoard counts policy updates: inner step k of
 outer iteration t is step t·K + k + 1, and outer iteration t ends at step (t + 1)·K.
+
+Under `accelerate launch` with N processes the run is the same run, split (distributed.py):
+batch sizes and every logged number are global, and only the main process writes files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
-from transformers.utils import logging as hf_logging
 
 from rlhf_bilevel import estimators as est
-from rlhf_bilevel.bilevel import Bilevel
-from rlhf_bilevel.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.bilevel import Bilevel, NonFiniteError
+from rlhf_bilevel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from rlhf_bilevel.config import ConfigError, read_text
 from rlhf_bilevel.critic import MCCritic, TDCritic
+from rlhf_bilevel.distributed import World, launched_world
+from rlhf_bilevel.evaluate import agreement
 from rlhf_bilevel.lm.heads import TokenReward, VocabQHead
 from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
@@ -78,11 +84,11 @@ class Summary:
 class Trainer:
     """Assembles a run from a recipe, then runs, checkpoints and evaluates it."""
 
-    def __init__(self, recipe: Recipe, run_dir: Path, base_dir: Path):
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-        self.recipe, self.run_dir, self.base_dir = recipe, run_dir, base_dir
+    def __init__(self, recipe: Recipe, run_dir: Path, base_dir: Path, world: World = World()):
+        """`world`: the processes the run is split over; the main one writes every file."""
+        self.recipe, self.run_dir, self.base_dir, self.world = recipe, run_dir, base_dir, world
         # everything that can reject the user's input comes before anything is written
+        check_shards(recipe, world)
         self.train_prompts, held_out = load_prompts(recipe.prompts, base_dir)
         self.eval_prompts = held_out or self.train_prompts
         self.oracle = make_oracle(recipe.oracle)
@@ -93,13 +99,13 @@ class Trainer:
         self.policy = LMPolicy(self.model, tokenizer, recipe.rollout, recipe.model.chat_template)
         self.reward = TokenReward(self.policy.state_features, self.policy.feature_dim, recipe.reward)
         self.generator = torch.Generator().manual_seed(seed)
-        source = SampledRollouts(self.policy, self.train_prompts, self.generator)
+        source = SampledRollouts(self.policy, self.train_prompts, self.generator, world)
         self.bilevel = Bilevel(
             self.policy, self.reward, source, self.oracle, self.make_critic, recipe.bilevel, self.generator,
-            on_pairs=self.record_pairs, on_inner=self.log_inner,
+            on_pairs=self.record_pairs, on_inner=self.log_inner, world=world, max_bad_steps=recipe.train.max_bad_steps,
         )
-        self.tracker = Tracker(run_dir, tensorboard=recipe.train.tensorboard)
-        self.preferences = PreferenceLog(run_dir / "preferences.jsonl")
+        self.tracker = Tracker(run_dir, enabled=world.is_main, tensorboard=recipe.train.tensorboard)
+        self.preferences = PreferenceLog(run_dir / "preferences.jsonl", enabled=world.is_main)
         self.eval_oracle_pairs = 0
         self.elapsed = 0.0
         self.reference: dict | None = None  # the reference policy's evaluation, made once
@@ -108,42 +114,53 @@ class Trainer:
     def make_critic(self, adapter: str) -> Critic:
         cfg = self.recipe.bilevel
         if cfg.critic.kind == "mc":
-            return MCCritic(cfg.gamma)
+            return MCCritic(cfg.gamma, self.world)
         head = VocabQHead(self.model.get_output_embeddings().weight, self.policy.feature_dim)
-        return TDCritic(self.policy.state_features, head, cfg.gamma, cfg.critic, self.generator)
+        return TDCritic(self.policy.state_features, head, cfg.gamma, cfg.critic, self.generator, self.world)
 
     # -- what arrives during a step ------------------------------------------------------------------
     def record_pairs(self, pairs: PreferencePairs, meta: dict) -> None:
-        self.preferences.append(pair_records(pairs, meta))
+        # every process's pairs, in the order of the whole batch; only the main process writes
+        self.preferences.append(sum(self.world.gather(pair_records(pairs, meta)), []))
+
+    def tokens_generated(self) -> int:
+        """Tokens sampled by every process together: each counts the rows it drew."""
+        (total,) = self.world.sum([torch.tensor(self.policy.tokens_generated)])
+        return int(total)
 
     def log_inner(self, k: int, metrics: dict[str, float]) -> None:
-        metrics["tokens/generated"] = float(self.policy.tokens_generated)
+        metrics["tokens/generated"] = float(self.tokens_generated())
         self.tracker.log(metrics, step=self.bilevel.t * self.recipe.bilevel.inner_steps + k + 1, phase="inner")
 
     # -- evaluation ----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, adapter: str | None) -> dict:
         """Two responses to each of `eval_pairs` held-out prompts: the oracle's verdicts against the
-        reward model's (agreement, on pairs that never enter training) and the mean gold score."""
+        reward model's (agreement, on pairs that never enter training) and the mean gold score.
+
+        Each process samples and scores its shard; the main process asks the oracle about the
+        whole batch and alone returns the result (the others return an empty dict).
+        """
         n = self.recipe.train.eval_pairs
         prompts = [self.eval_prompts[i % len(self.eval_prompts)] for i in range(n)]
         doubled = [p for p in prompts for _ in range(2)]
         generator = torch.Generator().manual_seed(self.recipe.train.seed + EVAL_SEED_OFFSET)
         with self.policy.adapter(adapter):
-            rollout = self.policy.sample(doubled, generator)
-        pairs = consecutive_pairs(rollout)
-        prob = self.oracle.compare(prompts, rollout.responses[0::2], rollout.responses[1::2]).float()
+            rollout = self.policy.sample(doubled, generator, rows=self.world.shard(2 * n))
+        margins = self.world.cat(est.pair_margins(self.reward.token_rewards(rollout), consecutive_pairs(rollout)))
+        (kl,) = self.world.mean([est.kl_to_reference(rollout)])
+        responses = sum(self.world.gather(rollout.responses), [])
         self.eval_oracle_pairs += n
-        margins = est.pair_margins(self.reward.token_rewards(rollout), pairs)
-        decided = prob != 0.5
-        result = {"prompts": prompts, "responses": rollout.responses[0::2]}
-        if decided.any():
-            # a tied margin is a coin flip: half right
-            agree = (torch.sign(margins) * torch.sign(prob - 0.5) + 1) / 2
-            result["eval/agreement"] = agree[decided].mean().item()
+        if not self.world.is_main:
+            return {}
+        prob = self.oracle.compare(prompts, responses[0::2], responses[1::2]).float()
+        result = {"prompts": prompts, "responses": responses[0::2]}
+        agree = agreement(margins, prob)
+        if len(agree):
+            result["eval/agreement"] = agree.mean().item()
         if hasattr(self.oracle, "score"):
-            result["gold/score"] = self.oracle.score(doubled, rollout.responses).mean().item()
-        result["eval/kl"] = est.kl_to_reference(rollout).item()
+            result["gold/score"] = self.oracle.score(doubled, responses).mean().item()
+        result["eval/kl"] = kl.item()
         return result
 
     def eval_metrics(self) -> dict[str, float]:
@@ -157,9 +174,13 @@ class Trainer:
         return metrics
 
     # -- the loop ------------------------------------------------------------------------------------
-    def fit(self) -> Summary:
-        """Runs outer steps up to `bilevel.outer_steps`, from wherever the trainer stands."""
+    def fit(self) -> Summary | None:
+        """Runs outer steps up to `bilevel.outer_steps`, from wherever the trainer stands; returns
+        the summary on the main process, None on the others."""
         cfg, train = self.recipe.bilevel, self.recipe.train
+        # every process has read the run folder (the check for an existing run, a resume's
+        # recipe and checkpoint) before the main process writes into it
+        self.world.barrier()
         self.write_run_files()
         with self.tracker:
             bar = self.tracker.progress(total=cfg.outer_steps, initial=self.bilevel.t)
@@ -167,20 +188,35 @@ class Trainer:
                 self.tracker.log(self.eval_metrics(), step=0, phase="outer")
             while self.bilevel.t < cfg.outer_steps:
                 start = time.perf_counter()
-                metrics = self.bilevel.outer_step()
+                try:
+                    metrics = self.bilevel.outer_step()
+                except NonFiniteError as error:
+                    raise NonFiniteError(self.stopped(error)) from None
                 t = self.bilevel.t
                 if t % train.eval_every == 0 or t == cfg.outer_steps:
                     metrics.update(self.eval_metrics())
                 self.elapsed += time.perf_counter() - start
-                metrics.update({"outer_step": float(t), "tokens/generated": float(self.policy.tokens_generated), "time/elapsed_s": self.elapsed})
+                metrics.update({"outer_step": float(t), "tokens/generated": float(self.tokens_generated()), "time/elapsed_s": self.elapsed})
+                metrics["dist/world_size"] = float(self.world.size)
                 self.tracker.log(metrics, step=t * cfg.inner_steps, phase="outer")
                 self.tracker.show(metrics)
                 bar.update(1)
                 if t % train.save_every == 0 or t == cfg.outer_steps:
                     self.save()
         summary = self.summary()
+        if not self.world.is_main:
+            return None
         (self.run_dir / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=1, ensure_ascii=False), encoding="utf-8")
         return summary
+
+    def stopped(self, error: NonFiniteError) -> str:
+        """Why the run stopped, and where to go on from: the newest checkpoint, whose weights are all finite."""
+        newest = latest_checkpoint(self.run_dir)
+        start = f"the newest good checkpoint is {newest}" if newest else "no checkpoint was saved yet"
+        return (
+            f"{error} (train.max_bad_steps={self.recipe.train.max_bad_steps}); {start}: lower the step sizes "
+            f"(bilevel.policy_step.lr, bilevel.reward_step.lr, bilevel.critic.lr) and continue with --resume {self.run_dir}"
+        )
 
     def summary(self) -> Summary:
         final = self.last_eval or {}
@@ -192,7 +228,7 @@ class Trainer:
         return Summary(
             outer_steps=self.bilevel.t,
             oracle_pairs=self.bilevel.oracle_pairs,
-            tokens_generated=self.policy.tokens_generated,
+            tokens_generated=self.tokens_generated(),
             seconds=self.elapsed,
             gold_reference=reference.get("gold/score"),
             gold_final=final.get("gold/score"),
@@ -202,9 +238,19 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def write_run_files(self) -> None:
+        if not self.world.is_main:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe_dict(self.recipe), sort_keys=False), encoding="utf-8")
-        (self.run_dir / RUN_FILE).write_text(json.dumps({"base_dir": str(self.base_dir.resolve())}), encoding="utf-8")
+        cfg, n = self.recipe.bilevel, self.world.size
+        # the recipe's batch sizes are global; each process draws this share of them
+        shard = {
+            "trajectories_per_step": cfg.trajectories_per_step // n,
+            "pairs_per_step": cfg.pairs_per_step // n,
+            "eval_pairs": self.recipe.train.eval_pairs // n,
+        }
+        run = {"base_dir": str(self.base_dir.resolve()), "world_size": n, "per_process": shard}
+        (self.run_dir / RUN_FILE).write_text(json.dumps(run), encoding="utf-8")
 
     def adapter_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
         return {key: p.detach() for key, p in self.model.named_parameters() if f".{adapter}." in key}
@@ -216,7 +262,7 @@ class Trainer:
             "reward": self.reward.state_dict(),
             "critics": {name: critic.state_dict() for name, critic in self.bilevel.critics.items()},
             "generator": self.generator.get_state(),
-            "tokens_generated": self.policy.tokens_generated,
+            "tokens_generated": self.tokens_generated(),
             "preferences": len(self.preferences),
             "eval_oracle_pairs": self.eval_oracle_pairs,
             "elapsed": self.elapsed,
@@ -225,9 +271,14 @@ class Trainer:
             "recipe": recipe_dict(self.recipe),
         }
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
+        """The checkpoint of this step, written by the main process (every process holds the same
+        state, but the token counters must be summed by all of them)."""
+        state = self.state_dict()
+        if not self.world.is_main:
+            return None
         return save_checkpoint(
-            self.run_dir, self.bilevel.t, self.state_dict(),
+            self.run_dir, self.bilevel.t, state,
             write_extra=lambda folder: self.model.save_pretrained(folder / "adapters"),
             keep=self.recipe.train.keep,
         )
@@ -243,7 +294,8 @@ class Trainer:
         for name, critic in self.bilevel.critics.items():
             critic.load_state_dict(state["critics"][name])
         self.generator.set_state(state["generator"])
-        self.policy.tokens_generated = state["tokens_generated"]
+        # the processes' counters add up to the run's total
+        self.policy.tokens_generated = state["tokens_generated"] if self.world.is_main else 0
         self.eval_oracle_pairs = state["eval_oracle_pairs"]
         self.elapsed = state["elapsed"]
         self.reference, self.last_eval = state["reference"], state["last_eval"]
@@ -251,33 +303,55 @@ class Trainer:
         self.preferences.truncate(state["preferences"])
 
 
-def single_process() -> None:
-    """Several processes would each run the whole loop and write the same files."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        raise ConfigError(f"WORLD_SIZE={world}: train runs in one process for now; start it without accelerate launch")
+def check_shards(recipe: Recipe, world: World) -> None:
+    """Every global batch must split into equal shards: the mean of the per-process estimates is
+    the estimate over the whole batch only when each process holds as many rows."""
+    cfg = recipe.bilevel
+    sizes = {
+        "bilevel.trajectories_per_step": cfg.trajectories_per_step,
+        "bilevel.pairs_per_step": cfg.pairs_per_step,
+        "train.eval_pairs": recipe.train.eval_pairs,
+    }
+    if cfg.critic.kind == "td":
+        sizes["bilevel.critic.batch_size"] = cfg.critic.batch_size
+    for name, n in sizes.items():
+        if n % world.size:
+            raise ConfigError(f"{name}: {n} does not split evenly over {world.size} processes; use a multiple of {world.size}")
 
 
-def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary:
-    """A fresh run of `recipe` in `run_dir`; refuses a folder that already holds a run."""
-    single_process()
+def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary | None:
+    """A fresh run of `recipe` in `run_dir`; refuses a folder that already holds a run. Under
+    `accelerate launch` every process calls it; the main one returns the summary, the others None."""
+    world = launched_world()
     if (run_dir / RECIPE_FILE).exists():
         raise ConfigError(f"--output-dir: {run_dir} already holds a run; continue it with --resume {run_dir}, or pick another folder")
-    return Trainer(recipe, run_dir, base_dir).fit()
+    return Trainer(recipe, run_dir, base_dir, world).fit()
 
 
-def resume(run_dir: Path, overrides: list[str] = ()) -> Summary:
-    """Continues the run in `run_dir` from its newest sound checkpoint (from the start if it has none)."""
-    single_process()
+def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] = lambda message: None) -> Summary | None:
+    """Continues the run in `run_dir` from its newest sound checkpoint (from the start if it has
+    none), with as many processes as it is started with now."""
+    world = launched_world()
     if not (run_dir / RECIPE_FILE).is_file():
         raise ConfigError(f"--resume: {run_dir} holds no run ({RECIPE_FILE} missing)")
     recipe = parse_recipe(read_yaml(run_dir / RECIPE_FILE), overrides)
-    base_dir = Path(json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["base_dir"])
-    trainer = Trainer(recipe, run_dir, base_dir)
-    checkpoint = latest_checkpoint(run_dir)
+    text = read_text(run_dir / RUN_FILE, "--resume")
+    try:
+        base_dir = Path(json.loads(text)["base_dir"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"--resume: {run_dir / RUN_FILE} is damaged; it should read {{\"base_dir\": \"<the recipe's folder>\"}}") from None
+    trainer = Trainer(recipe, run_dir, base_dir, world)
+    report = log if world.is_main else (lambda message: None)
+    checkpoint = latest_checkpoint(run_dir, on_skip=lambda message: report(f"warning: {message}"))
     if checkpoint is not None:
-        trainer.load_state_dict(load_checkpoint(checkpoint))
+        state = load_checkpoint(checkpoint)
+        try:
+            trainer.load_state_dict(state)
+        except KeyError as error:
+            raise CheckpointError(f"{checkpoint}: its state has no {error} (written by another version of rlhf-bilevel?)") from None
+        report(f"resuming {run_dir} from {checkpoint.name} (outer step {trainer.bilevel.t} of {recipe.bilevel.outer_steps})")
     else:  # killed before its first checkpoint: start over, keeping no half-logged step
+        report(f"{run_dir} has no checkpoint to resume from: starting the run over")
         trainer.tracker.truncate_after(-1)
         trainer.preferences.truncate(0)
     return trainer.fit()

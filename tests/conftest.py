@@ -16,6 +16,17 @@ def float64():
     torch.set_default_dtype(previous)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: a tiny model gains nothing from threads (OpenMP spinning makes it
+    crawl on a busy machine), and runs in this process then compute bit for bit as a subprocess with
+    OMP_NUM_THREADS=1 does."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture
 def testbed(float64):
     return Testbed(TestbedConfig(prompts=3, vocab=4, horizon=3, reward_hidden=4, seed=0), beta=0.5, gamma=0.9, loss="bt_nll")

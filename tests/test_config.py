@@ -26,3 +26,19 @@ def test_nested_build_and_overrides():
     assert cfg.pairs_per_outer_step == cfg.pairs_per_step * (cfg.inner_steps + 1)
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides({}, ["sigma"])
+
+
+def test_exponent_floats_read_as_numbers_and_out_of_range_numbers_are_refused():
+    # YAML 1.1 reads 1e-4 (no dot) as a string; a user means the number
+    cfg = build(BilevelConfig, apply_overrides({}, ["sigma=1e-4", "beta=2E1"]))
+    assert cfg.sigma == 1e-4 and cfg.beta == 20.0
+    with pytest.raises(ConfigError, match=r"^sigma: must be a finite number"):
+        build(BilevelConfig, {"sigma": 1e308})  # beyond float32, what the run computes in
+    with pytest.raises(ConfigError, match=r"^sigma: must be a finite number"):
+        build(BilevelConfig, {"sigma": 10**400})  # float() of this int would raise OverflowError
+    with pytest.raises(ConfigError, match=r"^outer_steps: must be a whole number from 0 to 2\*\*63 - 1, got -1$"):
+        build(BilevelConfig, {"outer_steps": -1})
+    with pytest.raises(ConfigError, match=r"^critic\.batch_size: must be > 0"):
+        build(BilevelConfig, {"critic": {"batch_size": 0}})
+    with pytest.raises(ConfigError, match=r"… \(\d+ characters\)$"):
+        build(BilevelConfig, {"sigma": "x" * 10_000})  # a quoted value is cut: the error stays one readable line

@@ -7,6 +7,7 @@ import torch
 from datasets import Value, load_dataset
 from trl.data_utils import is_conversational, maybe_extract_prompt
 
+from rlhf_bilevel.checkpoint import CheckpointError
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.types import PreferencePairs, Rollout
 
@@ -79,7 +80,7 @@ def test_append_len_truncate_and_reopen(tmp_path):
     log.append([{"i": 30}])
     assert [json.loads(line)["i"] for line in path.read_text().splitlines()] == [0, 1, 2, 30]
     assert len(log) == 4
-    with pytest.raises(ValueError, match="at least 9"):
+    with pytest.raises(CheckpointError, match="the checkpoint counted 9"):
         log.truncate(9)
 
 

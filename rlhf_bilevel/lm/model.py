@@ -20,8 +20,9 @@ from typing import Literal
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
-from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.types import ADAPTERS, LAMBDA
 
@@ -45,6 +46,11 @@ class AdapterConfig:
     alpha: int = 32
     dropout: float = 0.0  # dropout makes log π stochastic; keep 0 for exact score-function gradients
     target_modules: tuple[str, ...] = ("all-linear",)
+
+    def __post_init__(self) -> None:
+        positive(self, "r", "alpha")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout}")
 
 
 def cache_dir() -> Path:
@@ -98,7 +104,9 @@ def converted_gguf(gguf: Path) -> Path:
 
 def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The frozen base model (eval mode, no gradients) and its tokenizer, from local files only
-    unless `name` is a hub id."""
+    unless `name` is a hub id. Loading is quiet: the command's own progress bar is the one to watch."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     dtype = DTYPES[cfg.dtype]
     if cfg.name == "tiny":
         model, tokenizer = tiny.build()
@@ -106,8 +114,9 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     source, local = resolve(cfg.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=cfg.trust_remote_code)
+        # safetensors only: a pickled .bin checkpoint can run code when it is loaded
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype, local_files_only=local, trust_remote_code=cfg.trust_remote_code
+            source, dtype=dtype, local_files_only=local, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
         )
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
-from transformers import GenerationConfig, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
 
@@ -26,6 +26,8 @@ from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
 class RolloutConfig:
     max_new_tokens: int = 32  # the horizon H
     max_prompt_tokens: int = 256  # longer prompts are cut from the left, keeping their end
+    autocast: bool = False  # bf16 autocast of every scoring forward, adapters included (CPUs with avx512_bf16, GPUs)
+    gradient_checkpointing: bool = False  # recompute the trunk's activations in the backward of log π: memory for time
 
 
 @dataclass
@@ -49,15 +51,15 @@ class LMPolicy(AdapterSwitch):
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.active: str | None = LAMBDA
         self.tokens_generated = 0
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         # generate() fills every field its config leaves unset from the model's own defaults
         # (a hub model's repetition_penalty, suppress_tokens …), which would sample from
         # something other than the π_λ that log_probs scores: the model gets neutral defaults
         model.get_base_model().generation_config = GenerationConfig(eos_token_id=self.eos, pad_token_id=self.pad)
+        # greedy on the scores of `InverseCDF`, which has already drawn the token from softmax(logits)
         self.generation = GenerationConfig(
-            do_sample=True,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
+            do_sample=False,
             max_new_tokens=cfg.max_new_tokens,
             eos_token_id=self.eos,
             pad_token_id=self.pad,
@@ -108,24 +110,37 @@ class LMPolicy(AdapterSwitch):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int, hidden: bool = False):
         # positions count real tokens only, as generate() does for left-padded prompts
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        with self._activated():
-            return self.model(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                logits_to_keep=logits_to_keep,
-                output_hidden_states=hidden,
-                use_cache=False,
-            )
+        autocast = torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.cfg.autocast)
+        with self._activated(), autocast:
+            # transformers checkpoints layers in training mode only; with no dropout the mode changes nothing else
+            self.model.train(self.cfg.gradient_checkpointing and torch.is_grad_enabled())
+            try:
+                return self.model(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    position_ids=position_ids,
+                    logits_to_keep=logits_to_keep,
+                    output_hidden_states=hidden,
+                    use_cache=False,
+                )
+            finally:
+                self.model.eval()
 
     @torch.no_grad()
-    def sample(self, prompts: Sequence[str], generator: torch.Generator) -> Rollout:
+    def sample(self, prompts: Sequence[str], generator: torch.Generator, rows: slice = slice(None)) -> Rollout:
+        """One response per prompt; with `rows`, only those rows of the batch (one process's shard),
+        each with the very tokens it gets when the whole batch is drawn at once: the batch is padded
+        and its random numbers drawn as a whole, and row i reads only its own."""
         prompt_ids, prompt_mask = self.encode(prompts)
-        n, prompt_len, horizon = len(prompts), prompt_ids.shape[1], self.cfg.max_new_tokens
-        seed = int(torch.randint(2**62, (1,), generator=generator))
-        with torch.random.fork_rng(devices=[]), self._activated():
-            torch.manual_seed(seed)  # generate() draws from the global generator
-            out = self.model.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation)
+        horizon = self.cfg.max_new_tokens
+        uniforms = torch.rand(len(prompts), horizon, generator=generator, dtype=torch.float64)[rows]
+        prompts, prompt_ids, prompt_mask = list(prompts)[rows], prompt_ids[rows], prompt_mask[rows]
+        n, prompt_len = len(prompts), prompt_ids.shape[1]
+        with self._activated():
+            out = self.model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation,
+                logits_processor=LogitsProcessorList([InverseCDF(uniforms, prompt_len)]),
+            )
         tokens = torch.full((n, horizon), self.pad, dtype=torch.long)
         generated = out.sequences[:, prompt_len:]
         tokens[:, : generated.shape[1]] = generated
@@ -166,3 +181,24 @@ class LMPolicy(AdapterSwitch):
 
     def state_features(self, rollout: Rollout) -> Tensor:
         return rollout.context.features
+
+
+class InverseCDF(LogitsProcessor):
+    """Draws token h of row i from softmax(logits) by inverting its CDF at the uniform u[i, h]:
+    token k where cdf(k − 1) ≤ u·cdf(V) < cdf(k), which has probability π(k) exactly (up to
+    float64 rounding), and returns scores whose argmax is that token.
+
+    One uniform per row and step, drawn up front, rather than generate()'s multinomial on a
+    stream shared by the batch: a row's tokens depend on its own logits and uniforms only,
+    not on which other rows it is batched with.
+    """
+
+    def __init__(self, uniforms: Tensor, prompt_len: int):
+        self.uniforms, self.prompt_len = uniforms, prompt_len
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        h = input_ids.shape[1] - self.prompt_len
+        cdf = F.softmax(scores.double(), -1).cumsum(-1)
+        u = self.uniforms[:, h : h + 1].to(cdf.device) * cdf[:, -1:]
+        token = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, -torch.inf).scatter_(-1, token, 0.0)

@@ -37,7 +37,7 @@ def reward_model_oracle(cfg: OracleConfig) -> ScoredOracle:
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, dtype=DTYPES[cfg.dtype], local_files_only=local, output_loading_info=True
+            source, dtype=DTYPES[cfg.dtype], local_files_only=local, output_loading_info=True, use_safetensors=True
         )
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

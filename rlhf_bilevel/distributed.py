@@ -1,0 +1,129 @@
+"""The processes of a run: one, or N started by `accelerate launch` (or torchrun), as one `World`.
+
+A run of N processes is the run of one process with the same global batch, split: every
+batch size of a recipe is global, process r draws rows [r·n/N, (r+1)·n/N) of each batch,
+and every gradient is the mean of the N per-shard estimates, which with equal shards is
+the estimate over the whole batch. What makes the N shards the rows of the SAME batch:
+every process holds the same random generator and draws the random numbers of the whole
+batch from it (prompts, sampling uniforms, labels, replay indices), then uses its rows.
+So the algorithm never branches on the number of processes; it hands a few values to the
+`World` (a mean of gradients, a gather of strings) and gets the global ones back.
+
+Placement stays on the CPU (gloo): the processes exchange CPU tensors.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from accelerate import PartialState
+from torch import Tensor
+
+
+class World:
+    """One process: every collective is the identity. `ProcessGroup` is the same API across N processes."""
+
+    size = 1
+    rank = 0
+
+    @property
+    def is_main(self) -> bool:
+        """The process that queries the oracle and writes every file of the run."""
+        return self.rank == 0
+
+    def shard(self, n: int) -> slice:
+        """This process's rows of a global batch of n (the run checks that every batch splits evenly)."""
+        if n % self.size:
+            raise ValueError(f"a batch of {n} does not split evenly over {self.size} processes")
+        part = n // self.size
+        return slice(self.rank * part, (self.rank + 1) * part)
+
+    def sum(self, tensors: list[Tensor]) -> list[Tensor]:
+        """Elementwise sums over the processes."""
+        return tensors
+
+    def mean(self, tensors: list[Tensor]) -> list[Tensor]:
+        """The mean of each tensor over the processes: of per-shard estimates, the whole-batch estimate."""
+        if self.size == 1:
+            return tensors
+        return [t / self.size for t in self.sum(tensors)]
+
+    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Per-shard means of the batch (J, KL, loss) as means over the whole batch; values
+        that every process already shares (step norms, counters) come back unchanged."""
+        if self.size == 1:
+            return metrics
+        names = sorted(metrics)
+        (values,) = self.mean([torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64)])
+        return dict(zip(names, values.tolist()))
+
+    def cat(self, tensor: Tensor) -> Tensor:
+        """Every process's tensor, concatenated along dim 0 in rank order (the rows of the global batch)."""
+        return tensor
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every process's `value` (picklable), in rank order, on every process."""
+        return [value]
+
+    def broadcast(self, value: Any) -> Any:
+        """The main process's `value` on every process (what the others pass is ignored)."""
+        return value
+
+    def barrier(self) -> None:
+        """Waits until every process gets here."""
+
+
+class ProcessGroup(World):
+    """The processes of the default torch.distributed group."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+    def sum(self, tensors: list[Tensor]) -> list[Tensor]:
+        # one flat buffer, one all-reduce: an adapter has hundreds of small tensors
+        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        dist.all_reduce(flat)
+        out, start = [], 0
+        for t in tensors:
+            out.append(flat[start : start + t.numel()].reshape(t.shape).to(t.dtype))
+            start += t.numel()
+        return out
+
+    def cat(self, tensor: Tensor) -> Tensor:
+        sizes = [torch.zeros((), dtype=torch.long) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor(tensor.shape[0]))
+        longest = int(max(sizes))
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded.contiguous())
+        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+
+    def gather(self, value: Any) -> list[Any]:
+        values: list[Any] = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
+
+    def broadcast(self, value: Any) -> Any:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+
+def launched_world() -> World:
+    """The processes this one was started with: itself alone, or (WORLD_SIZE > 1, as `accelerate
+    launch` and torchrun set it) the group that accelerate's `PartialState` joins over gloo."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return World()
+    state = PartialState(cpu=True)
+    # left to the interpreter's shutdown, gloo's threads can outlive it and abort the process
+    atexit.register(dist.destroy_process_group)
+    return ProcessGroup(state.process_index, state.num_processes)
+

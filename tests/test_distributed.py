@@ -1,0 +1,233 @@
+"""Two processes equal one: a run split over processes is the run of one process with the same global batch.
+
+The end-to-end test launches the tiny recipe with `accelerate launch` (two CPU processes over
+gloo) and with one plain process, and compares everything a user reads. The pieces under it
+are checked on their own: a shard of a sampled batch, and the collectives, the critics and
+the leave-one-out baseline in a two-process gloo group spawned by the test.
+
+Tolerances: the two runs differ only in how float32 sums are split (per-shard estimates
+averaged instead of one sum over the batch), about 1e-7 relative per operation; a few Adam
+steps amplify that, so metrics are compared to 1e-3 relative (1e-5 absolute) and adapter
+weights to 1e-4 absolute. Everything discrete (sampled tokens, oracle labels, replay
+indices) must be equal exactly, and so must the preference log.
+"""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from rlhf_bilevel import estimators as est
+from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, TDCritic
+from rlhf_bilevel.distributed import ProcessGroup, World
+from rlhf_bilevel.types import ADAPTERS, Rollout
+
+# the model and recipe modules (transformers, peft) are imported inside the tests that use them:
+# the processes spawned by the last test import this module, and need none of them
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "recipes" / "tiny-debug.yaml"
+SETTINGS = ["bilevel.outer_steps=2", "train.save_every=2", "train.tensorboard=false"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(out: Path, processes: int) -> subprocess.Popen:
+    args = ["train", "--recipe", str(TINY), "--output-dir", str(out)]
+    for setting in SETTINGS:
+        args += ["--set", setting]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        command = [sys.executable, "-m", "rlhf_bilevel_cli.app", *args]
+    else:
+        # `--cpu --num_processes 2` starts ONE process in accelerate 1.15; this starts two on the CPU
+        env["ACCELERATE_USE_CPU"] = "true"
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+            "-m", "rlhf_bilevel_cli.app", *args,
+        ]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=out.parent)
+
+
+def records(run_dir: Path, name: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / name).read_text().splitlines()]
+
+
+def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
+    """The tiny recipe under `accelerate launch` with 2 processes logs the same metrics, labels the same
+    pairs once each, and ends with the same adapters as one process; only the main process writes."""
+    runs = {n: tmp_path / f"world-{n}" for n in (1, 2)}
+    started = {n: launch(out, n) for n, out in runs.items()}  # side by side: the machine has two cores
+    results = {n: process.communicate(timeout=300) for n, process in started.items()}
+    for n, (stdout, stderr) in results.items():
+        assert started[n].returncode == 0, stderr[-3000:]
+        assert stdout.count("gold score on held-out prompts") == 1, stdout  # one summary, from the main process
+    one, two = runs[1], runs[2]
+    run = json.loads((two / "run.json").read_text())
+    assert run["world_size"] == 2 and run["per_process"] == {"trajectories_per_step": 2, "pairs_per_step": 2, "eval_pairs": 2}
+    assert json.loads((one / "run.json").read_text())["world_size"] == 1
+
+    metrics_one, metrics_two = records(one, "metrics.jsonl"), records(two, "metrics.jsonl")
+    assert [(r["phase"], r["step"]) for r in metrics_two] == [(r["phase"], r["step"]) for r in metrics_one]
+    outer = [r for r in metrics_two if r["phase"] == "outer" and r["step"] > 0]
+    assert outer and all(r["dist/world_size"] == 2 for r in outer)
+    for a, b in zip(metrics_one, metrics_two):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if key.startswith("time/") or key == "dist/world_size" or not isinstance(value, float):
+                continue
+            assert math.isclose(value, b[key], rel_tol=1e-3, abs_tol=1e-5), (a["phase"], a["step"], key, value, b[key])
+    # the global counters: every pair once, every token once
+    assert records(two, "preferences.jsonl") == records(one, "preferences.jsonl")
+    summary_one, summary_two = (json.loads((run / "summary.json").read_text()) for run in (one, two))
+    for key in ("oracle_pairs", "tokens_generated", "gold_reference", "gold_final", "agreement", "examples"):
+        assert summary_two[key] == summary_one[key], key
+
+    final = "checkpoint-000002"
+    for adapter in ADAPTERS:
+        weights_one = load_file(one / final / "adapters" / adapter / "adapter_model.safetensors")
+        weights_two = load_file(two / final / "adapters" / adapter / "adapter_model.safetensors")
+        assert weights_one.keys() == weights_two.keys()
+        moved = max(w.abs().max().item() for k, w in weights_one.items() if "lora_B" in k)
+        assert moved > 1e-2, "training left the adapter where it started: nothing was compared"
+        for key, w in weights_one.items():
+            torch.testing.assert_close(weights_two[key], w, atol=1e-4, rtol=0)
+
+
+# -- a shard of a sampled batch ----------------------------------------------------------------------
+PROMPTS = ["the dog is", "a good day for a walk in the park", "tell me", "my neighbour said the weather was"]
+
+
+def test_a_shard_samples_exactly_its_rows_of_the_whole_batch():
+    """Rows sampled as two shards (each padded as the whole batch is, each with its own random numbers)
+    equal the rows of the whole batch: tokens exactly, log-probabilities to float error."""
+    from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig, load_base, with_adapters
+    from rlhf_bilevel.lm.policy import LMPolicy, RolloutConfig
+
+    model, tokenizer = load_base(ModelConfig(name="tiny"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        peft_model = with_adapters(model, AdapterConfig(r=4, alpha=8))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # away from π_ref, so that the adapter takes part in the sampling
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(1))
+    policy = LMPolicy(peft_model, tokenizer, RolloutConfig(max_new_tokens=6), chat_template=False)
+    prompts = PROMPTS * 2
+    whole_generator = torch.Generator().manual_seed(3)
+    whole = policy.sample(prompts, whole_generator)
+    for rows in (slice(0, 4), slice(4, 8), slice(2, 3)):
+        generator = torch.Generator().manual_seed(3)
+        shard = policy.sample(prompts, generator, rows=rows)
+        assert torch.equal(generator.get_state(), whole_generator.get_state())  # the generators stay in step
+        assert torch.equal(shard.tokens, whole.tokens[rows]) and shard.responses == whole.responses[rows]
+        assert shard.prompts == prompts[rows] and torch.equal(shard.mask, whole.mask[rows])
+        torch.testing.assert_close(shard.logp, whole.logp[rows], atol=1e-5, rtol=0)
+        torch.testing.assert_close(shard.context.features, whole.context.features[rows], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(shard.weight, torch.full((len(shard),), 1 / len(shard)))
+    assert len({tuple(t) for t in whole.tokens.tolist()}) > 4, "the rows should differ"
+
+
+def test_batches_that_do_not_split_evenly_are_refused_naming_the_field():
+    from rlhf_bilevel.recipe import load_recipe
+    from rlhf_bilevel.train import check_shards
+
+    recipe = load_recipe(TINY)
+    check_shards(recipe, ProcessGroup(0, 2))
+    with pytest.raises(ConfigError, match=r"^bilevel\.trajectories_per_step: 4 does not split evenly over 3 processes"):
+        check_shards(recipe, ProcessGroup(0, 3))
+    with pytest.raises(ConfigError, match=r"^bilevel\.critic\.batch_size: 9 "):
+        check_shards(load_recipe(TINY, ["bilevel.critic.batch_size=9"]), ProcessGroup(0, 2))
+
+
+# -- the collectives and the critics in a two-process gloo group -----------------------------------------
+def random_rollout(n: int, horizon: int, dim: int, seed: int) -> Rollout:
+    """Trajectories with EOS at random steps, and random state features for a critic to read."""
+    generator = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, horizon + 1, (n,), generator=generator)
+    mask = (torch.arange(horizon) < lengths[:, None]).float()
+    tokens = torch.randint(8, (n, horizon), generator=generator)
+    features = torch.randn(n, horizon + 1, dim, generator=generator)
+    zeros = torch.zeros(n, horizon)
+    return Rollout([None] * n, [None] * n, tokens, mask, zeros, zeros, torch.full((n,), 1 / n), features)
+
+
+def rows_of(rollout: Rollout, rows: slice) -> Rollout:
+    n = len(rollout.tokens[rows])
+    return replace(
+        rollout, prompts=rollout.prompts[rows], responses=rollout.responses[rows], tokens=rollout.tokens[rows],
+        mask=rollout.mask[rows], logp=rollout.logp[rows], ref_logp=rollout.ref_logp[rows],
+        weight=torch.full((n,), 1 / n), context=rollout.context[rows],
+    )
+
+
+def td_critic(world: World) -> TDCritic:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        head = QHead(4, 8, hidden=6)
+    cfg = CriticConfig(hidden=6, blocks=2, target_every=5, batch_size=8, radius=1.0)
+    return TDCritic(lambda rollout: rollout.context, head, 0.9, cfg, torch.Generator().manual_seed(2), world)
+
+
+def two_process_checks(rank: int, store: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    world, alone = ProcessGroup(rank, 2), World()
+    try:
+        # the collectives: rank order, ragged concatenation, the main process's value
+        assert world.gather(f"r{rank}") == ["r0", "r1"]
+        assert world.broadcast(rank + 5) == 5
+        assert world.cat(torch.full((rank + 1, 2), float(rank))).tolist() == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
+        (mean,) = world.mean([torch.tensor([1.0, 2.0]) * (rank + 1)])
+        assert mean.tolist() == [1.5, 3.0]
+        assert world.mean_metrics({"a": float(rank), "b": 4.0}) == {"a": 0.5, "b": 4.0}
+        assert world.shard(6) == slice(3 * rank, 3 * rank + 3)
+
+        whole = random_rollout(8, 5, 4, seed=1)
+        rows = world.shard(len(whole))
+        shard = rows_of(whole, rows)
+        shaped = torch.randn(8, 5, generator=torch.Generator().manual_seed(7)) * whole.mask
+
+        # the Monte-Carlo baseline averages the other trajectories of the WHOLE batch
+        expected = MCCritic(0.9, alone).advantages(whole, shaped, None)
+        torch.testing.assert_close(MCCritic(0.9, world).advantages(shard, shaped[rows], None), expected[rows])
+
+        # the leave-one-out baseline of ∇_λ f, from the whole batch's sum of losses
+        losses = torch.rand(8, generator=torch.Generator().manual_seed(8))
+        weight = torch.full((4,), 1 / 4)
+        (total,) = world.sum([losses[rows].sum()])
+        baseline = est.leave_one_out_baseline(losses[rows], weight, total, 8)
+        torch.testing.assert_close(baseline, est.leave_one_out_baseline(losses, torch.full((8,), 1 / 8))[rows])
+
+        # TD: the replay holds the whole batch, and the steps follow the whole minibatch's gradient
+        split, single = td_critic(world), td_critic(alone)
+        for _ in range(2):  # twice: the second fit replays the first batch too
+            diagnostics = split.fit(shard, shaped[rows])
+            single.fit(whole, shaped)
+        assert diagnostics["critic/replay"] == float(len(single.replay))
+        for p, q in zip(split.q.parameters(), single.q.parameters()):
+            torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)
+        assert any((p - c).abs().max() > 1e-2 for p, c in zip(single.q.parameters(), single.centre)), "TD did not move"
+    finally:
+        dist.destroy_process_group()
+
+
+def test_collectives_critics_and_baseline_over_two_processes_equal_one(tmp_path):
+    """In a two-process gloo group: gather/broadcast/cat/mean, the MC critic's and ∇_λ f's leave-one-out
+    baselines, and the TD critic fitted on shards equal their one-process values on the whole batch."""
+    mp.spawn(two_process_checks, args=(str(tmp_path / "store"),), nprocs=2, join=True)
