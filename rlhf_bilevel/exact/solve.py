@@ -9,6 +9,7 @@ Also the exact `RolloutSource` and critic, so Algorithm 1 can run on exact gradi
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -93,10 +94,15 @@ def upper(problem: Problem, logp: Tensor, rewards: Tensor) -> Tensor:
     return total
 
 
-def phi(problem: Problem, reward: ExactReward) -> Tensor:
-    """Φ(φ) = f(φ, λ*(φ)), differentiable in φ through the soft-optimal policy."""
+def weight_decay(reward: ExactReward, decay: float) -> Tensor:
+    """ρ/2 ‖φ‖²: the term the reward's step adds to the upper objective (StepConfig.weight_decay)."""
+    return decay / 2 * sum((p**2).sum() for p in reward.parameters())
+
+
+def phi(problem: Problem, reward: ExactReward, decay: float = 0.0) -> Tensor:
+    """Φ(φ) = f(φ, λ*(φ)) (+ ρ/2 ‖φ‖²), differentiable in φ through the soft-optimal policy."""
     rewards = reward.node_rewards()
-    return upper(problem, soft_optimal(problem, rewards), rewards)
+    return upper(problem, soft_optimal(problem, rewards), rewards) + weight_decay(reward, decay)
 
 
 def penalty_policy(problem: Problem, rewards: Tensor, sigma: float, steps: int = 300) -> Tensor:
@@ -116,29 +122,37 @@ def penalty_policy(problem: Problem, rewards: Tensor, sigma: float, steps: int =
     return torch.log_softmax(logits.detach(), -1)
 
 
-def penalty_value(problem: Problem, reward: ExactReward, sigma: float) -> Tensor:
-    """L_σ(φ) = f(φ, λ_σ) + (J*(φ) − J(λ_σ, φ)) / σ (ALGORITHM.md, penalty reformulation)."""
+def penalty_value(problem: Problem, reward: ExactReward, sigma: float, decay: float = 0.0) -> Tensor:
+    """L_σ(φ) = f(φ, λ_σ) + (J*(φ) − J(λ_σ, φ)) / σ (+ ρ/2 ‖φ‖²) (ALGORITHM.md, penalty reformulation).
+
+    λ* and λ_σ enter detached: both maximise in λ, so by the envelope theorem the gradient in
+    φ of this expression is ∇L_σ itself.
+    """
     rewards = reward.node_rewards()
     star = soft_optimal(problem, rewards.detach())
     lam_sigma = penalty_policy(problem, rewards, sigma)
-    return upper(problem, lam_sigma, rewards) + (
-        objective(problem, star, rewards) - objective(problem, lam_sigma, rewards)
-    ) / sigma
+    return (
+        upper(problem, lam_sigma, rewards)
+        + (objective(problem, star, rewards) - objective(problem, lam_sigma, rewards)) / sigma
+        + weight_decay(reward, decay)
+    )
 
 
-def flat_grad(value: Tensor, reward: ExactReward) -> Tensor:
-    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, reward.parameters())])
+def minimise(reward: ExactReward, loss: Callable[[ExactReward], Tensor], max_iter: int = 1000) -> float:
+    """Exact L-BFGS on the reward's weights, in place, from where they are; returns the final loss."""
+    optimizer = torch.optim.LBFGS(
+        reward.parameters(), lr=1, max_iter=max_iter, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
 
-
-def minimise_phi(problem: Problem, reward: ExactReward, steps: int, lr: float = 0.05) -> float:
-    """Exact descent on Φ (Adam) from the reward's current weights; returns the final Φ."""
-    optimizer = torch.optim.Adam(reward.parameters(), lr=lr)
-    for _ in range(steps):
+    def closure() -> Tensor:
         optimizer.zero_grad()
-        phi(problem, reward).backward()
-        optimizer.step()
+        value = loss(reward)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
     with torch.no_grad():
-        return phi(problem, reward).item()
+        return loss(reward).item()
 
 
 class ExactRollouts:
@@ -185,6 +199,12 @@ class ExactCritic:
 
     def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
         return {}
+
+    def state_dict(self) -> dict:  # nothing is learnt: Q is recomputed from the policy each time
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
         return advantages(self.q_values(rollout), log_probs, rollout)

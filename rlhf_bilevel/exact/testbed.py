@@ -17,6 +17,8 @@ from rlhf_bilevel.sampling import SampledRollouts
 
 @dataclass(frozen=True)
 class TestbedConfig:
+    __test__ = False  # not a pytest class
+
     prompts: int = 3
     vocab: int = 4
     horizon: int = 3
