@@ -201,8 +201,10 @@ def measure_online_dpo(recipe: Recipe, base_dir: Path) -> dict:
     return {"seconds": result.seconds, "pairs": result.oracle_pairs, "tokens": result.tokens_generated}
 
 
-def worker(config: str, recipe_path: Path, overrides: list[str], repeats: int, warmup: int) -> dict[str, dict]:
+def worker(config: str, recipe_path: Path, overrides: list[str], repeats: int, warmup: int, threads: int | None = None) -> dict[str, dict]:
     """Measures one worker's configurations in this process, with the process's peak RSS."""
+    if threads:
+        torch.set_num_threads(threads)
     recipe = load_recipe(recipe_path, overrides)
     base_dir = recipe_path.resolve().parent
     if config == "floors":
@@ -214,11 +216,12 @@ def worker(config: str, recipe_path: Path, overrides: list[str], repeats: int, w
     return {config: {**result, "peak_rss_mb": peak_rss_mb()}}
 
 
-def run_worker(config: str, recipe_path: Path, overrides: list[str], repeats: int, warmup: int) -> dict[str, dict]:
+def run_worker(config: str, recipe_path: Path, overrides: list[str], repeats: int, warmup: int, threads: int | None = None) -> dict[str, dict]:
     """`worker` in a fresh interpreter, so that its peak memory is its own."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [sys.executable, "-m", "rlhf_bilevel.bench", "--worker", config, "--recipe", str(recipe_path),
                    "--repeats", str(repeats), "--warmup", str(warmup), "--result", out.name]
+        command += ["--threads", str(threads)] if threads else []
         command += [arg for override in overrides for arg in ("--set", override)]
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
@@ -262,25 +265,27 @@ def phase_table(phases: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> dict:
+def machine(threads: int | None) -> dict:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": threads or torch.get_num_threads(),
         "torch": torch.__version__,
         "load_average": os.getloadavg(),
     }
 
 
 def run_benchmark(recipe_path: Path, overrides: list[str], out: Path, repeats: int = 2, warmup: int = 0,
-                  log: Callable[[str], None] = print) -> dict:
-    """Every configuration in turn, each in its own process; writes `out` (bench.json) and returns its content."""
+                  log: Callable[[str], None] = print, threads: int | None = None) -> dict:
+    """Every configuration in turn, each in its own process (with `threads` torch threads, default
+    torch's own); writes `out` (bench.json) and returns its content."""
     recipe = load_recipe(recipe_path, overrides)  # a bad recipe or override fails here, before any worker starts
+    started = os.getloadavg()
     results = {}
     for config in WORKERS:
         log(f"measuring {config} ...")
-        results.update(run_worker(config, recipe_path, overrides, repeats, warmup))
+        results.update(run_worker(config, recipe_path, overrides, repeats, warmup, threads))
     rows = summarise(results)
     phases = {k: results[k]["phases"] for k in ("bilevel", "alternating")}
     report = {
@@ -290,7 +295,7 @@ def run_benchmark(recipe_path: Path, overrides: list[str], out: Path, repeats: i
                      "pairs_per_step": recipe.bilevel.pairs_per_step, "inner_steps": recipe.bilevel.inner_steps,
                      "trajectories_per_step": recipe.bilevel.trajectories_per_step,
                      "pairs_per_outer_step": recipe.bilevel.pairs_per_outer_step, "lora_r": recipe.adapters.r},
-        "machine": machine(),
+        "machine": {**machine(threads), "load_average_at_start": started},
         "results": results,
         "summary": rows,
         "table": table(rows),
@@ -309,16 +314,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench.json"), help="where to write the results")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of each floor (the fastest counts)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed outer iterations before the timed one")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads of every worker (default torch's own); 1 on a machine shared with other jobs, "
+                             "where threads waiting on each other at every small kernel slow decoding several-fold")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     recipe = args.recipe or (QUICK_RECIPE if args.quick else DEFAULT_RECIPE)
     try:
         if args.worker:
-            result = worker(args.worker, recipe, args.overrides, args.repeats, args.warmup)
+            result = worker(args.worker, recipe, args.overrides, args.repeats, args.warmup, args.threads)
             args.result.write_text(json.dumps(result), encoding="utf-8")
             return
-        report = run_benchmark(recipe, [*SETTINGS, *args.overrides], args.out, args.repeats, args.warmup)
+        report = run_benchmark(recipe, [*SETTINGS, *args.overrides], args.out, args.repeats, args.warmup, threads=args.threads)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

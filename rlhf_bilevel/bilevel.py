@@ -99,8 +99,11 @@ class Bilevel:
         return pairs
 
     # -- the lower level -------------------------------------------------------------------------
-    def ascent_on_J(self, adapter: str, rollout: Rollout) -> tuple[list[torch.Tensor], torch.Tensor, dict[str, float]]:
-        """Critic fit (Algorithm 2) then ∇J by eq. 12, for one adapter. Returns (∇J, log π, diagnostics)."""
+    def ascent(
+        self, adapter: str, rollout: Rollout, penalty: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """Critic fit (Algorithm 2), then one adapter's ascent direction: ∇J by eq. 12, or with
+        `penalty` (log π ↦ the surrogate f̂ of eq. 17) d'_k. Returns (direction, diagnostics)."""
         cfg = self.cfg
         with torch.no_grad():
             shaped = est.shaped_rewards(rollout, self.reward.token_rewards(rollout), cfg.beta)
@@ -111,15 +114,20 @@ class Bilevel:
         with self.policy.adapter(adapter):
             log_probs = self.policy.log_probs(rollout)
         advantage = critic.advantages(rollout, shaped, log_probs)
-        params = self.policy.parameters_of(adapter)
-        return est.grad_J_lambda(log_probs, params, rollout, advantage, cfg.gamma), log_probs, diagnostics
+        surrogate = est.surrogate_J_lambda(log_probs, rollout, advantage, cfg.gamma)
+        if penalty is not None:
+            # d'_k = ∇J(λ′, φ) − σ ∇f(φ, λ′)  (ALGORITHM.md step 4; erratum 2): linear in the two
+            # surrogates, so one backward pass through the trunk gives it rather than two
+            (surrogate,) = est.penalised_direction([surrogate], [penalty(log_probs)], cfg.sigma)
+        # no retained graph: the trunk's activations are freed before the next rollout is drawn
+        return list(torch.autograd.grad(surrogate, self.policy.parameters_of(adapter))), diagnostics
 
     def inner_step(self, k: int) -> dict[str, float]:
         """Step k of the inner loop; its metrics come from the rollouts it drew anyway."""
         cfg = self.cfg
         self.on_phase("lambda_step")
         rollout = self.source.rollouts(LAMBDA, cfg.trajectories_per_step)
-        d_k, _, metrics = self.ascent_on_J(LAMBDA, rollout)
+        d_k, metrics = self.ascent(LAMBDA, rollout)
         metrics["lower/d_norm"] = self.update(LAMBDA, self.policy_steps[LAMBDA], self.world.mean(d_k))
         if not self.bilevel:
             return metrics
@@ -128,16 +136,15 @@ class Bilevel:
         if self.printed:
             d_prime = d_k  # erratum 3: line 10 steps λ′ along d_k, so λ′ ≡ λ
         else:
-            # d'_k = ∇J(λ′, φ) − σ ∇f(φ, λ′)  (ALGORITHM.md step 4; erratum 2)
-            grad_J, log_probs, diagnostics = self.ascent_on_J(LAMBDA_PRIME, pairs.rollout)
-            metrics["lower/J_prime"] = diagnostics["lower/J"]
             with torch.no_grad():
                 rewards = self.reward.token_rewards(pairs.rollout)
                 losses = est.upper_loss(est.pair_margins(rewards, pairs), pairs.label, cfg.upper_loss)
             (total,) = self.world.sum([losses.sum()])
-            params = self.policy.parameters_of(LAMBDA_PRIME)
-            grad_f = est.grad_f_lambda(log_probs, params, pairs, losses, total, len(losses) * self.world.size)
-            d_prime = est.penalised_direction(grad_J, grad_f, cfg.sigma)
+            count = len(losses) * self.world.size
+            d_prime, diagnostics = self.ascent(
+                LAMBDA_PRIME, pairs.rollout, lambda log_probs: est.surrogate_f_lambda(log_probs, pairs, losses, total, count)
+            )
+            metrics["lower/J_prime"] = diagnostics["lower/J"]
         metrics["lower/d_prime_norm"] = self.update(LAMBDA_PRIME, self.policy_steps[LAMBDA_PRIME], self.world.mean(d_prime))
         return metrics
 

@@ -77,6 +77,12 @@ def advantages(q_values: Tensor, log_probs: Tensor, rollout: Rollout) -> Tensor:
     return (taken - values) * rollout.mask
 
 
+def surrogate_J_lambda(log_probs: Tensor, rollout: Rollout, advantage: Tensor, gamma: float) -> Tensor:
+    """The scalar whose gradient in λ is eq. 12: E_τ Σ_h γ^h log π_λ(a_h|s_h) · A(s_h, a_h), A detached."""
+    weighted = discounts(rollout.horizon, gamma).to(advantage) * advantage.detach()
+    return (rollout.weight * (taken_log_probs(log_probs, rollout) * weighted).sum(-1)).sum()
+
+
 def grad_J_lambda(log_probs: Tensor, params: list[Tensor], rollout: Rollout, advantage: Tensor, gamma: float) -> Grads:
     """∇_λ J by the critic (eq. 12): E_τ Σ_h γ^h ∇_λ log π_λ(a_h|s_h) · A(s_h, a_h).
 
@@ -84,9 +90,7 @@ def grad_J_lambda(log_probs: Tensor, params: list[Tensor], rollout: Rollout, adv
     ∇J / H); the scale matters where it is combined with σ∇f in d'_k. The KL term of J
     needs no extra score term: E_a[∇ log π(a|s)] = 0, and Q is that of the shaped reward.
     """
-    weighted = discounts(rollout.horizon, gamma).to(advantage) * advantage.detach()
-    surrogate = (rollout.weight * (taken_log_probs(log_probs, rollout) * weighted).sum(-1)).sum()
-    return list(torch.autograd.grad(surrogate, params, retain_graph=True))
+    return list(torch.autograd.grad(surrogate_J_lambda(log_probs, rollout, advantage, gamma), params, retain_graph=True))
 
 
 def rewards_to_go(rollout: Rollout, shaped: Tensor, gamma: float) -> Tensor:
@@ -116,6 +120,14 @@ def leave_one_out_baseline(losses: Tensor, weight: Tensor, total: Tensor | None 
     return (total - losses) / (count - 1)
 
 
+def surrogate_f_lambda(log_probs: Tensor, pairs: PreferencePairs, losses: Tensor, total: Tensor | None = None, count: int | None = None) -> Tensor:
+    """The scalar whose gradient in λ is eq. 17: E[(ℓ − b) · (log π_λ(τ0) + log π_λ(τ1))], ℓ and b detached."""
+    losses = losses.detach()
+    centred = losses - leave_one_out_baseline(losses, pairs.weight, total, count)
+    sequence = taken_log_probs(log_probs, pairs.rollout).sum(-1)
+    return (pairs.weight * centred * (sequence[pairs.first] + sequence[pairs.second])).sum()
+
+
 def grad_f_lambda(
     log_probs: Tensor, params: list[Tensor], pairs: PreferencePairs, losses: Tensor, total: Tensor | None = None, count: int | None = None
 ) -> Grads:
@@ -125,11 +137,7 @@ def grad_f_lambda(
     only the sampling distribution does. `losses` are the per-pair ℓ (detached); `total`
     and `count` as in `leave_one_out_baseline`.
     """
-    losses = losses.detach()
-    centred = losses - leave_one_out_baseline(losses, pairs.weight, total, count)
-    sequence = taken_log_probs(log_probs, pairs.rollout).sum(-1)
-    surrogate = (pairs.weight * centred * (sequence[pairs.first] + sequence[pairs.second])).sum()
-    return list(torch.autograd.grad(surrogate, params))
+    return list(torch.autograd.grad(surrogate_f_lambda(log_probs, pairs, losses, total, count), params))
 
 
 def grad_J_phi(rewards: Tensor, params: list[Tensor], rollout: Rollout, gamma: float) -> Grads:
@@ -157,7 +165,10 @@ def hypergradient(grad_f: Grads, grad_J_lambda_star: Grads, grad_J_lambda_sigma:
 
 
 def penalised_direction(grad_J: Grads, grad_f: Grads, sigma: float) -> Grads:
-    """d'_k = ∇_λ' J(λ', φ) − σ ∇_λ' f(φ, λ'): ascent on J − σ f (ALGORITHM.md step 4, erratum 2)."""
+    """d'_k = ∇_λ' J(λ', φ) − σ ∇_λ' f(φ, λ'): ascent on J − σ f (ALGORITHM.md step 4, erratum 2).
+
+    Linear, so it may as well combine the two surrogates ([Ĵ], [f̂]) before one backward pass.
+    """
     return [gj - sigma * gf for gj, gf in zip(grad_J, grad_f)]
 
 

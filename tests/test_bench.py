@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_bilevel.bench import BILEVEL_PHASES, PhaseTimer, instrument, main, measure_floors, summarise
+from rlhf_bilevel.bench import BILEVEL_PHASES, PhaseTimer, instrument, main, measure_floors, summarise, worker
 from rlhf_bilevel.recipe import load_recipe
 from rlhf_bilevel.train import Trainer
 
@@ -152,3 +152,14 @@ def test_autocast_runs_in_bf16_close_to_float32():
     torch.testing.assert_close(lp_auto, lp_plain, atol=0.05, rtol=0.02)
     assert torch.isfinite(g_auto).all()
     assert torch.nn.functional.cosine_similarity(g_auto, g_plain, dim=0) > 0.98
+
+
+def test_worker_runs_on_the_threads_it_is_given():
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        result = worker("floors", RECIPES / "tiny-debug.yaml", ["rollout.max_new_tokens=2"], repeats=1, warmup=0, threads=1)
+        assert torch.get_num_threads() == 1
+        assert set(result) == {"generate", "lora_step"}
+    finally:
+        torch.set_num_threads(previous)

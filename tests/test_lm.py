@@ -528,3 +528,36 @@ def test_sampling_ignores_the_model_generation_defaults(lm):
         lm.base.generation_config.suppress_tokens = None
     # π(EOS) ≈ 1/192 on the tiny model, so 16 first tokens all EOS has probability ≈ 1e-36
     assert (rollout.tokens[:, 0] != eos).sum() > 8
+
+
+# -- 8. d'_k in one backward pass ------------------------------------------------------------------
+def test_lambda_prime_direction_of_one_backward_equals_grad_J_minus_sigma_grad_f(eos_lm):
+    """`Bilevel.ascent` with a penalty takes ∇(Ĵ − σ f̂) in one backward pass: the same as eq. 12 and
+    eq. 17 each by its own backward, combined as ALGORITHM.md step 4 says."""
+    from rlhf_bilevel.bilevel import Bilevel
+    from rlhf_bilevel.config import BilevelConfig
+    from rlhf_bilevel.critic import MCCritic
+    from rlhf_bilevel.sampling import consecutive_pairs
+
+    perturb(lora_b(eos_lm, LAMBDA_PRIME), 0.3, seed=8)
+    policy = policy_of(eos_lm, horizon=4)
+    reward = reward_head(policy.feature_dim, 8, policy)
+    cfg = BilevelConfig(sigma=0.3, critic=CriticConfig(kind="mc"))
+    bilevel = Bilevel(policy, reward, None, None, lambda name: MCCritic(cfg.gamma), cfg, torch.Generator())
+    with policy.adapter(LAMBDA_PRIME):
+        pairs = consecutive_pairs(policy.sample([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(8)))
+    label = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    with torch.no_grad():
+        losses = est.upper_loss(est.pair_margins(reward.token_rewards(pairs.rollout), pairs), label, "bt_nll")
+    direction, _ = bilevel.ascent(LAMBDA_PRIME, pairs.rollout, lambda log_probs: est.surrogate_f_lambda(log_probs, pairs, losses))
+
+    params = policy.parameters_of(LAMBDA_PRIME)
+    with torch.no_grad():
+        shaped = est.shaped_rewards(pairs.rollout, reward.token_rewards(pairs.rollout), cfg.beta)
+    with policy.adapter(LAMBDA_PRIME):
+        log_probs = policy.log_probs(pairs.rollout)
+    advantage = bilevel.critics[LAMBDA_PRIME].advantages(pairs.rollout, shaped, log_probs)
+    grad_J = est.grad_J_lambda(log_probs, params, pairs.rollout, advantage, cfg.gamma)
+    grad_f = est.grad_f_lambda(log_probs, params, pairs, losses)
+    assert flat(grad_f).abs().max() > 1e-3  # the penalty term is there to be lost
+    torch.testing.assert_close(flat(direction), flat(grad_J) - cfg.sigma * flat(grad_f), rtol=1e-4, atol=1e-6)
