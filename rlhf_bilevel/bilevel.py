@@ -190,14 +190,17 @@ class Bilevel:
         pairs = self.label(self.source.pairs(f_adapter, budget), cfg.inner_steps)
         grad_f, losses = est.grad_f_phi(self.reward.token_rewards(pairs.rollout), phi, pairs, cfg.upper_loss)
         metrics = {"upper/loss": (pairs.weight * losses).sum().item()}
-        traj = self.source.rollouts(LAMBDA, cfg.trajectories_per_step)
+        n = cfg.trajectories_per_step
+        coupled = self.bilevel and cfg.common_random_numbers
+        traj, traj_prime = self.source.coupled((LAMBDA, LAMBDA_PRIME), n) if coupled else (self.source.rollouts(LAMBDA, n), None)
         rewards = self.reward.token_rewards(traj)
         metrics["lower/J"] = est.objective_value(traj, rewards.detach(), cfg.beta, cfg.gamma).item()
         metrics["lower/kl"] = est.kl_to_reference(traj).item()
         if not self.bilevel:
             return grad_f, metrics
         grad_J = est.grad_J_phi(rewards, phi, traj, cfg.gamma)
-        traj_prime = pairs.rollout if f_adapter == LAMBDA_PRIME else self.source.rollouts(LAMBDA_PRIME, cfg.trajectories_per_step)
+        if traj_prime is None:
+            traj_prime = pairs.rollout if f_adapter == LAMBDA_PRIME else self.source.rollouts(LAMBDA_PRIME, n)
         rewards_prime = self.reward.token_rewards(traj_prime)
         grad_J_prime = est.grad_J_phi(rewards_prime, phi, traj_prime, cfg.gamma)
         J_prime = est.objective_value(traj_prime, rewards_prime.detach(), cfg.beta, cfg.gamma).item()

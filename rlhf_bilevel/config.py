@@ -52,6 +52,10 @@ class BilevelConfig:
     upper_loss: Literal["bt_nll", "disagreement"] = "bt_nll"
     f_at: Literal["lambda_prime", "lambda"] = "lambda_prime"  # where ∇_φ f is taken (erratum 4)
     labels: Literal["sample", "expected"] = "sample"  # expected: use P(first ≻ second) as a soft label
+    # common random numbers: d_t's ∇φĴ(λ) and ∇φĴ(λ′) on n trajectories each, drawn on the same
+    # prompts and uniforms, so their difference (÷σ) loses most of its noise once λ′ ≈ λ while each
+    # stays unbiased; costs one more rollout of n (off: ∇φĴ(λ′) is taken on the f-pairs' rollout)
+    common_random_numbers: bool = False
     policy_step: StepConfig = field(default_factory=lambda: StepConfig(rule="adam", lr=0.05, schedule="constant"))
     reward_step: StepConfig = field(default_factory=lambda: StepConfig(rule="normalized", lr=0.1, schedule="inverse"))
     critic: CriticConfig = field(default_factory=CriticConfig)

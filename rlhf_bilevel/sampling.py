@@ -33,6 +33,21 @@ class SampledRollouts:
     def rollouts(self, adapter: str, n: int) -> Rollout:
         return self.sample(adapter, self.draw_prompts(n))
 
+    def coupled(self, adapters: Sequence[str], n: int) -> list[Rollout]:
+        """n trajectories from each adapter on the same prompts and the same random numbers
+        (common random numbers): the policies sample by inverse CDF from uniforms drawn up front,
+        so replaying the generator's state replays them. Each rollout is a sample of its own
+        policy, as `rollouts` draws it; where two policies are close most rows are one and the
+        same trajectory, and an estimate's difference between them keeps little of the noise."""
+        prompts = self.draw_prompts(n)
+        state = self.generator.get_state()
+        drawn = []
+        for adapter in adapters:
+            # every adapter leaves the generator where one draw leaves it: a shard stays in step too
+            self.generator.set_state(state)
+            drawn.append(self.sample(adapter, prompts))
+        return drawn
+
     def pairs(self, adapter: str, n: int) -> PreferencePairs:
         """n prompts, two independent responses to each from the same policy (eq. 7); a shard
         holds whole pairs, since it starts at an even row."""

@@ -152,3 +152,5 @@ class RolloutSource(Protocol):
 
     def pairs(self, adapter: str, n: int) -> PreferencePairs: ...
 
+    def coupled(self, adapters: Sequence[str], n: int) -> list[Rollout]:
+        """n trajectories of each adapter on the same prompts and random numbers (common random numbers)."""

@@ -28,6 +28,17 @@ def test_printed_pseudocode_keeps_lambda_prime_equal_to_lambda(testbed):
     torch.testing.assert_close(flat(algorithm.policy.parameters_of(LAMBDA)), flat(algorithm.policy.parameters_of(LAMBDA_PRIME)))
 
 
+@pytest.mark.parametrize("crn", [True, False])
+def test_common_random_numbers_cancel_the_penalty_when_lambda_prime_is_lambda(testbed, crn):
+    """Sampled, printed pseudo-code (λ′ ≡ λ): with common random numbers d_t's two ∇φĴ are taken
+    on the same trajectories and cancel exactly; drawn independently they do not."""
+    algorithm = testbed.algorithm(config(pseudocode="printed", common_random_numbers=crn), testbed.reward(seed=3), exact=False)
+    for k in range(algorithm.cfg.inner_steps):
+        algorithm.inner_step(k)
+    _, metrics = algorithm.hypergradient()
+    assert (metrics["penalty/gap"] == 0) == crn, metrics["penalty/gap"]
+
+
 @pytest.mark.parametrize("method", ["bilevel", "alternating"])
 def test_oracle_budget_is_B_times_K_plus_one(testbed, method):
     cfg = config(method=method, labels="sample")

@@ -16,7 +16,7 @@ from rlhf_bilevel import estimators as est
 from rlhf_bilevel.critic import MCCritic
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
-from rlhf_bilevel.types import LAMBDA
+from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME
 
 BATCHES, BATCH = 60, 64
 
@@ -107,6 +107,50 @@ def test_lemma5_grad_J_phi_matches_exact(setup):
         rollout = source.rollouts(LAMBDA, BATCH)
         samples.append(flat(est.grad_J_phi(reward.token_rewards(rollout), phi, rollout, testbed.problem.gamma)))
     agree(samples, exact, seed=2)
+
+
+def test_common_random_numbers_keep_the_penalty_difference_unbiased_and_cut_its_variance(setup):
+    """∇φĴ(λ) − ∇φĴ(λ′) of d_t, with λ′ a small step from λ (total variation ≤ 0.13 in every state):
+    on coupled draws its mean is the exact difference within 4 standard errors, and its variance
+    (trace of the covariance, over BATCHES estimates) is ≥ 5× below that of independent draws
+    (measured: 13×); a coupling that shared nothing, or a biased one, fails."""
+    testbed, policy, reward, source, _ = setup
+    with torch.no_grad():
+        for prime, lam in zip(policy.parameters_of(LAMBDA_PRIME), policy.parameters_of(LAMBDA)):
+            prime.copy_(lam)
+    perturb(policy.parameters_of(LAMBDA_PRIME), 0.05, seed=2)
+    phi = reward.parameters()
+
+    def exact(adapter):
+        with policy.adapter(adapter), torch.no_grad():
+            table = policy.table()
+        return flat(torch.autograd.grad(solve.objective(testbed.problem, table, reward.node_rewards()), phi))
+
+    def grad(rollout):
+        return flat(est.grad_J_phi(reward.token_rewards(rollout), phi, rollout, testbed.problem.gamma))
+
+    coupled, independent = [], []
+    for _ in range(BATCHES):
+        traj, traj_prime = source.coupled((LAMBDA, LAMBDA_PRIME), BATCH)
+        coupled.append(grad(traj) - grad(traj_prime))
+        independent.append(grad(source.rollouts(LAMBDA, BATCH)) - grad(source.rollouts(LAMBDA_PRIME, BATCH)))
+    agree(coupled, exact(LAMBDA) - exact(LAMBDA_PRIME), seed=4)
+    ratio = torch.stack(independent).var(0).sum() / torch.stack(coupled).var(0).sum()
+    assert ratio > 5, f"variance only {ratio:.1f}× lower with common random numbers"
+
+
+def test_coupled_draws_replay_the_random_numbers_of_one_draw(setup):
+    """The same adapter twice gives the same trajectories; the generator ends where one draw leaves
+    it, so what follows (labels, the next step, another process's shard) is unchanged."""
+    _, _, _, source, _ = setup
+    start = source.generator.get_state()
+    first, again = source.coupled((LAMBDA, LAMBDA), 32)
+    assert first.responses == again.responses and first.prompts == again.prompts
+    after_coupled = source.generator.get_state()
+    source.generator.set_state(start)
+    single = source.rollouts(LAMBDA, 32)
+    assert single.responses == first.responses
+    assert torch.equal(source.generator.get_state(), after_coupled)
 
 
 @pytest.mark.parametrize("kind", ["bt_nll", "disagreement"])

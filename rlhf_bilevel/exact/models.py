@@ -63,8 +63,12 @@ class ExactPolicy(AdapterSwitch, nn.Module):
 
     @torch.no_grad()
     def sample(self, prompts: Sequence[int], generator: torch.Generator) -> Rollout:
+        """By inverse CDF from uniforms drawn up front, as LMPolicy samples: two adapters fed the
+        same generator state draw coupled trajectories (common random numbers), each row taking
+        the same token wherever the two policies' CDFs agree."""
         tree = self.tree
         n, horizon = len(prompts), tree.horizon
+        uniforms = torch.rand(n, horizon, generator=generator, dtype=torch.float64)
         table = self.table()
         with self.adapter(None):
             ref_table = self.table()
@@ -75,7 +79,7 @@ class ExactPolicy(AdapterSwitch, nn.Module):
         alive = torch.ones(n, dtype=torch.bool)
         for h in range(horizon):
             state = tree.state_of_node[node].clamp(min=0)
-            action = torch.multinomial(table[state].exp(), 1, generator=generator).squeeze(-1)
+            action = inverse_cdf(table[state].exp(), uniforms[:, h])
             tokens[:, h] = torch.where(alive, action, 0)
             mask[:, h] = alive.float()
             nxt = tree.child[state, action]
@@ -98,6 +102,13 @@ class ExactPolicy(AdapterSwitch, nn.Module):
             context=path,
             adapter=self.active,
         )
+
+
+def inverse_cdf(probs: Tensor, uniforms: Tensor) -> Tensor:
+    """Token k of each row where cdf(k − 1) ≤ u·cdf(V) < cdf(k): probability π(k) exactly."""
+    cdf = probs.to(torch.float64).cumsum(-1)
+    action = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).squeeze(-1)
+    return action.clamp(max=probs.shape[-1] - 1)  # u·cdf(V) rounding onto cdf(V) itself
 
 
 class ExactReward(nn.Module):

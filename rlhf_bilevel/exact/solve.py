@@ -9,7 +9,7 @@ Also the exact `RolloutSource` and critic, so Algorithm 1 can run on exact gradi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -183,6 +183,10 @@ class ExactRollouts:
         rollout.weight = (rollout.logp.sum(-1)).exp() / tree.prompts
         rollout.adapter = adapter
         return rollout
+
+    def coupled(self, adapters: Sequence[str], n: int) -> list[Rollout]:
+        """Enumerations have no noise to share: each adapter's, exactly."""
+        return [self.rollouts(adapter, n) for adapter in adapters]
 
     def pairs(self, adapter: str, n: int) -> PreferencePairs:
         rollout = self.rollouts(adapter, n)
