@@ -186,7 +186,7 @@ def load_run(run_dir: Path, overrides: Sequence[str] = ()):
     `overrides` change the recipe for this evaluation only, e.g. `oracle.kind=llm-judge`.
     """
     from rlhf_bilevel.checkpoint import latest_checkpoint, load_checkpoint
-    from rlhf_bilevel.lm.heads import TokenReward
+    from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward
     from rlhf_bilevel.recipe import parse_recipe, read_yaml
     from rlhf_bilevel.train import RECIPE_FILE, RUN_FILE
 
@@ -198,7 +198,9 @@ def load_run(run_dir: Path, overrides: Sequence[str] = ()):
     if checkpoint is None:
         raise ConfigError(f"--run: {run_dir} has no checkpoint yet; train it further (--resume) or evaluate an --adapter")
     policy = load_policy(recipe, checkpoint / "adapters" / LAMBDA)
-    reward = TokenReward(policy.state_features, policy.feature_dim, recipe.reward)
+    if recipe.reward.lora:
+        policy.model.load_adapter(str(checkpoint / "adapters" / REWARD_ADAPTER), adapter_name=REWARD_ADAPTER)
+    reward = TokenReward.on(policy, recipe.reward)
     reward.load_state_dict(load_checkpoint(checkpoint)["reward"])
     return recipe, base_dir, policy, reward
 

@@ -38,7 +38,7 @@ from rlhf_bilevel.config import ConfigError, read_text
 from rlhf_bilevel.critic import MCCritic, TDCritic
 from rlhf_bilevel.distributed import World, launched_world
 from rlhf_bilevel.evaluate import agreement
-from rlhf_bilevel.lm.heads import TokenReward, VocabQHead
+from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward, VocabQHead
 from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
 from rlhf_bilevel.oracles.registry import make_oracle
@@ -95,9 +95,10 @@ class Trainer:
         seed = recipe.train.seed
         torch.manual_seed(seed)  # LoRA and head initialisation
         base, tokenizer = load_base(recipe.model)
-        self.model = with_adapters(base, recipe.adapters)
+        self.adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
+        self.model = with_adapters(base, recipe.adapters, extra=self.adapters[len(ADAPTERS):])
         self.policy = LMPolicy(self.model, tokenizer, recipe.rollout, recipe.model.chat_template)
-        self.reward = TokenReward(self.policy.state_features, self.policy.feature_dim, recipe.reward)
+        self.reward = TokenReward.on(self.policy, recipe.reward)
         self.generator = torch.Generator().manual_seed(seed)
         source = SampledRollouts(self.policy, self.train_prompts, self.generator, world)
         self.bilevel = Bilevel(
@@ -258,7 +259,7 @@ class Trainer:
     def state_dict(self) -> dict:
         return {
             "bilevel": self.bilevel.state_dict(),
-            "adapters": {name: self.adapter_tensors(name) for name in ADAPTERS},
+            "adapters": {name: self.adapter_tensors(name) for name in self.adapters},
             "reward": self.reward.state_dict(),
             "critics": {name: critic.state_dict() for name, critic in self.bilevel.critics.items()},
             "generator": self.generator.get_state(),

@@ -12,6 +12,7 @@ from peft import PeftModel
 from rlhf_bilevel import tracking
 from rlhf_bilevel.checkpoint import load_checkpoint
 from rlhf_bilevel.lm import tiny
+from rlhf_bilevel.lm.heads import REWARD_ADAPTER
 from rlhf_bilevel.recipe import load_recipe
 from rlhf_bilevel.train import resume, train
 from rlhf_bilevel.types import ADAPTERS, LAMBDA
@@ -121,6 +122,21 @@ def test_alternating_switch_uses_lambda_pairs(tmp_path):
     summary = train(tiny_recipe("bilevel.method=alternating", "bilevel.outer_steps=2", "bilevel.critic.kind=mc"), tmp_path, RECIPES)
     data = records(tmp_path, "preferences.jsonl")
     assert {r["policy"] for r in data} == {"lambda"} and len(data) == summary.oracle_pairs == 2 * 4 * 3
+
+
+def test_reward_model_with_its_own_lora_trains_saves_and_evaluates(tmp_path):
+    # φ = head + a LoRA adapter of its own: the trunk's reward adapter starts as the base (lora_B = 0)
+    # and only the φ step moves it, so a moved lora_B shows the upper gradient reached the trunk
+    run_dir = tmp_path / "run"
+    train(tiny_recipe("reward.lora=true", "bilevel.outer_steps=2"), run_dir, RECIPES)
+    last = run_dir / "checkpoint-000002"
+    adapters = load_checkpoint(last)["adapters"]
+    assert set(adapters) == {*ADAPTERS, REWARD_ADAPTER}
+    assert any(v.abs().sum() > 0 for k, v in adapters[REWARD_ADAPTER].items() if "lora_B" in k)
+    assert (last / "adapters" / REWARD_ADAPTER / "adapter_config.json").is_file()
+    result = run_cli("eval", "--run", str(run_dir), "--prompts", "4", "--resamples", "50")
+    assert result.returncode == 0, result.stderr
+    assert "reward-model agreement" in result.stdout
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -148,8 +148,9 @@ def freeze(model: PreTrainedModel) -> PreTrainedModel:
     return model
 
 
-def with_adapters(model: PreTrainedModel, cfg: AdapterConfig) -> PeftModel:
-    """One base, two LoRA adapters λ and λ′ (peft multi-adapter), λ′ starting equal to λ.
+def with_adapters(model: PreTrainedModel, cfg: AdapterConfig, extra: Sequence[str] = ()) -> PeftModel:
+    """One base, two LoRA adapters λ and λ′ (peft multi-adapter), λ′ starting equal to λ, and
+    the `extra` adapters (e.g. the reward model's), freshly initialised: each starts as the base.
 
     The reference policy is this same model with the adapters disabled: no second copy
     of the weights is ever made.
@@ -157,7 +158,7 @@ def with_adapters(model: PreTrainedModel, cfg: AdapterConfig) -> PeftModel:
     targets = cfg.target_modules[0] if cfg.target_modules == ("all-linear",) else list(cfg.target_modules)
     lora = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, bias="none")
     peft_model = get_peft_model(model, lora, adapter_name=LAMBDA)
-    for name in ADAPTERS[1:]:
+    for name in (*ADAPTERS[1:], *extra):
         peft_model.add_adapter(name, lora)
     with torch.no_grad():
         params = dict(peft_model.named_parameters())

@@ -182,6 +182,14 @@ class LMPolicy(AdapterSwitch):
     def state_features(self, rollout: Rollout) -> Tensor:
         return rollout.context.features
 
+    def adapter_features(self, rollout: Rollout, adapter: str) -> Tensor:
+        """[N, H + 1, d] last hidden states at s_0 … s_H under `adapter`, differentiable in its weights:
+        the features of a head that trains its own LoRA (the reference pass's are frozen)."""
+        ctx: LMContext = rollout.context
+        with self.adapter(adapter):
+            out = self.forward(ctx.input_ids, ctx.attention_mask, logits_to_keep=1, hidden=True)
+        return out.hidden_states[-1][:, ctx.prompt_len - 1 :].float()
+
 
 class InverseCDF(LogitsProcessor):
     """Draws token h of row i from softmax(logits) by inverting its CDF at the uniform u[i, h]:
