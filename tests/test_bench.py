@@ -154,6 +154,30 @@ def test_autocast_runs_in_bf16_close_to_float32():
     assert torch.nn.functional.cosine_similarity(g_auto, g_plain, dim=0) > 0.98
 
 
+def test_compiled_scoring_equals_eager_for_every_adapter_and_the_reference():
+    # one compiled module serves λ, λ′ and the reference: a graph reused across an adapter switch
+    # would score λ′ (or π_ref) with λ's weights, which the eager comparison per adapter would catch
+    eager, compiled = tiny_policy(), tiny_policy(compile=True)
+    for policy in (eager, compiled):
+        with torch.no_grad():
+            for p in policy.parameters_of("lambda_prime"):
+                p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
+    rollout = eager.sample(["a good day", "the dog"], torch.Generator().manual_seed(0))
+    scored = {}
+    for adapter in ("lambda", "lambda_prime", None):
+        with eager.adapter(adapter):
+            lp_eager = eager.log_probs(rollout).detach()
+        with compiled.adapter(adapter):
+            lp_compiled = compiled.log_probs(rollout).detach()
+        torch.testing.assert_close(lp_compiled, lp_eager, atol=1e-5, rtol=1e-5)
+        scored[adapter] = lp_compiled
+    assert not torch.allclose(scored["lambda"], scored["lambda_prime"])
+    assert not torch.allclose(scored["lambda"], scored[None])
+    lp_eager, g_eager = score_and_grad(eager, rollout)
+    lp_compiled, g_compiled = score_and_grad(compiled, rollout)
+    torch.testing.assert_close(g_compiled, g_eager, atol=1e-5, rtol=1e-4)
+
+
 def test_worker_runs_on_the_threads_it_is_given():
     previous = torch.get_num_threads()
     try:

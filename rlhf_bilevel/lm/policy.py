@@ -28,6 +28,10 @@ class RolloutConfig:
     max_prompt_tokens: int = 256  # longer prompts are cut from the left, keeping their end
     autocast: bool = False  # bf16 autocast of every scoring forward, adapters included (CPUs with avx512_bf16, GPUs)
     gradient_checkpointing: bool = False  # recompute the trunk's activations in the backward of log π: memory for time
+    # torch.compile the scoring forwards (the reference pass, log π of the λ and λ′ steps, the reward
+    # adapter's features) with dynamic shapes; generate() stays eager. Each adapter, and the reference,
+    # compiles once on first use (seconds on a CPU, which needs a C++ compiler), then every call reuses it
+    compile: bool = False
 
 
 @dataclass
@@ -53,6 +57,7 @@ class LMPolicy(AdapterSwitch):
         self.tokens_generated = 0
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.scorer = torch.compile(model, dynamic=True) if cfg.compile else model
         # generate() fills every field its config leaves unset from the model's own defaults
         # (a hub model's repetition_penalty, suppress_tokens …), which would sample from
         # something other than the π_λ that log_probs scores: the model gets neutral defaults
@@ -115,7 +120,7 @@ class LMPolicy(AdapterSwitch):
             # transformers checkpoints layers in training mode only; with no dropout the mode changes nothing else
             self.model.train(self.cfg.gradient_checkpointing and torch.is_grad_enabled())
             try:
-                return self.model(
+                return self.scorer(
                     input_ids=input_ids,
                     attention_mask=attention_mask,
                     position_ids=position_ids,
