@@ -162,7 +162,13 @@ def test_compiled_scoring_equals_eager_for_every_adapter_and_the_reference():
         with torch.no_grad():
             for p in policy.parameters_of("lambda_prime"):
                 p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + 1)))
-    rollout = eager.sample(["a good day", "the dog"], torch.Generator().manual_seed(0))
+    prompts = ["a good day", "a good day", "the dog", "the dog"]  # pairs: the prompt cache is used too
+    rollout = eager.sample(prompts, torch.Generator().manual_seed(0))
+    again = compiled.sample(prompts, torch.Generator().manual_seed(0))
+    assert torch.equal(again.tokens, rollout.tokens)
+    for field in ("logp", "ref_logp"):
+        torch.testing.assert_close(getattr(again, field), getattr(rollout, field), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(again.context.features, rollout.context.features, atol=1e-5, rtol=1e-5)
     scored = {}
     for adapter in ("lambda", "lambda_prime", None):
         with eager.adapter(adapter):

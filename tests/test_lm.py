@@ -153,6 +153,24 @@ def test_sampled_logp_matches_forward_pass_and_ref_logp_matches_disabled_adapter
     assert gap > 1e-2 if perturbed else gap < 1e-5  # λ = π_ref exactly at init (LoRA B = 0), not after
 
 
+def test_a_prompt_shared_by_several_rows_is_encoded_once_per_pass(lm, monkeypatch):
+    """Pairs share their prompt (eq. 7): the policy's and the reference's pass each encode it once
+    and copy its KV cache, and the rows still score as the previous test checks."""
+    policy = policy_of(lm, horizon=3)
+    encoded = []
+    forward = policy.forward
+
+    def counting(input_ids, attention_mask, logits_to_keep, hidden=False, past=None):
+        if past is not None and past.get_seq_length() == 0:
+            encoded.append((policy.active, input_ids.shape[0]))
+        return forward(input_ids, attention_mask, logits_to_keep, hidden, past)
+
+    monkeypatch.setattr(policy, "forward", counting)
+    rollout = policy.sample([p for p in PROMPTS[:3] for _ in range(2)], torch.Generator().manual_seed(0))
+    assert encoded == [(LAMBDA, 3), (None, 3)]
+    assert rollout.prompts[0] == rollout.prompts[1] and rollout.responses[0] != rollout.responses[1]
+
+
 # -- 2. λ′ starts at λ; the reference is the base with adapters off; one copy of the base ------------
 def test_lambda_prime_starts_at_lambda_and_reference_is_the_single_base(lm):
     """λ′ = λ at init (same A, B), π_ref = λ at init, moving λ leaves π_ref = base unchanged, and the base exists once."""
@@ -427,9 +445,9 @@ def test_state_features_are_the_base_hidden_states_of_each_prefix(eos_lm):
     """state_features[:, h] is the reference model's last hidden state at the end of s_h = prompt ⊕ a_<h, for every adapter."""
     perturb(lora_b(eos_lm, LAMBDA), 0.3, seed=1)
     policy = policy_of(eos_lm, horizon=4)
-    rollout = policy.sample(PROMPTS, torch.Generator().manual_seed(3))
+    rollout = policy.sample(PROMPTS + PROMPTS[:2], torch.Generator().manual_seed(3))  # rows sharing a prompt too
     features = policy.state_features(rollout)
-    assert features.shape == (4, 5, policy.feature_dim)
+    assert features.shape == (6, 5, policy.feature_dim)
     fresh_base = eos_lm.independent()
     for i in range(len(rollout)):
         prompt = real_prompt(rollout, i)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
 
@@ -112,9 +112,11 @@ class LMPolicy(AdapterSwitch):
         )
         return batch["input_ids"], batch["attention_mask"]
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int, hidden: bool = False):
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int, hidden: bool = False,
+                past: Cache | None = None):
+        """`input_ids` continue what `past` holds (if anything); `attention_mask` covers both."""
         # positions count real tokens only, as generate() does for left-padded prompts
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, attention_mask.shape[1] - input_ids.shape[1] :]
         autocast = torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.cfg.autocast)
         with self._activated(), autocast:
             # transformers checkpoints layers in training mode only; with no dropout the mode changes nothing else
@@ -126,7 +128,8 @@ class LMPolicy(AdapterSwitch):
                     position_ids=position_ids,
                     logits_to_keep=logits_to_keep,
                     output_hidden_states=hidden,
-                    use_cache=False,
+                    cache=past,
+                    use_cache=past is not None,
                 )
             finally:
                 self.model.eval()
@@ -144,6 +147,7 @@ class LMPolicy(AdapterSwitch):
         with self._activated():
             out = self.model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation,
+                cache=self.prompt_cache(prompts, prompt_ids, prompt_mask),
                 logits_processor=LogitsProcessorList([InverseCDF(uniforms, prompt_len)]),
             )
         tokens = torch.full((n, horizon), self.pad, dtype=torch.long)
@@ -158,9 +162,11 @@ class LMPolicy(AdapterSwitch):
         input_ids = torch.cat([prompt_ids, tokens], 1)
         attention_mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)
         with self.adapter(None):
-            ref = self.forward(input_ids, attention_mask, logits_to_keep=horizon + 1, hidden=True)
+            past = self.prompt_cache(prompts, prompt_ids, prompt_mask)
+            start = 0 if past is None else prompt_len - 1
+            ref = self.forward(input_ids[:, start:], attention_mask, logits_to_keep=horizon + 1, hidden=True, past=past)
         ref_logp = F.log_softmax(ref.logits[:, :-1].float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        features = ref.hidden_states[-1][:, prompt_len - 1 :].float()
+        features = ref.hidden_states[-1][:, -(horizon + 1) :].float()
         self.tokens_generated += int(mask.sum())
         lengths = mask.sum(-1).long()
         responses = [
@@ -178,6 +184,21 @@ class LMPolicy(AdapterSwitch):
             context=LMContext(input_ids, attention_mask, prompt_len, features),
             adapter=self.active,
         )
+
+    def prompt_cache(self, prompts: Sequence[str], prompt_ids: Tensor, prompt_mask: Tensor) -> Cache | None:
+        """The KV cache of every row's prompt but its last token, under the active adapter, computed
+        once per distinct prompt and copied to the rows that share it: the two responses of a pair
+        (eq. 7) share their prompt, and encoding it is about a third of drawing them. None for
+        one-token prompts, which leave nothing to cache."""
+        if prompt_ids.shape[1] < 2:
+            return None
+        distinct: dict[str, int] = {}
+        row_of = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prompts])
+        first = torch.tensor([prompts.index(p) for p in distinct])
+        with torch.no_grad():
+            past = self.forward(prompt_ids[first, :-1], prompt_mask[first, :-1], logits_to_keep=1, past=DynamicCache()).cache
+        past.reorder_cache(row_of)
+        return past
 
     def log_probs(self, rollout: Rollout) -> Tensor:
         ctx: LMContext = rollout.context
