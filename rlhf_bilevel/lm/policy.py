@@ -69,7 +69,6 @@ class LMPolicy(AdapterSwitch):
             eos_token_id=self.eos,
             pad_token_id=self.pad,
             return_dict_in_generate=True,
-            output_logits=True,
         )
 
     @property
@@ -144,11 +143,11 @@ class LMPolicy(AdapterSwitch):
         uniforms = torch.rand(len(prompts), horizon, generator=generator, dtype=torch.float64)[rows]
         prompts, prompt_ids, prompt_mask = list(prompts)[rows], prompt_ids[rows], prompt_mask[rows]
         n, prompt_len = len(prompts), prompt_ids.shape[1]
+        draw = InverseCDF(uniforms, prompt_len)
         with self._activated():
             out = self.model.generate(
                 input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation,
-                cache=self.prompt_cache(prompts, prompt_ids, prompt_mask),
-                logits_processor=LogitsProcessorList([InverseCDF(uniforms, prompt_len)]),
+                cache=self.prompt_cache(prompts, prompt_ids, prompt_mask), logits_processor=LogitsProcessorList([draw]),
             )
         tokens = torch.full((n, horizon), self.pad, dtype=torch.long)
         generated = out.sequences[:, prompt_len:]
@@ -156,9 +155,8 @@ class LMPolicy(AdapterSwitch):
         is_eos = tokens == self.eos
         # 1 up to and including the first EOS, then 0: EOS is absorbing
         mask = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).float()
-        logits = torch.stack(out.logits, 1).float()
         logp = torch.zeros(n, horizon)
-        logp[:, : logits.shape[1]] = F.log_softmax(logits, -1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)
+        logp[:, : generated.shape[1]] = torch.stack(draw.taken, 1).float()
         input_ids = torch.cat([prompt_ids, tokens], 1)
         attention_mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)
         with self.adapter(None):
@@ -224,15 +222,19 @@ class InverseCDF(LogitsProcessor):
 
     One uniform per row and step, drawn up front, rather than generate()'s multinomial on a
     stream shared by the batch: a row's tokens depend on its own logits and uniforms only,
-    not on which other rows it is batched with.
+    not on which other rows it is batched with. `taken` keeps log π(a_h|s_h) of each drawn
+    token, so generate() need not return the [N, V] logits of every step.
     """
 
     def __init__(self, uniforms: Tensor, prompt_len: int):
         self.uniforms, self.prompt_len = uniforms, prompt_len
+        self.taken: list[Tensor] = []  # [N] per step
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         h = input_ids.shape[1] - self.prompt_len
-        cdf = F.softmax(scores.double(), -1).cumsum(-1)
+        log_probs = F.log_softmax(scores.double(), -1)
+        cdf = log_probs.exp().cumsum(-1)
         u = self.uniforms[:, h : h + 1].to(cdf.device) * cdf[:, -1:]
         token = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)
+        self.taken.append(log_probs.gather(-1, token).squeeze(-1))
         return torch.full_like(scores, -torch.inf).scatter_(-1, token, 0.0)
