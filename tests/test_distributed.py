@@ -107,7 +107,11 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path):
         moved = max(w.abs().max().item() for k, w in weights_one.items() if "lora_B" in k)
         assert moved > 1e-2, "training left the adapter where it started: nothing was compared"
         for key, w in weights_one.items():
-            torch.testing.assert_close(weights_two[key], w, atol=2e-4, rtol=0)  # float rounding, through Adam (measured: 1.1e-4)
+            # float rounding, through Adam: where a gradient is near zero (lora_A while lora_B ≈ 0) Adam's g/√v
+            # turns rounding into steps, so single elements differ up to ~2e-4; tensor by tensor the relative
+            # difference stays below 2e-4 (measured), while a batch summed or sharded wrongly moves it by ≥ 1e-2
+            gap = (weights_two[key] - w).norm() / w.norm()
+            assert gap < 1e-3, (adapter, key, gap.item())
 
 
 # -- a shard of a sampled batch ----------------------------------------------------------------------
