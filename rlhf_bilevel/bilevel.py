@@ -111,16 +111,39 @@ class Bilevel:
         diagnostics = self.fit_critic(adapter, rollout, shaped)
         diagnostics["lower/J"] = (rollout.weight * est.returns(rollout, shaped, cfg.gamma)).sum().item()
         diagnostics["lower/kl"] = est.kl_to_reference(rollout).item()
-        with self.policy.adapter(adapter):
-            log_probs = self.policy.log_probs(rollout)
-        advantage = critic.advantages(rollout, shaped, log_probs)
-        surrogate = est.surrogate_J_lambda(log_probs, rollout, advantage, cfg.gamma)
-        if penalty is not None:
+
+        def objective(log_probs: torch.Tensor) -> torch.Tensor:
+            advantage = critic.advantages(rollout, shaped, log_probs)
+            surrogate = est.surrogate_J_lambda(log_probs, rollout, advantage, cfg.gamma)
+            if penalty is None:
+                return surrogate
             # d'_k = ∇J(λ′, φ) − σ ∇f(φ, λ′)  (ALGORITHM.md step 4; erratum 2): linear in the two
             # surrogates, so one backward pass through the trunk gives it rather than two
             (surrogate,) = est.penalised_direction([surrogate], [penalty(log_probs)], cfg.sigma)
-        # no retained graph: the trunk's activations are freed before the next rollout is drawn
-        return list(torch.autograd.grad(surrogate, self.policy.parameters_of(adapter))), diagnostics
+            return surrogate
+
+        return self.gradient(adapter, rollout, objective), diagnostics
+
+    def gradient(self, adapter: str, rollout: Rollout, objective: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
+        """∇ of objective(log π(rollout)) in `adapter`'s weights. With `micro_batch`, by the chain rule in
+        pieces: ∂objective/∂log π on the whole batch's log π (taken without a graph), then each piece of
+        rows backpropagated alone with its share of it, so the trunk holds one piece's activations."""
+        params = self.policy.parameters_of(adapter)
+        size = self.cfg.micro_batch
+        with self.policy.adapter(adapter):
+            if size is None or size >= len(rollout):
+                # no retained graph: the trunk's activations are freed before the next rollout is drawn
+                return list(torch.autograd.grad(objective(self.policy.log_probs(rollout)), params))
+            with torch.no_grad():
+                log_probs = self.policy.log_probs(rollout)
+            (outer,) = torch.autograd.grad(objective(log_probs.requires_grad_()), log_probs)
+            total = [torch.zeros_like(p) for p in params]
+            for start in range(0, len(rollout), size):
+                rows = slice(start, start + size)
+                piece = torch.autograd.grad(self.policy.log_probs(rollout.rows(rows)), params, grad_outputs=outer[rows])
+                for acc, grad in zip(total, piece):
+                    acc.add_(grad)
+            return total
 
     def inner_step(self, k: int) -> dict[str, float]:
         """Step k of the inner loop; its metrics come from the rollouts it drew anyway."""

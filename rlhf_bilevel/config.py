@@ -56,12 +56,17 @@ class BilevelConfig:
     # prompts and uniforms, so their difference (÷σ) loses most of its noise once λ′ ≈ λ while each
     # stays unbiased; costs one more rollout of n (off: ∇φĴ(λ′) is taken on the f-pairs' rollout)
     common_random_numbers: bool = False
+    # rows per forward+backward of log π in the λ and λ′ steps (None: the whole batch at once): the
+    # trunk's activations are those of `micro_batch` rows, for one more no-grad forward of the batch
+    micro_batch: int | None = None
     policy_step: StepConfig = field(default_factory=lambda: StepConfig(rule="adam", lr=0.05, schedule="constant"))
     reward_step: StepConfig = field(default_factory=lambda: StepConfig(rule="normalized", lr=0.1, schedule="inverse"))
     critic: CriticConfig = field(default_factory=CriticConfig)
 
     def __post_init__(self) -> None:
         positive(self, "sigma", "outer_steps", "inner_steps", "pairs_per_step", "trajectories_per_step")
+        if self.micro_batch is not None:
+            positive(self, "micro_batch")
         if not 0 < self.gamma <= 1:
             raise ConfigError(f"gamma: must be in (0, 1], got {self.gamma}")
         if self.beta < 0:

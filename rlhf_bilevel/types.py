@@ -7,7 +7,7 @@ same code runs on the enumerable token MDP (`exact/`) and on a Hugging Face mode
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator, Protocol, Sequence
 
 import torch
@@ -45,6 +45,13 @@ class Rollout:
     @property
     def horizon(self) -> int:
         return self.tokens.shape[1]
+
+    def rows(self, index: slice) -> Rollout:
+        """The trajectories `index` selects, with their context (a tensor, or an object with `rows`).
+        Weights are kept as they are: a piece's weighted sum is its share of the whole batch's."""
+        context = self.context[index] if isinstance(self.context, Tensor) else self.context.rows(index)
+        tensors = {name: getattr(self, name)[index] for name in ("tokens", "mask", "logp", "ref_logp", "weight")}
+        return replace(self, prompts=self.prompts[index], responses=self.responses[index], context=context, **tensors)
 
 
 @dataclass

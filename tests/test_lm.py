@@ -171,6 +171,18 @@ def test_a_prompt_shared_by_several_rows_is_encoded_once_per_pass(lm, monkeypatc
     assert rollout.prompts[0] == rollout.prompts[1] and rollout.responses[0] != rollout.responses[1]
 
 
+def test_a_piece_of_a_rollout_scores_as_its_rows_of_the_whole(lm):
+    """Rollout.rows keeps each row's context (ids, mask, features): the micro-batches of a policy step."""
+    perturb(lora_b(lm, LAMBDA), 0.3, seed=1)
+    policy = policy_of(lm, horizon=4)
+    rollout = policy.sample(PROMPTS, torch.Generator().manual_seed(2))
+    piece = rollout.rows(slice(1, 3))
+    assert piece.prompts == rollout.prompts[1:3] and torch.equal(piece.tokens, rollout.tokens[1:3])
+    with torch.no_grad():
+        torch.testing.assert_close(policy.log_probs(piece), policy.log_probs(rollout)[1:3], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(policy.state_features(piece), rollout.context.features[1:3])
+
+
 # -- 2. λ′ starts at λ; the reference is the base with adapters off; one copy of the base ------------
 def test_lambda_prime_starts_at_lambda_and_reference_is_the_single_base(lm):
     """λ′ = λ at init (same A, B), π_ref = λ at init, moving λ leaves π_ref = base unchanged, and the base exists once."""

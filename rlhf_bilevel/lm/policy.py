@@ -43,6 +43,9 @@ class LMContext:
     prompt_len: int  # P
     features: Tensor  # [N, H + 1, d] the base's last hidden state at s_0 … s_H, float32, detached
 
+    def rows(self, index: slice) -> LMContext:
+        return LMContext(self.input_ids[index], self.attention_mask[index], self.prompt_len, self.features[index])
+
 
 class LMPolicy(AdapterSwitch):
     """Samples from π_λ exactly (temperature 1, no top-k or top-p), so the score-function
