@@ -35,6 +35,7 @@ import torch
 from transformers import GenerationConfig
 
 from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.distributed import resolve_device
 from rlhf_bilevel.lm.model import load_base
 from rlhf_bilevel.online_dpo import rendered, single_adapter, train_online_dpo
 from rlhf_bilevel.prompts import load_prompts
@@ -136,8 +137,8 @@ def timed(fn: Callable[[], Any], repeats: int) -> float:
 def measure_floors(recipe: Recipe, base_dir: Path, repeats: int) -> dict[str, dict]:
     """The generate floor on the bare base first, so that the peak memory then is the base's inference
     alone; then the LoRA step floor on the tokens it generated."""
-    base, tokenizer = load_base(recipe.model)
-    batch = encoded(recipe, tokenizer, floor_batch(recipe, base_dir))
+    base, tokenizer = load_base(recipe.model, resolve_device(recipe.train.device))
+    batch = encoded(recipe, tokenizer, floor_batch(recipe, base_dir)).to(base.device)
     horizon = recipe.rollout.max_new_tokens
     tokens = batch["input_ids"].shape[0] * horizon
     with torch.no_grad():

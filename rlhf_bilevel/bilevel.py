@@ -92,7 +92,7 @@ class Bilevel:
         # the labels of the whole batch are drawn on every process: the generators stay in step
         label = torch.bernoulli(prob, generator=self.generator) if self.cfg.labels == "sample" else prob
         rows = self.world.shard(len(prob))
-        pairs.prob, pairs.label = prob[rows], label[rows]
+        pairs.prob, pairs.label = prob[rows].to(rollout.mask.device), label[rows].to(rollout.mask.device)
         self.oracle_pairs += len(prob)
         if self.on_pairs is not None:
             self.on_pairs(pairs, {"outer_step": self.t, "inner_step": inner_step, "policy": rollout.adapter})

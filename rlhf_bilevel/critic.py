@@ -107,7 +107,7 @@ class TDCritic:
             target = {name: p.detach().clone() for name, p in self.q.named_parameters()}
             average = [torch.zeros_like(p) for p in params]
             for _ in range(self.cfg.target_every):
-                index = torch.randint(len(replay), (self.cfg.batch_size,), generator=self.generator)
+                index = torch.randint(len(replay), (self.cfg.batch_size,), generator=self.generator).to(replay.state.device)
                 batch = replay.slice(index[self.world.shard(self.cfg.batch_size)])
                 with torch.no_grad():
                     bootstrap = functional_call(self.q, target, (batch.next_state, batch.next_action))
@@ -145,7 +145,8 @@ class TDCritic:
     def load_state_dict(self, state: dict) -> None:
         self.q.load_state_dict(state["q"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.replay = None if state["replay"] is None else Transitions(**state["replay"])
+        device = self.centre[0].device  # a checkpoint loads onto the CPU
+        self.replay = None if state["replay"] is None else Transitions(**{k: v.to(device) for k, v in state["replay"].items()})
 
 
 class MCCritic:

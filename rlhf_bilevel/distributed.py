@@ -9,7 +9,9 @@ batch from it (prompts, sampling uniforms, labels, replay indices), then uses it
 So the algorithm never branches on the number of processes; it hands a few values to the
 `World` (a mean of gradients, a gather of strings) and gets the global ones back.
 
-Placement stays on the CPU (gloo): the processes exchange CPU tensors.
+Each process computes on its `World.device`: its own GPU (cuda:LOCAL_RANK, NCCL between
+processes) when torch sees one, else the CPU (gloo). Random numbers are always drawn by
+CPU generators and then moved, so a run draws the same batch on either.
 """
 
 from __future__ import annotations
@@ -24,11 +26,28 @@ from accelerate import PartialState
 from torch import Tensor
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """Where this process computes (`train.device`): `auto` is its own GPU when torch sees one
+    (cuda:LOCAL_RANK, as accelerate and torchrun number them) and the launcher did not ask for
+    the CPU (ACCELERATE_USE_CPU, `use_cpu` of an accelerate config), else the CPU."""
+    cpu_launch = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if name == "cpu" or (name == "auto" and (cpu_launch or not torch.cuda.is_available())):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        from rlhf_bilevel.config import ConfigError  # config imports this module (through the critic's)
+
+        raise ConfigError("train.device: cuda, but torch sees no CUDA device; use auto or cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
 class World:
     """One process: every collective is the identity. `ProcessGroup` is the same API across N processes."""
 
     size = 1
     rank = 0
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
 
     @property
     def is_main(self) -> bool:
@@ -58,7 +77,7 @@ class World:
         if self.size == 1:
             return metrics
         names = sorted(metrics)
-        (values,) = self.mean([torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64)])
+        (values,) = self.mean([torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=self.device)])
         return dict(zip(names, values.tolist()))
 
     def cat(self, tensor: Tensor) -> Tensor:
@@ -78,30 +97,33 @@ class World:
 
 
 class ProcessGroup(World):
-    """The processes of the default torch.distributed group."""
+    """The processes of the default torch.distributed group. Collectives run on `device` (what
+    the group's backend moves: CUDA tensors for NCCL, CPU ones for gloo) and give every
+    result back on the device its input was on."""
 
-    def __init__(self, rank: int, size: int):
+    def __init__(self, rank: int, size: int, device: torch.device | str = "cpu"):
+        super().__init__(device)
         self.rank, self.size = rank, size
 
     def sum(self, tensors: list[Tensor]) -> list[Tensor]:
         # one flat buffer, one all-reduce: an adapter has hundreds of small tensors
-        flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+        flat = torch.cat([t.detach().reshape(-1).to(self.device, torch.float64) for t in tensors])
         dist.all_reduce(flat)
         out, start = [], 0
         for t in tensors:
-            out.append(flat[start : start + t.numel()].reshape(t.shape).to(t.dtype))
+            out.append(flat[start : start + t.numel()].reshape(t.shape).to(t.device, t.dtype))
             start += t.numel()
         return out
 
     def cat(self, tensor: Tensor) -> Tensor:
-        sizes = [torch.zeros((), dtype=torch.long) for _ in range(self.size)]
-        dist.all_gather(sizes, torch.tensor(tensor.shape[0]))
+        sizes = [torch.zeros((), dtype=torch.long, device=self.device) for _ in range(self.size)]
+        dist.all_gather(sizes, torch.tensor(tensor.shape[0], device=self.device))
         longest = int(max(sizes))
-        padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+        padded = tensor.new_zeros((longest, *tensor.shape[1:]), device=self.device)
         padded[: tensor.shape[0]] = tensor
         parts = [torch.empty_like(padded) for _ in range(self.size)]
         dist.all_gather(parts, padded.contiguous())
-        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)])
+        return torch.cat([part[: int(n)] for part, n in zip(parts, sizes)]).to(tensor.device)
 
     def gather(self, value: Any) -> list[Any]:
         values: list[Any] = [None] * self.size
@@ -117,13 +139,15 @@ class ProcessGroup(World):
         dist.barrier()
 
 
-def launched_world() -> World:
-    """The processes this one was started with: itself alone, or (WORLD_SIZE > 1, as `accelerate
-    launch` and torchrun set it) the group that accelerate's `PartialState` joins over gloo."""
+def launched_world(device: str = "auto") -> World:
+    """The processes this one was started with, computing on `device` (`resolve_device`): itself
+    alone, or (WORLD_SIZE > 1, as `accelerate launch` and torchrun set it) the group that
+    accelerate's `PartialState` joins, over NCCL between GPUs and gloo between CPUs."""
+    placed = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return World()
-    state = PartialState(cpu=True)
+        return World(placed)
+    state = PartialState(cpu=placed.type == "cpu")
     # left to the interpreter's shutdown, gloo's threads can outlive it and abort the process
     atexit.register(dist.destroy_process_group)
-    return ProcessGroup(state.process_index, state.num_processes)
+    return ProcessGroup(state.process_index, state.num_processes, state.device)
 

@@ -21,9 +21,9 @@ Grads = list[Tensor]
 UpperLoss = Literal["bt_nll", "disagreement"]
 
 
-def discounts(horizon: int, gamma: float) -> Tensor:
-    """γ^h for h = 0 … H−1 (the time index: erratum 5 of eq. 15)."""
-    return gamma ** torch.arange(horizon, dtype=torch.float64)
+def discounts(horizon: int, gamma: float, like: Tensor) -> Tensor:
+    """γ^h for h = 0 … H−1 (the time index: erratum 5 of eq. 15), in `like`'s dtype and on its device."""
+    return (gamma ** torch.arange(horizon, dtype=torch.float64, device=like.device)).to(like.dtype)
 
 
 def taken_log_probs(log_probs: Tensor, rollout: Rollout) -> Tensor:
@@ -38,7 +38,7 @@ def shaped_rewards(rollout: Rollout, rewards: Tensor, beta: float) -> Tensor:
 
 def returns(rollout: Rollout, rewards: Tensor, gamma: float) -> Tensor:
     """[N] Σ_h γ^h r_h per trajectory."""
-    return (rewards * rollout.mask * discounts(rollout.horizon, gamma).to(rewards)).sum(-1)
+    return (rewards * rollout.mask * discounts(rollout.horizon, gamma, rewards)).sum(-1)
 
 
 def objective_value(rollout: Rollout, rewards: Tensor, beta: float, gamma: float) -> Tensor:
@@ -79,7 +79,7 @@ def advantages(q_values: Tensor, log_probs: Tensor, rollout: Rollout) -> Tensor:
 
 def surrogate_J_lambda(log_probs: Tensor, rollout: Rollout, advantage: Tensor, gamma: float) -> Tensor:
     """The scalar whose gradient in λ is eq. 12: E_τ Σ_h γ^h log π_λ(a_h|s_h) · A(s_h, a_h), A detached."""
-    weighted = discounts(rollout.horizon, gamma).to(advantage) * advantage.detach()
+    weighted = discounts(rollout.horizon, gamma, advantage) * advantage.detach()
     return (rollout.weight * (taken_log_probs(log_probs, rollout) * weighted).sum(-1)).sum()
 
 

@@ -75,20 +75,21 @@ def agreement(margins: Tensor, prob: Tensor) -> Tensor:
 
     Pairs the oracle calls a tie (P = 1/2) have no right order and are dropped.
     """
+    prob = prob.to(margins.device)  # an oracle's verdicts are on the CPU
     decided = prob != 0.5
     return ((torch.sign(margins) * torch.sign(prob - 0.5) + 1) / 2)[decided]
 
 
 def bootstrap(values: Tensor, resamples: int, confidence: float, generator: torch.Generator) -> Estimate:
     """Percentile bootstrap of the mean of `values` (one value per independent unit, here a prompt)."""
-    values = values.double().flatten()
+    values = values.double().flatten().cpu()  # resampled by the CPU generator
     n = len(values)
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
     index = torch.randint(n, (resamples, n), generator=generator)
     means = values[index].mean(-1)
     tail = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype)).tolist()
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype, device=means.device)).tolist()
     return Estimate(values.mean().item(), low, high, n)
 
 
@@ -169,12 +170,13 @@ def load_policy(recipe, adapter: Path):
     """The recipe's base model with the peft adapter at `adapter` as π_λ; π_ref is the same base with it disabled."""
     from peft import PeftModel
 
+    from rlhf_bilevel.distributed import resolve_device
     from rlhf_bilevel.lm.model import load_base
     from rlhf_bilevel.lm.policy import LMPolicy
 
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"--adapter: {adapter} is not a peft adapter folder (adapter_config.json missing)")
-    base, tokenizer = load_base(recipe.model)
+    base, tokenizer = load_base(recipe.model, resolve_device(recipe.train.device))
     model = PeftModel.from_pretrained(base, str(adapter), adapter_name=LAMBDA)
     model.eval()
     return LMPolicy(model, tokenizer, recipe.rollout, recipe.model.chat_template)
@@ -200,7 +202,7 @@ def load_run(run_dir: Path, overrides: Sequence[str] = ()):
     policy = load_policy(recipe, checkpoint / "adapters" / LAMBDA)
     if recipe.reward.lora:
         policy.model.load_adapter(str(checkpoint / "adapters" / REWARD_ADAPTER), adapter_name=REWARD_ADAPTER)
-    reward = TokenReward.on(policy, recipe.reward)
+    reward = TokenReward.on(policy, recipe.reward).to(policy.device)
     reward.load_state_dict(load_checkpoint(checkpoint)["reward"])
     return recipe, base_dir, policy, reward
 

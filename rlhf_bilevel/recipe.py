@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -35,6 +35,7 @@ class TrainConfig:
     eval_pairs: int = 16  # held-out prompts, two responses each: reward-model agreement and gold score
     tensorboard: bool = True
     max_bad_steps: int = 10  # the run stops once one block (λ, λ′, φ, a critic) skips this many non-finite updates in a row
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: each process's own GPU (cuda:LOCAL_RANK) when there is one, else the CPU
 
     def __post_init__(self) -> None:
         positive(self, "save_every", "eval_every", "eval_pairs", "max_bad_steps")

@@ -57,5 +57,6 @@ class SampledRollouts:
 def consecutive_pairs(rollout: Rollout) -> PreferencePairs:
     """Rows 2i and 2i+1 of a rollout (two responses to one prompt) as pair i, equally weighted."""
     n = len(rollout) // 2
-    first = torch.arange(0, 2 * n, 2)
-    return PreferencePairs(rollout=rollout, first=first, second=first + 1, weight=torch.full((n,), 1.0 / n))
+    device = rollout.mask.device
+    first = torch.arange(0, 2 * n, 2, device=device)
+    return PreferencePairs(rollout=rollout, first=first, second=first + 1, weight=torch.full((n,), 1.0 / n, device=device))

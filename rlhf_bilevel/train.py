@@ -94,12 +94,12 @@ class Trainer:
         self.oracle = make_oracle(recipe.oracle)
         seed = recipe.train.seed
         torch.manual_seed(seed)  # LoRA and head initialisation
-        base, tokenizer = load_base(recipe.model)
+        base, tokenizer = load_base(recipe.model, world.device)
         self.adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
         self.model = with_adapters(base, recipe.adapters, extra=self.adapters[len(ADAPTERS):])
         self.policy = LMPolicy(self.model, tokenizer, recipe.rollout, recipe.model.chat_template)
-        self.reward = TokenReward.on(self.policy, recipe.reward)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.reward = TokenReward.on(self.policy, recipe.reward).to(world.device)
+        self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
         source = SampledRollouts(self.policy, self.train_prompts, self.generator, world)
         self.bilevel = Bilevel(
             self.policy, self.reward, source, self.oracle, self.make_critic, recipe.bilevel, self.generator,
@@ -116,7 +116,7 @@ class Trainer:
         cfg = self.recipe.bilevel
         if cfg.critic.kind == "mc":
             return MCCritic(cfg.gamma, self.world)
-        head = VocabQHead(self.model.get_output_embeddings().weight, self.policy.feature_dim)
+        head = VocabQHead(self.model.get_output_embeddings().weight, self.policy.feature_dim).to(self.world.device)
         return TDCritic(self.policy.state_features, head, cfg.gamma, cfg.critic, self.generator, self.world)
 
     # -- what arrives during a step ------------------------------------------------------------------
@@ -126,7 +126,7 @@ class Trainer:
 
     def tokens_generated(self) -> int:
         """Tokens sampled by every process together: each counts the rows it drew."""
-        (total,) = self.world.sum([torch.tensor(self.policy.tokens_generated)])
+        (total,) = self.world.sum([torch.tensor(self.policy.tokens_generated, device=self.world.device)])
         return int(total)
 
     def log_inner(self, k: int, metrics: dict[str, float]) -> None:
@@ -323,7 +323,7 @@ def check_shards(recipe: Recipe, world: World) -> None:
 def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary | None:
     """A fresh run of `recipe` in `run_dir`; refuses a folder that already holds a run. Under
     `accelerate launch` every process calls it; the main one returns the summary, the others None."""
-    world = launched_world()
+    world = launched_world(recipe.train.device)
     if (run_dir / RECIPE_FILE).exists():
         raise ConfigError(f"--output-dir: {run_dir} already holds a run; continue it with --resume {run_dir}, or pick another folder")
     return Trainer(recipe, run_dir, base_dir, world).fit()
@@ -332,10 +332,10 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary | None:
 def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] = lambda message: None) -> Summary | None:
     """Continues the run in `run_dir` from its newest sound checkpoint (from the start if it has
     none), with as many processes as it is started with now."""
-    world = launched_world()
     if not (run_dir / RECIPE_FILE).is_file():
         raise ConfigError(f"--resume: {run_dir} holds no run ({RECIPE_FILE} missing)")
     recipe = parse_recipe(read_yaml(run_dir / RECIPE_FILE), overrides)
+    world = launched_world(recipe.train.device)
     text = read_text(run_dir / RUN_FILE, "--resume")
     try:
         base_dir = Path(json.loads(text)["base_dir"])

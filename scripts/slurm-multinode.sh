@@ -12,6 +12,7 @@
 #SBATCH --job-name=rlhf-bilevel
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:8
 #SBATCH --cpus-per-task=16
 #SBATCH --time=24:00:00
 #SBATCH --requeue
@@ -21,7 +22,7 @@ set -euo pipefail
 RECIPE=${1:?usage: sbatch scripts/slurm-multinode.sh RECIPE RUN_DIR [--set key=value ...]}
 RUN_DIR=${2:?usage: sbatch scripts/slurm-multinode.sh RECIPE RUN_DIR [--set key=value ...]}
 shift 2
-PROCS_PER_NODE=${PROCS_PER_NODE:-8}
+PROCS_PER_NODE=${PROCS_PER_NODE:-8}  # one per GPU (--gres=gpu:8)
 MAIN_PORT=${MAIN_PORT:-29500}
 MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 # the processes of a node share its cores; the tiny per-process batches gain nothing from more

@@ -3,12 +3,13 @@
 The end-to-end test launches the tiny recipe with `accelerate launch` (two CPU processes over
 gloo) and with one plain process, and compares everything a user reads. The pieces under it
 are checked on their own: a shard of a sampled batch, and the collectives, the critics and
-the leave-one-out baseline in a two-process gloo group spawned by the test.
+the leave-one-out baseline in a two-process gloo group spawned by the test; and that every
+tensor of a run is made on the run's device.
 
 Tolerances: the two runs differ only in how float32 sums are split (per-shard estimates
 averaged instead of one sum over the batch), about 1e-7 relative per operation; a few Adam
 steps amplify that, so metrics are compared to 1e-3 relative (1e-5 absolute) and adapter
-weights to 1e-4 absolute. Everything discrete (sampled tokens, oracle labels, replay
+weights tensor by tensor, to 1e-3 relative. Everything discrete (sampled tokens, oracle labels, replay
 indices) must be equal exactly, and so must the preference log.
 """
 
@@ -25,6 +26,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.overrides import TorchFunctionMode
 from safetensors.torch import load_file
 
 from rlhf_bilevel import estimators as est
@@ -146,6 +148,56 @@ def test_a_shard_samples_exactly_its_rows_of_the_whole_batch():
         torch.testing.assert_close(shard.context.features, whole.context.features[rows], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shard.weight, torch.full((len(shard),), 1 / len(shard)))
     assert len({tuple(t) for t in whole.tokens.tolist()}) > 4, "the rows should differ"
+
+
+FACTORIES = {torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor, torch.as_tensor, torch.arange,
+             torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye, torch.linspace}
+
+
+class UnplacedOnMeta(TorchFunctionMode):
+    """Puts every tensor that rlhf_bilevel's own code makes without naming a device (or a generator,
+    whose device it takes) on the meta device, where any operation that meets a tensor of the
+    model's device fails. This CPU has no second device, so a tensor left on the default device
+    would otherwise pass unseen, and fail on the first GPU it meets."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in FACTORIES and kwargs.get("device") is None and "generator" not in kwargs and made_by_library():
+            kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)
+
+
+def made_by_library() -> bool:
+    """Whether the factory was called by rlhf_bilevel itself (modules it builds make their
+    parameters on the CPU, and are moved whole)."""
+    return sys._getframe(2).f_globals.get("__name__", "").startswith("rlhf_bilevel")
+
+
+def test_the_check_of_placement_fails_a_library_tensor_made_without_a_device():
+    probe = {"__name__": "rlhf_bilevel.probe", "torch": torch}
+    exec("def unplaced(like):\n    return like * torch.arange(3)\n"
+         "def placed(like):\n    return like * torch.arange(3, device=like.device)\n", probe)
+    like = torch.ones(3)
+    with UnplacedOnMeta():
+        assert torch.arange(3).device.type == "cpu"  # made by the test, not by the library
+        assert probe["placed"](like).device.type == "cpu"
+        with pytest.raises(RuntimeError, match="meta"):
+            probe["unplaced"](like)
+
+
+@pytest.mark.parametrize("extra", [["bilevel.critic.kind=td", "reward.lora=true"], ["bilevel.critic.kind=mc", "bilevel.micro_batch=2"]])
+def test_every_tensor_of_a_run_is_made_on_the_device_of_the_run(tmp_path, extra):
+    from rlhf_bilevel.evaluate import EvalConfig, eval_run
+    from rlhf_bilevel.recipe import load_recipe
+    from rlhf_bilevel.train import resume, train
+
+    recipe = load_recipe(TINY, [*SETTINGS, "bilevel.outer_steps=1", "train.save_every=1", *extra])
+    with UnplacedOnMeta():
+        train(recipe, tmp_path, TINY.parent)
+        resume(tmp_path, ["bilevel.outer_steps=2"])
+        report = eval_run(tmp_path, EvalConfig(prompts=2, resamples=10))
+    assert json.loads((tmp_path / "summary.json").read_text())["outer_steps"] == 2
+    assert 0 <= report["win_rate"].mean <= 1
 
 
 def test_batches_that_do_not_split_evenly_are_refused_naming_the_field():

@@ -102,15 +102,16 @@ def converted_gguf(gguf: Path) -> Path:
     return target
 
 
-def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The frozen base model (eval mode, no gradients) and its tokenizer, from local files only
-    unless `name` is a hub id. Loading is quiet: the command's own progress bar is the one to watch."""
+def load_base(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The frozen base model (eval mode, no gradients) on `device`, and its tokenizer, from local
+    files only unless `name` is a hub id. Loading is quiet: the command's own progress bar is the
+    one to watch."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     dtype = DTYPES[cfg.dtype]
     if cfg.name == "tiny":
         model, tokenizer = tiny.build()
-        return freeze(model.to(dtype)), tokenizer
+        return freeze(model.to(device, dtype)), tokenizer
     source, local = resolve(cfg.name)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local, trust_remote_code=cfg.trust_remote_code)
@@ -123,7 +124,7 @@ def load_base(cfg: ModelConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         raise ConfigError(f"model.name: cannot load {cfg.name!r}: {first}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return freeze(model), tokenizer
+    return freeze(model.to(device)), tokenizer
 
 
 def resolve(name: str) -> tuple[str, bool]:

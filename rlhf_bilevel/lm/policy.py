@@ -75,6 +75,11 @@ class LMPolicy(AdapterSwitch):
         )
 
     @property
+    def device(self) -> torch.device:
+        """Where the model is, and every tensor of its rollouts."""
+        return self.model.get_input_embeddings().weight.device
+
+    @property
     def feature_dim(self) -> int:
         return self.model.config.hidden_size
 
@@ -112,7 +117,7 @@ class LMPolicy(AdapterSwitch):
             texts, return_tensors="pt", padding=True, truncation=True,
             max_length=self.cfg.max_prompt_tokens, add_special_tokens=not self.chat_template,
         )
-        return batch["input_ids"], batch["attention_mask"]
+        return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int, hidden: bool = False,
                 past: Cache | None = None):
@@ -143,7 +148,7 @@ class LMPolicy(AdapterSwitch):
         and its random numbers drawn as a whole, and row i reads only its own."""
         prompt_ids, prompt_mask = self.encode(prompts)
         horizon = self.cfg.max_new_tokens
-        uniforms = torch.rand(len(prompts), horizon, generator=generator, dtype=torch.float64)[rows]
+        uniforms = torch.rand(len(prompts), horizon, generator=generator, dtype=torch.float64)[rows].to(self.device)
         prompts, prompt_ids, prompt_mask = list(prompts)[rows], prompt_ids[rows], prompt_mask[rows]
         n, prompt_len = len(prompts), prompt_ids.shape[1]
         draw = InverseCDF(uniforms, prompt_len)
@@ -152,13 +157,13 @@ class LMPolicy(AdapterSwitch):
                 input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation,
                 cache=self.prompt_cache(prompts, prompt_ids, prompt_mask), logits_processor=LogitsProcessorList([draw]),
             )
-        tokens = torch.full((n, horizon), self.pad, dtype=torch.long)
+        tokens = torch.full((n, horizon), self.pad, dtype=torch.long, device=self.device)
         generated = out.sequences[:, prompt_len:]
         tokens[:, : generated.shape[1]] = generated
         is_eos = tokens == self.eos
         # 1 up to and including the first EOS, then 0: EOS is absorbing
         mask = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).float()
-        logp = torch.zeros(n, horizon)
+        logp = torch.zeros(n, horizon, device=self.device)
         logp[:, : generated.shape[1]] = torch.stack(draw.taken, 1).float()
         input_ids = torch.cat([prompt_ids, tokens], 1)
         attention_mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)
@@ -181,7 +186,7 @@ class LMPolicy(AdapterSwitch):
             mask=mask,
             logp=logp * mask,
             ref_logp=ref_logp * mask,
-            weight=torch.full((n,), 1.0 / n),
+            weight=torch.full((n,), 1.0 / n, device=self.device),
             context=LMContext(input_ids, attention_mask, prompt_len, features),
             adapter=self.active,
         )
@@ -194,8 +199,8 @@ class LMPolicy(AdapterSwitch):
         if prompt_ids.shape[1] < 2:
             return None
         distinct: dict[str, int] = {}
-        row_of = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prompts])
-        first = torch.tensor([prompts.index(p) for p in distinct])
+        row_of = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prompts], device=self.device)
+        first = torch.tensor([prompts.index(p) for p in distinct], device=self.device)
         with torch.no_grad():
             past = self.forward(prompt_ids[first, :-1], prompt_mask[first, :-1], logits_to_keep=1, past=DynamicCache()).cache
         past.reorder_cache(row_of)
@@ -237,7 +242,7 @@ class InverseCDF(LogitsProcessor):
         h = input_ids.shape[1] - self.prompt_len
         log_probs = F.log_softmax(scores.double(), -1)
         cdf = log_probs.exp().cumsum(-1)
-        u = self.uniforms[:, h : h + 1].to(cdf.device) * cdf[:, -1:]
+        u = self.uniforms[:, h : h + 1] * cdf[:, -1:]
         token = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)
         self.taken.append(log_probs.gather(-1, token).squeeze(-1))
         return torch.full_like(scores, -torch.inf).scatter_(-1, token, 0.0)

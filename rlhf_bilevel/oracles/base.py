@@ -109,7 +109,7 @@ def check_batch(prompts: Sequence[Any], *responses: Sequence[Any]) -> None:
 def as_vector(name: str, values: Any, n: int, what: str) -> Tensor:
     """An oracle's answer as a [n] float tensor on the CPU, or an OracleError saying what was wrong."""
     try:
-        vector = torch.as_tensor(values).detach().to("cpu", torch.get_default_dtype())
+        vector = torch.as_tensor(values, device="cpu").detach().to(torch.get_default_dtype())
     except (TypeError, ValueError, RuntimeError) as error:
         raise OracleError(f"{name}: {what} are not a list of numbers ({one_line(error)})") from error
     if vector.shape != (n,):

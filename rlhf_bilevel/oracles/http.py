@@ -80,7 +80,7 @@ class HttpJudge:
         pool = ThreadPoolExecutor(max_workers=min(self.cfg.batch_size, len(questions)), thread_name_prefix="oracle-http")
         try:
             futures = [pool.submit(retrying, lambda q=q: self.ask(q), self.cfg.retries, self.cfg.backoff) for q in questions]
-            return torch.tensor([float(future.result()) for future in futures])
+            return torch.tensor([float(future.result()) for future in futures], device="cpu")
         finally:
             pool.shutdown(cancel_futures=True)  # after a final failure, the questions not yet sent never are
 

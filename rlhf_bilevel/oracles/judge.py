@@ -29,10 +29,11 @@ if TYPE_CHECKING:
 def llm_judge_oracle(cfg: OracleConfig) -> LLMJudge:
     """The judge `oracle.model` names (any `model.name`: smollm2, tiny, a .gguf, a folder, a hub id)."""
     # transformers takes seconds to import: paid only by runs that use a model as their oracle
+    from rlhf_bilevel.distributed import resolve_device
     from rlhf_bilevel.lm.model import EMBEDDED, ModelConfig, load_base
 
     with as_oracle_model():
-        model, tokenizer = load_base(ModelConfig(name=cfg.model or EMBEDDED, dtype=cfg.dtype))
+        model, tokenizer = load_base(ModelConfig(name=cfg.model or EMBEDDED, dtype=cfg.dtype), resolve_device())
     return LLMJudge(model, tokenizer, cfg)
 
 
@@ -68,6 +69,7 @@ class LLMJudge:
         # left padding puts every question's last token in the last column; the positions count
         # real tokens only, so a padded question is read exactly as it would be alone
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=not self.chat)
+        batch = batch.to(self.model.device)
         mask = batch["attention_mask"]
         logits = self.model(
             input_ids=batch["input_ids"],

@@ -30,6 +30,7 @@ def reward_model_oracle(cfg: OracleConfig) -> ScoredOracle:
     # transformers takes seconds to import: paid only by runs that use a model as their oracle
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from rlhf_bilevel.distributed import resolve_device
     from rlhf_bilevel.lm.model import DTYPES, freeze, resolve
 
     with as_oracle_model():
@@ -54,7 +55,8 @@ def reward_model_oracle(cfg: OracleConfig) -> ScoredOracle:
     if model.config.pad_token_id is None:
         # the classifier reads its score at the last token that is not padding, found by this id
         model.config.pad_token_id = tokenizer.pad_token_id
-    return ScoredOracle("reward-model", RewardModelScorer(freeze(model), tokenizer, cfg.batch_size), cfg)
+    scorer = RewardModelScorer(freeze(model.to(resolve_device())), tokenizer, cfg.batch_size)
+    return ScoredOracle("reward-model", scorer, cfg)
 
 
 class RewardModelScorer:
@@ -83,4 +85,4 @@ class RewardModelScorer:
             batch = self.tokenizer(conversations, add_special_tokens=False, **common)
         else:
             batch = self.tokenizer(list(prompts), list(responses), **common)
-        return self.model(**batch).logits[:, 0].float()
+        return self.model(**batch.to(self.model.device)).logits[:, 0].float()
