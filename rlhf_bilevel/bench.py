@@ -48,6 +48,8 @@ QUICK_RECIPE = RECIPES / "tiny-debug.yaml"
 SETTINGS = ["rollout.max_new_tokens=32", "adapters.r=16", "adapters.alpha=32", "adapters.target_modules=[all-linear]"]
 """The issue's settings: 32 new tokens, LoRA r16 on all linear layers (B = 4 pairs per step in both recipes)."""
 WORKERS = ("floors", "bilevel", "alternating", "online_dpo")
+CONFIGS = WORKERS[1:]
+"""What `--only` may pick; the floors are always measured, every ratio is to them."""
 BILEVEL_PHASES = ("rollouts", "reference", "oracle", "critic", "reward", "lambda_step", "lambda_prime_step", "phi_step")
 
 
@@ -278,17 +280,17 @@ def machine(threads: int | None) -> dict:
 
 
 def run_benchmark(recipe_path: Path, overrides: list[str], out: Path, repeats: int = 2, warmup: int = 0,
-                  log: Callable[[str], None] = print, threads: int | None = None) -> dict:
-    """Every configuration in turn, each in its own process (with `threads` torch threads, default
-    torch's own); writes `out` (bench.json) and returns its content."""
+                  log: Callable[[str], None] = print, threads: int | None = None, configs: tuple[str, ...] = CONFIGS) -> dict:
+    """The floors, then each of `configs` in turn, each in its own process (with `threads` torch
+    threads, default torch's own); writes `out` (bench.json) and returns its content."""
     recipe = load_recipe(recipe_path, overrides)  # a bad recipe or override fails here, before any worker starts
     started = os.getloadavg()
     results = {}
-    for config in WORKERS:
+    for config in ("floors", *configs):
         log(f"measuring {config} ...")
         results.update(run_worker(config, recipe_path, overrides, repeats, warmup, threads))
     rows = summarise(results)
-    phases = {k: results[k]["phases"] for k in ("bilevel", "alternating")}
+    phases = {k: results[k]["phases"] for k in ("bilevel", "alternating") if k in results}
     report = {
         "recipe": str(recipe_path),
         "overrides": overrides,
@@ -318,6 +320,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads of every worker (default torch's own); 1 on a machine shared with other jobs, "
                              "where threads waiting on each other at every small kernel slow decoding several-fold")
+    parser.add_argument("--only", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                        help="the configurations to measure besides the floors (default all)")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -327,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
             result = worker(args.worker, recipe, args.overrides, args.repeats, args.warmup, args.threads)
             args.result.write_text(json.dumps(result), encoding="utf-8")
             return
-        report = run_benchmark(recipe, [*SETTINGS, *args.overrides], args.out, args.repeats, args.warmup, threads=args.threads)
+        report = run_benchmark(recipe, [*SETTINGS, *args.overrides], args.out, args.repeats, args.warmup, threads=args.threads,
+                               configs=tuple(args.only))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -169,6 +169,28 @@ def test_a_prompt_shared_by_several_rows_is_encoded_once_per_pass(lm, monkeypatc
     rollout = policy.sample([p for p in PROMPTS[:3] for _ in range(2)], torch.Generator().manual_seed(0))
     assert encoded == [(LAMBDA, 3), (None, 3)]
     assert rollout.prompts[0] == rollout.prompts[1] and rollout.responses[0] != rollout.responses[1]
+    with policy.adapter(LAMBDA_PRIME):
+        policy.log_probs(rollout)
+    assert encoded[2:] == [(LAMBDA_PRIME, 3)]
+
+
+def test_rows_that_share_a_prompt_score_and_differentiate_as_whole_rows(lm):
+    """log π of pairs, whose prompt is encoded once and its cache shared, equals one forward of each
+    whole row, in value and in the gradient in λ′ (which must reach the prompt through the cache)."""
+    perturb(lora_b(lm, LAMBDA_PRIME), 0.3, seed=3)
+    policy = policy_of(lm, horizon=4)
+    params = policy.parameters_of(LAMBDA_PRIME)
+    with policy.adapter(LAMBDA_PRIME):
+        rollout = policy.sample([p for p in PROMPTS[:3] for _ in range(2)], torch.Generator().manual_seed(3))
+        shared = policy.log_probs(rollout)
+        ctx = rollout.context
+        whole = F.log_softmax(policy.forward(ctx.input_ids[:, :-1], ctx.attention_mask[:, :-1], logits_to_keep=4).logits.float(), -1)
+    weights = torch.randn(shared.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
+    grad_shared = flat(torch.autograd.grad((shared * weights).sum(), params))
+    grad_whole = flat(torch.autograd.grad((whole * weights).sum(), params))
+    # float32 rounding differs between the two orders of summation: 1e-4 of the gradient's scale
+    torch.testing.assert_close(grad_shared, grad_whole, rtol=1e-4, atol=1e-4 * grad_whole.abs().max().item())
 
 
 def test_a_piece_of_a_rollout_scores_as_its_rows_of_the_whole(lm):

@@ -195,20 +195,26 @@ class LMPolicy(AdapterSwitch):
         """The KV cache of every row's prompt but its last token, under the active adapter, computed
         once per distinct prompt and copied to the rows that share it: the two responses of a pair
         (eq. 7) share their prompt, and encoding it is about a third of drawing them. None for
-        one-token prompts, which leave nothing to cache."""
+        one-token prompts, which leave nothing to cache. Under grad mode the cache carries the graph,
+        so the gradient of what reads it reaches the prompt's encoding once, through every row."""
         if prompt_ids.shape[1] < 2:
             return None
         distinct: dict[str, int] = {}
         row_of = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prompts], device=self.device)
         first = torch.tensor([prompts.index(p) for p in distinct], device=self.device)
-        with torch.no_grad():
-            past = self.forward(prompt_ids[first, :-1], prompt_mask[first, :-1], logits_to_keep=1, past=DynamicCache()).cache
+        past = self.forward(prompt_ids[first, :-1], prompt_mask[first, :-1], logits_to_keep=1, past=DynamicCache()).cache
         past.reorder_cache(row_of)
         return past
 
     def log_probs(self, rollout: Rollout) -> Tensor:
+        """[N, H, V] log π(·|s_h) under the active adapter, differentiable in its weights. Rows that share
+        a prompt (the pairs of eq. 7) encode it once: the λ′ step's forward and backward skip a copy of
+        every pair's prompt. (Gradient checkpointing recomputes without a cache, so it scores whole rows.)"""
         ctx: LMContext = rollout.context
-        out = self.forward(ctx.input_ids[:, :-1], ctx.attention_mask[:, :-1], logits_to_keep=rollout.horizon)
+        shared = len(set(rollout.prompts)) < len(rollout) and not self.cfg.gradient_checkpointing
+        past = self.prompt_cache(rollout.prompts, ctx.input_ids[:, : ctx.prompt_len], ctx.attention_mask[:, : ctx.prompt_len]) if shared else None
+        start = 0 if past is None else ctx.prompt_len - 1
+        out = self.forward(ctx.input_ids[:, start:-1], ctx.attention_mask[:, :-1], logits_to_keep=rollout.horizon, past=past)
         return F.log_softmax(out.logits.float(), -1)
 
     def state_features(self, rollout: Rollout) -> Tensor:
