@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, TDCritic
-from rlhf_bilevel.distributed import ProcessGroup, World
+from rlhf_bilevel.distributed import ProcessGroup, World, resolve_device
 from rlhf_bilevel.types import ADAPTERS, Rollout
 
 # the model and recipe modules (transformers, peft) are imported inside the tests that use them:
@@ -148,6 +148,22 @@ def test_a_shard_samples_exactly_its_rows_of_the_whole_batch():
         torch.testing.assert_close(shard.context.features, whole.context.features[rows], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(shard.weight, torch.full((len(shard),), 1 / len(shard)))
     assert len({tuple(t) for t in whole.tokens.tolist()}) > 4, "the rows should differ"
+
+
+def test_the_device_is_the_process_gpu_only_where_there_is_one_and_the_launcher_allows(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert resolve_device("auto") == torch.device("cuda", 3)
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "true")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("ACCELERATE_USE_CPU")
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="train.device: cuda, but torch sees no CUDA device"):
+        resolve_device("cuda")
 
 
 FACTORIES = {torch.zeros, torch.ones, torch.full, torch.empty, torch.tensor, torch.as_tensor, torch.arange,
