@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import GenerationConfig
 
+from rlhf_bilevel.allocator import return_freed_memory
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.distributed import resolve_device
 from rlhf_bilevel.lm.model import load_base
@@ -209,6 +210,8 @@ def worker(config: str, recipe_path: Path, overrides: list[str], repeats: int, w
     if threads:
         torch.set_num_threads(threads)
     recipe = load_recipe(recipe_path, overrides)
+    if recipe.train.return_freed_memory:  # every configuration, the floors too, on the same allocator
+        return_freed_memory()
     base_dir = recipe_path.resolve().parent
     if config == "floors":
         return measure_floors(recipe, base_dir, repeats)

@@ -36,6 +36,10 @@ class TrainConfig:
     tensorboard: bool = True
     max_bad_steps: int = 10  # the run stops once one block (λ, λ′, φ, a critic) skips this many non-finite updates in a row
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: each process's own GPU (cuda:LOCAL_RANK) when there is one, else the CPU
+    # give freed tensors back to the OS at once (glibc: a fixed mmap threshold, allocator.py): peak
+    # memory then is one phase's, not the high-water of every phase before it, for page faults
+    # on every large tensor (a few % to ~15 % of a step's time, measured on SmolLM2)
+    return_freed_memory: bool = False
 
     def __post_init__(self) -> None:
         positive(self, "save_every", "eval_every", "eval_pairs", "max_bad_steps")

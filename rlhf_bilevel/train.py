@@ -32,6 +32,7 @@ import torch
 import yaml
 
 from rlhf_bilevel import estimators as est
+from rlhf_bilevel.allocator import return_freed_memory
 from rlhf_bilevel.bilevel import Bilevel, NonFiniteError
 from rlhf_bilevel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_bilevel.config import ConfigError, read_text
@@ -89,6 +90,8 @@ class Trainer:
         self.recipe, self.run_dir, self.base_dir, self.world = recipe, run_dir, base_dir, world
         # everything that can reject the user's input comes before anything is written
         check_shards(recipe, world)
+        if recipe.train.return_freed_memory:
+            return_freed_memory()
         self.train_prompts, held_out = load_prompts(recipe.prompts, base_dir)
         self.eval_prompts = held_out or self.train_prompts
         self.oracle = make_oracle(recipe.oracle)
