@@ -37,7 +37,7 @@ from transformers import GenerationConfig
 from rlhf_bilevel.allocator import return_freed_memory
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.distributed import resolve_device
-from rlhf_bilevel.lm.model import load_base
+from rlhf_bilevel.lm.model import load_base, native_bf16, resolve_dtype
 from rlhf_bilevel.online_dpo import rendered, single_adapter, train_online_dpo
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, load_recipe
@@ -278,6 +278,7 @@ def machine(threads: int | None) -> dict:
         "cpus": os.cpu_count(),
         "torch_threads": threads or torch.get_num_threads(),
         "torch": torch.__version__,
+        "cpu_native_bf16": native_bf16(torch.device("cpu")),  # what model.dtype=auto decides by
         "load_average": os.getloadavg(),
     }
 
@@ -293,11 +294,12 @@ def run_benchmark(recipe_path: Path, overrides: list[str], out: Path, repeats: i
         log(f"measuring {config} ...")
         results.update(run_worker(config, recipe_path, overrides, repeats, warmup, threads))
     rows = summarise(results)
+    dtype = resolve_dtype(recipe.model.dtype, resolve_device(recipe.train.device))  # what `auto` took here
     phases = {k: results[k]["phases"] for k in ("bilevel", "alternating") if k in results}
     report = {
         "recipe": str(recipe_path),
         "overrides": overrides,
-        "settings": {"model": recipe.model.name, "dtype": recipe.model.dtype, "max_new_tokens": recipe.rollout.max_new_tokens,
+        "settings": {"model": recipe.model.name, "dtype": str(dtype).removeprefix("torch."), "max_new_tokens": recipe.rollout.max_new_tokens,
                      "pairs_per_step": recipe.bilevel.pairs_per_step, "inner_steps": recipe.bilevel.inner_steps,
                      "trajectories_per_step": recipe.bilevel.trajectories_per_step,
                      "pairs_per_outer_step": recipe.bilevel.pairs_per_outer_step, "lora_r": recipe.adapters.r},

@@ -47,6 +47,10 @@ class QHead(nn.Module):
         q = self.net(features)
         return q if actions is None else q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
+    def expectation(self, features: Tensor, probs: Tensor) -> Tensor:
+        """Σ_a probs(a|s) Q(s, a) per state: V(s) when `probs` is the policy."""
+        return (probs * self(features)).sum(-1)
+
 
 def project_to_ball(params: list[Tensor], centre: list[Tensor], radius: float) -> None:
     """θ ← Γ_{θ0,R}(θ): the Euclidean projection of Algorithm 2, line 7."""
@@ -75,7 +79,8 @@ class TDCritic:
         world: World = World(),
     ):
         """`features(rollout)` gives [N, H+1, d] state features; `head` maps them to Q(s, ·) over the
-        actions, and `head(features, actions)` to Q(s, a) of one action each (what TD needs)."""
+        actions, `head(features, actions)` to Q(s, a) of one action each (what TD needs), and
+        `head.expectation(features, probs)` to Σ_a probs(a) Q(s, a) (the baseline V of eq. 12)."""
         self.features = features
         self.gamma = gamma
         self.cfg = cfg
@@ -135,8 +140,13 @@ class TDCritic:
         """[N, H, V] Q_θ(s_h, ·)."""
         return self.q(self.features(rollout)[:, : rollout.horizon])
 
+    @torch.no_grad()
     def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
-        return est.advantages(self.q_values(rollout), log_probs, rollout)
+        """Q of the taken tokens and V(s) by the head's expectation, which never needs Q(s, ·) of
+        the whole vocabulary as a tensor (the vocabulary head's is [N, H, V], like log π itself)."""
+        states = self.features(rollout)[:, : rollout.horizon]
+        values = self.q.expectation(states, log_probs.detach().exp())
+        return est.advantages(self.q(states, rollout.tokens), values, rollout)
 
     def state_dict(self) -> dict:
         replay = None if self.replay is None else {k: getattr(self.replay, k) for k in TRANSITION_FIELDS}

@@ -70,11 +70,16 @@ def upper_loss(margins: Tensor, label: Tensor, kind: UpperLoss) -> Tensor:
     raise ValueError(f"unknown upper loss {kind!r}")
 
 
-def advantages(q_values: Tensor, log_probs: Tensor, rollout: Rollout) -> Tensor:
-    """A(s,a) = Q(s,a) − V(s), with V(s) = Σ_a π(a|s) Q(s,a) exact over the vocabulary."""
-    values = (log_probs.detach().exp() * q_values).sum(-1)
-    taken = q_values.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1)
+def advantages(taken: Tensor, values: Tensor, rollout: Rollout) -> Tensor:
+    """[N, H] A(s,a) = Q(s,a) − V(s) of the taken tokens (eq. 12), from `taken` Q(s_h, a_h) and
+    `values` V(s_h) = Σ_a π(a|s_h) Q(s_h, a), the baseline ALGORITHM.md asks to be exact."""
     return (taken - values) * rollout.mask
+
+
+def q_advantages(q_values: Tensor, log_probs: Tensor, rollout: Rollout) -> Tensor:
+    """`advantages` from a table of Q(s_h, ·) over every action."""
+    values = (log_probs.detach().exp() * q_values).sum(-1)
+    return advantages(q_values.gather(-1, rollout.tokens.unsqueeze(-1)).squeeze(-1), values, rollout)
 
 
 def surrogate_J_lambda(log_probs: Tensor, rollout: Rollout, advantage: Tensor, gamma: float) -> Tensor:

@@ -179,6 +179,9 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
         temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, missing_eos_penalty=None,
         seed=seed, data_seed=seed, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, dataloader_num_workers=0,
+        # TRL autocasts to bf16 by default; the comparison runs it as our trainer computes, where a
+        # CPU without avx512_bf16 would otherwise emulate every matmul of its LoRA (several times slower)
+        bf16=recipe.rollout.autocast,
     )
     snapshots = Snapshots(model, judge, output_dir / "snapshots", snapshot_every, pairs)
     trainer = OnlineDPOTrainer(model=model, reward_funcs=judge, args=args, train_dataset=dataset,

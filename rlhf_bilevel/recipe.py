@@ -59,7 +59,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
-        # lm/policy.py's config has no checks of its own; 0 would fail inside generate() with a traceback
+        # lm/policy.py's config has no checks of its own; 0 would fail inside sampling with a traceback
         positive(self.rollout, "max_new_tokens", "max_prompt_tokens", prefix="rollout.")
 
 

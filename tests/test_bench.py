@@ -139,7 +139,7 @@ def test_gradient_checkpointing_changes_no_number_and_leaves_eval_mode():
     assert len(calls) == 1  # the layer went through torch's checkpoint (transformers skips it in eval mode)
     torch.testing.assert_close(lp_ckpt, lp_plain)
     torch.testing.assert_close(g_ckpt, g_plain)
-    assert not checkpointed.model.training  # generate() must keep its KV cache
+    assert not checkpointed.model.training  # sampling must keep its KV cache
 
 
 def test_autocast_runs_in_bf16_close_to_float32():

@@ -33,6 +33,12 @@ def test_td_critic_matches_exact_q(testbed):
     # on-policy visitation-weighted error: well under the spread of Q itself
     assert error < 0.05, f"mean |Q_θ − Q| = {error:.3f} (spread of Q: {spread:.3f})"
     assert spread > 4 * error
+    # its advantages take V(s) from the head's expectation: the same as from its table of Q(s, ·)
+    with policy.adapter(LAMBDA):
+        log_probs = policy.log_probs(rollout)
+    advantage = critic.advantages(rollout, shaped, log_probs)
+    assert advantage.abs().max() > 0.05
+    torch.testing.assert_close(advantage, est.q_advantages(critic.q_values(rollout), log_probs, rollout))
 
 
 def test_projection_onto_ball():

@@ -136,7 +136,7 @@ def sequence_log_probs(model, prompt: torch.Tensor, response: torch.Tensor) -> t
 # -- 1. the sampled log-probabilities are the ones a forward pass gives ----------------------------
 @pytest.mark.parametrize("perturbed", [False, True])
 def test_sampled_logp_matches_forward_pass_and_ref_logp_matches_disabled_adapters(lm, perturbed):
-    """generate()'s logp equals a recomputed forward under λ (also after λ moves), and ref_logp that of adapter(None)."""
+    """Sampling's logp equals a recomputed forward under λ (also after λ moves), and ref_logp that of adapter(None)."""
     if perturbed:
         perturb(lora_b(lm, LAMBDA), 0.3, seed=1)
     policy = policy_of(lm, horizon=5)
@@ -273,6 +273,30 @@ def test_eos_is_absorbing_in_mask_logp_and_estimators(eos_lm):
     kl_by_hand = sum((rollout.logp[i, : int(n)] - rollout.ref_logp[i, : int(n)]).sum() for i, n in enumerate(lengths)) / len(rollout)
     torch.testing.assert_close(est.kl_to_reference(rollout), kl_by_hand)
     assert abs(kl_by_hand.item()) > 1e-3
+
+
+def test_a_row_leaves_the_decoding_batch_at_its_eos_and_keeps_its_tokens(eos_lm, monkeypatch):
+    """Decoding step h computes only the rows still running (those whose mask is 1 at h), and each
+    row draws the very tokens it draws alone, so rows finishing beside it change nothing."""
+    perturb(lora_b(eos_lm, LAMBDA), 0.3, seed=1)
+    policy = policy_of(eos_lm, horizon=6)
+    batch_sizes = []
+    hook = eos_lm.model.get_base_model().register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        rollout = policy.sample(PROMPTS * 4, torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    running = rollout.mask.sum(0).long().tolist()  # rows still running at each step
+    steps = len([n for n in running if n > 0])
+    assert running[0] == 16 and min(running[:steps]) < 12, "the test needs rows that stop early"
+    # calls: the prompt cache, one per decoding step, the reference's prompt cache and its pass
+    assert batch_sizes[1 : 1 + steps] == running[:steps] and len(batch_sizes) == steps + 3
+    for i in (0, 5, 11):
+        alone = policy.sample(PROMPTS * 4, torch.Generator().manual_seed(0), rows=slice(i, i + 1))
+        assert torch.equal(alone.tokens[0], rollout.tokens[i])
+        torch.testing.assert_close(alone.logp[0], rollout.logp[i], atol=1e-5, rtol=0)
 
 
 def test_hand_built_rollout_masks_after_mid_sequence_eos(eos_lm):
@@ -517,6 +541,8 @@ def test_vocab_q_head_shape_and_initial_value_broadcast(lm):
     torch.testing.assert_close(q, seen["value"] + seen["mixed"] @ embedding.T)
     actions = rollout.tokens
     torch.testing.assert_close(head(states, actions), q.gather(-1, actions[..., None]).squeeze(-1))
+    probs = torch.softmax(3 * torch.randn(q.shape, generator=torch.Generator().manual_seed(2)), -1)
+    torch.testing.assert_close(head.expectation(states, probs), (probs * q).sum(-1))
 
 
 def test_vocab_q_head_neither_owns_nor_moves_the_base_embedding(lm):
@@ -613,3 +639,12 @@ def test_lambda_prime_direction_of_one_backward_equals_grad_J_minus_sigma_grad_f
     grad_f = est.grad_f_lambda(log_probs, params, pairs, losses)
     assert flat(grad_f).abs().max() > 1e-3  # the penalty term is there to be lost
     torch.testing.assert_close(flat(direction), flat(grad_J) - cfg.sigma * flat(grad_f), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch, native, expected):
+    # on a CPU without avx512_bf16 every bf16 matmul is emulated, several times slower than float32
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    base, _ = load_base(ModelConfig(name="tiny", dtype="auto"))
+    assert base.get_input_embeddings().weight.dtype == expected
+    assert load_base(ModelConfig(name="tiny", dtype="bfloat16"))[0].dtype == torch.bfloat16  # a named dtype is kept

@@ -89,3 +89,19 @@ def test_judge_scores_the_oracle_winner_one_and_counts_pairs(tmp_path):
 def test_response_length_counts_through_the_first_eos():
     assert response_length([4, 4, 1, 1], eos=1) == 3
     assert response_length([4, 4, 4], eos=1) == 3
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_trl_autocasts_to_bf16_only_when_our_trainer_does(monkeypatch, tmp_path, autocast):
+    import trl.experimental.online_dpo as trl_online_dpo
+
+    class Stop(Exception):
+        pass
+
+    def capture(*, args, **kwargs):
+        raise Stop(args)
+
+    monkeypatch.setattr(trl_online_dpo, "OnlineDPOTrainer", capture)
+    with pytest.raises(Stop) as stopped:
+        train_online_dpo(tiny_recipe(f"rollout.autocast={str(autocast).lower()}"), tmp_path / "run", RECIPES, pairs=4)
+    assert stopped.value.args[0].bf16 is autocast  # TRL's own default is bf16 autocast

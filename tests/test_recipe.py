@@ -32,7 +32,7 @@ def test_the_promised_recipes_ship():
         ({}, [], r"^prompts: required$"),
         ({"prompts": {"eval": "x.jsonl"}}, [], r"^prompts\.train: required$"),
         (PROMPTS, ["bilevel.sigma=abc"], r"^bilevel\.sigma: expected float, got 'abc'$"),
-        (PROMPTS, ["model.dtype=float16"], r"^model\.dtype: must be one of float32, bfloat16"),
+        (PROMPTS, ["model.dtype=float16"], r"^model\.dtype: must be one of auto, float32, bfloat16; got .float16."),
         (PROMPTS, ["train.save_every=0"], r"^train\.save_every: must be > 0"),
         (PROMPTS, ["oracle.temperature=-1"], r"^oracle\.temperature: must be > 0"),
     ],

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.estimators import UpperLoss, advantages, upper_loss
+from rlhf_bilevel.estimators import UpperLoss, q_advantages, upper_loss
 from rlhf_bilevel.exact.models import ExactPolicy, ExactReward, GoldOracle
 from rlhf_bilevel.exact.tree import TokenTree
 from rlhf_bilevel.types import PreferencePairs, Rollout
@@ -211,7 +211,7 @@ class ExactCritic:
         pass
 
     def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
-        return advantages(self.q_values(rollout), log_probs, rollout)
+        return q_advantages(self.q_values(rollout), log_probs, rollout)
 
     @torch.no_grad()
     def q_values(self, rollout: Rollout) -> Tensor:

@@ -92,6 +92,13 @@ class VocabQHead(nn.Module):
         scores = F.linear(mixed.to(self.embedding.dtype), self.embedding).float()
         return self.value(features) + scores
 
+    def expectation(self, features: Tensor, probs: Tensor) -> Tensor:
+        """Σ_a probs(a) Q(s, a) = v(s) + ⟨Σ_a probs(a) e_a, U h(s)⟩ (probabilities sum to one): the
+        mean embedding under `probs` [.., V] stands in for the [.., V] scores, which are never made."""
+        features = self.norm(features)
+        mean_embedding = (probs.to(self.embedding.dtype) @ self.embedding).float()
+        return self.value(features).squeeze(-1) + (self.mix(features) * mean_embedding).sum(-1)
+
 
 def normalised(dim: int) -> nn.Module:
     """Hidden states of LMs have norms in the tens and differ from model to model; standardised

@@ -30,12 +30,13 @@ EMBEDDED = "smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CACHE_FORMAT = 2  # bump when the converted files change, so that old caches are not reused
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+Dtype = Literal["auto", "float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = EMBEDDED  # smollm2 | tiny | path/to/model.gguf | local folder | hub id
-    dtype: Literal["float32", "bfloat16"] = "float32"  # of the frozen base; adapters and heads stay float32
+    dtype: Dtype = "float32"  # of the frozen base (auto: bf16 where the hardware has it); adapters and heads stay float32
     trust_remote_code: bool = False  # only for hub models that need their own code; off unless asked
     chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
 
@@ -102,13 +103,31 @@ def converted_gguf(gguf: Path) -> Path:
     return target
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively: a GPU that supports it, or a CPU with
+    avx512_bf16 (AMX CPUs have it too). Elsewhere bf16 matmuls are emulated: on an AVX2 CPU
+    (AMD EPYC, one thread) an [8, 576] × [576, 1536] product took 1.6 ms in bf16 against
+    0.32 ms in float32, where an avx512_bf16 CPU runs SmolLM2 about 2× faster in bf16."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    supported = getattr(torch.cpu, "_is_avx512_bf16_supported", None)  # private, so looked up with care
+    return device.type == "cpu" and supported is not None and supported()
+
+
+def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """The dtype `name` stands for on `device`: `auto` is bf16 where it is native, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if native_bf16(torch.device(device)) else torch.float32
+    return DTYPES[name]
+
+
 def load_base(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The frozen base model (eval mode, no gradients) on `device`, and its tokenizer, from local
     files only unless `name` is a hub id. Loading is quiet: the command's own progress bar is the
     one to watch."""
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    dtype = DTYPES[cfg.dtype]
+    dtype = resolve_dtype(cfg.dtype, device)
     if cfg.name == "tiny":
         model, tokenizer = tiny.build()
         return freeze(model.to(device, dtype)), tokenizer

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
-from transformers import Cache, DynamicCache, GenerationConfig, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
 
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
 
@@ -29,7 +29,7 @@ class RolloutConfig:
     autocast: bool = False  # bf16 autocast of every scoring forward, adapters included (CPUs with avx512_bf16, GPUs)
     gradient_checkpointing: bool = False  # recompute the trunk's activations in the backward of log π: memory for time
     # torch.compile the scoring forwards (the reference pass, log π of the λ and λ′ steps, the reward
-    # adapter's features) with dynamic shapes; generate() stays eager. Each adapter, and the reference,
+    # adapter's features) with dynamic shapes; sampling stays eager. Each adapter, and the reference,
     # compiles once on first use (seconds on a CPU, which needs a C++ compiler), then every call reuses it
     compile: bool = False
 
@@ -61,18 +61,6 @@ class LMPolicy(AdapterSwitch):
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.scorer = torch.compile(model, dynamic=True) if cfg.compile else model
-        # generate() fills every field its config leaves unset from the model's own defaults
-        # (a hub model's repetition_penalty, suppress_tokens …), which would sample from
-        # something other than the π_λ that log_probs scores: the model gets neutral defaults
-        model.get_base_model().generation_config = GenerationConfig(eos_token_id=self.eos, pad_token_id=self.pad)
-        # greedy on the scores of `InverseCDF`, which has already drawn the token from softmax(logits)
-        self.generation = GenerationConfig(
-            do_sample=False,
-            max_new_tokens=cfg.max_new_tokens,
-            eos_token_id=self.eos,
-            pad_token_id=self.pad,
-            return_dict_in_generate=True,
-        )
 
     @property
     def device(self) -> torch.device:
@@ -122,8 +110,7 @@ class LMPolicy(AdapterSwitch):
     def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int, hidden: bool = False,
                 past: Cache | None = None):
         """`input_ids` continue what `past` holds (if anything); `attention_mask` covers both."""
-        # positions count real tokens only, as generate() does for left-padded prompts
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, attention_mask.shape[1] - input_ids.shape[1] :]
+        position_ids = positions(attention_mask, input_ids.shape[1])
         autocast = torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.cfg.autocast)
         with self._activated(), autocast:
             # transformers checkpoints layers in training mode only; with no dropout the mode changes nothing else
@@ -151,20 +138,12 @@ class LMPolicy(AdapterSwitch):
         uniforms = torch.rand(len(prompts), horizon, generator=generator, dtype=torch.float64)[rows].to(self.device)
         prompts, prompt_ids, prompt_mask = list(prompts)[rows], prompt_ids[rows], prompt_mask[rows]
         n, prompt_len = len(prompts), prompt_ids.shape[1]
-        draw = InverseCDF(uniforms, prompt_len)
         with self._activated():
-            out = self.model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=self.generation,
-                cache=self.prompt_cache(prompts, prompt_ids, prompt_mask), logits_processor=LogitsProcessorList([draw]),
-            )
-        tokens = torch.full((n, horizon), self.pad, dtype=torch.long, device=self.device)
-        generated = out.sequences[:, prompt_len:]
-        tokens[:, : generated.shape[1]] = generated
+            tokens, taken = self.decode(prompt_ids, prompt_mask, self.prompt_cache(prompts, prompt_ids, prompt_mask), uniforms)
         is_eos = tokens == self.eos
         # 1 up to and including the first EOS, then 0: EOS is absorbing
         mask = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).float()
-        logp = torch.zeros(n, horizon, device=self.device)
-        logp[:, : generated.shape[1]] = torch.stack(draw.taken, 1).float()
+        logp = taken.float()
         input_ids = torch.cat([prompt_ids, tokens], 1)
         attention_mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)
         with self.adapter(None):
@@ -190,6 +169,35 @@ class LMPolicy(AdapterSwitch):
             context=LMContext(input_ids, attention_mask, prompt_len, features),
             adapter=self.active,
         )
+
+    def decode(self, prompt_ids: Tensor, prompt_mask: Tensor, past: Cache | None, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+        """Up to H tokens per row under the active adapter, token h of row i drawn by `inverse_cdf` at
+        uniforms[i, h], with the KV cache (`past` holds all of each prompt but its last token, or is
+        None). A row leaves the batch, and its cache, at its EOS: each step computes only the rows
+        still running, where generate() would carry finished rows to the end (a fifth of the steps'
+        rows in a default run). Returns the tokens [N, H] (padding after EOS) and log π of each drawn
+        token [N, H] (0 after EOS), in float64."""
+        n, horizon = uniforms.shape
+        tokens = torch.full((n, horizon), self.pad, dtype=torch.long, device=self.device)
+        taken = torch.zeros(n, horizon, dtype=torch.float64, device=self.device)
+        running = torch.arange(n, device=self.device)  # the rows the cache holds, in its order
+        inputs, mask = (prompt_ids, prompt_mask) if past is None else (prompt_ids[:, -1:], prompt_mask)
+        cache = DynamicCache() if past is None else past
+        for h in range(horizon):
+            out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions(mask, inputs.shape[1]),
+                             cache=cache, use_cache=True, logits_to_keep=1)
+            token, logp = inverse_cdf(out.logits[:, -1], uniforms[running, h])
+            tokens[running, h], taken[running, h] = token, logp
+            going = token != self.eos
+            if not going.all():
+                if not going.any():
+                    break
+                keep = going.nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                running, token, mask = running[keep], token[keep], mask[keep]
+            mask = torch.cat([mask, mask.new_ones(len(running), 1)], 1)
+            inputs = token.unsqueeze(-1)
+        return tokens, taken
 
     def prompt_cache(self, prompts: Sequence[str], prompt_ids: Tensor, prompt_mask: Tensor) -> Cache | None:
         """The KV cache of every row's prompt but its last token, under the active adapter, computed
@@ -229,26 +237,22 @@ class LMPolicy(AdapterSwitch):
         return out.hidden_states[-1][:, ctx.prompt_len - 1 :].float()
 
 
-class InverseCDF(LogitsProcessor):
-    """Draws token h of row i from softmax(logits) by inverting its CDF at the uniform u[i, h]:
-    token k where cdf(k − 1) ≤ u·cdf(V) < cdf(k), which has probability π(k) exactly (up to
-    float64 rounding), and returns scores whose argmax is that token.
+def positions(attention_mask: Tensor, length: int) -> Tensor:
+    """Position ids of the last `length` tokens of `attention_mask`'s rows: they count real tokens
+    only, as generate() numbers left-padded prompts."""
+    return (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, attention_mask.shape[1] - length :]
 
-    One uniform per row and step, drawn up front, rather than generate()'s multinomial on a
-    stream shared by the batch: a row's tokens depend on its own logits and uniforms only,
-    not on which other rows it is batched with. `taken` keeps log π(a_h|s_h) of each drawn
-    token, so generate() need not return the [N, V] logits of every step.
+
+def inverse_cdf(logits: Tensor, uniforms: Tensor) -> tuple[Tensor, Tensor]:
+    """One token per row of `logits` [N, V], drawn from their softmax by inverting its CDF at the
+    row's uniform u [N]: token k where cdf(k − 1) ≤ u·cdf(V) < cdf(k), which has probability π(k)
+    exactly (up to float64 rounding). Returns the tokens [N] and their log π [N].
+
+    One uniform per row and step, drawn up front, rather than a multinomial on a stream shared
+    by the batch: a row's tokens depend on its own logits and uniforms only, not on which
+    other rows it is batched with (nor on which of them have finished).
     """
-
-    def __init__(self, uniforms: Tensor, prompt_len: int):
-        self.uniforms, self.prompt_len = uniforms, prompt_len
-        self.taken: list[Tensor] = []  # [N] per step
-
-    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
-        h = input_ids.shape[1] - self.prompt_len
-        log_probs = F.log_softmax(scores.double(), -1)
-        cdf = log_probs.exp().cumsum(-1)
-        u = self.uniforms[:, h : h + 1] * cdf[:, -1:]
-        token = torch.searchsorted(cdf, u, right=True).clamp(max=scores.shape[-1] - 1)
-        self.taken.append(log_probs.gather(-1, token).squeeze(-1))
-        return torch.full_like(scores, -torch.inf).scatter_(-1, token, 0.0)
+    log_probs = F.log_softmax(logits.double(), -1)
+    cdf = log_probs.exp().cumsum(-1)
+    token = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(-1), right=True).clamp(max=logits.shape[-1] - 1)
+    return token.squeeze(-1), log_probs.gather(-1, token).squeeze(-1)

@@ -38,7 +38,7 @@ class OracleConfig:
     target_words: int | None = None  # length: None rewards longer responses, else closeness to this word count
     pairwise: bool = False  # python: the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring
     model: str | None = None  # llm-judge: the judge, as model.name (default smollm2); reward-model: a folder or hub id; http: the endpoint's model
-    dtype: Literal["float32", "bfloat16"] = "float32"  # llm-judge, reward-model: dtype of the judging model's weights
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # llm-judge, reward-model: dtype of the judging model's weights (auto as model.dtype)
     batch_size: int = 8  # llm-judge, reward-model: texts per forward pass; http: requests in flight at once
     question: str = DEFAULT_QUESTION  # llm-judge, http: what the judge is asked about the two responses
     choices: tuple[str, ...] = ("A", "B")  # llm-judge, http: the judge's names for the response shown first and second

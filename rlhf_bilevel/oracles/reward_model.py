@@ -31,14 +31,15 @@ def reward_model_oracle(cfg: OracleConfig) -> ScoredOracle:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf_bilevel.distributed import resolve_device
-    from rlhf_bilevel.lm.model import DTYPES, freeze, resolve
+    from rlhf_bilevel.lm.model import freeze, resolve, resolve_dtype
 
+    device = resolve_device()
     with as_oracle_model():
         source, local = resolve(cfg.model)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local)
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            source, dtype=DTYPES[cfg.dtype], local_files_only=local, output_loading_info=True, use_safetensors=True
+            source, dtype=resolve_dtype(cfg.dtype, device), local_files_only=local, output_loading_info=True, use_safetensors=True
         )
     except (OSError, ValueError) as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -55,7 +56,7 @@ def reward_model_oracle(cfg: OracleConfig) -> ScoredOracle:
     if model.config.pad_token_id is None:
         # the classifier reads its score at the last token that is not padding, found by this id
         model.config.pad_token_id = tokenizer.pad_token_id
-    scorer = RewardModelScorer(freeze(model.to(resolve_device())), tokenizer, cfg.batch_size)
+    scorer = RewardModelScorer(freeze(model.to(device)), tokenizer, cfg.batch_size)
     return ScoredOracle("reward-model", scorer, cfg)
 
 
