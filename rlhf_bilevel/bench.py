@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers import GenerationConfig
 
-from rlhf_bilevel.allocator import return_freed_memory
+from rlhf_bilevel.allocator import heap_reuse, return_freed_memory
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.distributed import resolve_device
 from rlhf_bilevel.lm.model import load_base, native_bf16, resolve_dtype
@@ -144,7 +144,7 @@ def measure_floors(recipe: Recipe, base_dir: Path, repeats: int) -> dict[str, di
     batch = encoded(recipe, tokenizer, floor_batch(recipe, base_dir)).to(base.device)
     horizon = recipe.rollout.max_new_tokens
     tokens = batch["input_ids"].shape[0] * horizon
-    with torch.no_grad():
+    with torch.no_grad(), heap_reuse():  # the allocator setting our sampling runs with
         seconds = timed(lambda: sampled(base, tokenizer, batch, horizon), repeats)
         generate = {"seconds": seconds, "tokens": tokens, "peak_rss_mb": peak_rss_mb()}
         sequences = sampled(base, tokenizer, batch, horizon)

@@ -7,12 +7,11 @@ them), and the twenty are freed. Their 80 MB stay resident with the dynamic thre
 leave with the fixed one; the test asks for a 40 MB difference.
 """
 
+import ctypes
 import subprocess
 import sys
 
 import pytest
-
-from rlhf_bilevel.allocator import return_freed_memory
 
 SCRIPT = """
 import sys, torch
@@ -27,6 +26,11 @@ print(next(int(line.split()[1]) for line in open("/proc/self/status") if line.st
 """
 
 
+def has_mallopt() -> bool:
+    """Asked without calling it: fixing the threshold in this process would slow every later test."""
+    return hasattr(ctypes.CDLL(None), "mallopt")
+
+
 def resident_kb(mode: str) -> int:
     done = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
     return int(done.stdout.strip().splitlines()[-1])
@@ -34,7 +38,7 @@ def resident_kb(mode: str) -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_freed_tensors_leave_the_resident_set_once_the_threshold_is_fixed():
-    if not return_freed_memory():
+    if not has_mallopt():
         pytest.skip("the C library has no mallopt")
     assert resident_kb("dynamic") - resident_kb("fixed") > 40 * 1024
 
@@ -52,3 +56,58 @@ def test_a_run_fixes_the_threshold_only_when_its_recipe_asks(monkeypatch, tmp_pa
     recipe = load_recipe(recipes / "tiny-debug.yaml", [f"train.return_freed_memory={str(asked).lower()}"])
     train.Trainer(recipe, tmp_path, recipes)
     assert calls == ([True] if asked else [])
+
+
+HEAP_SCRIPT = """
+import torch
+from rlhf_bilevel.allocator import heap_reuse, return_freed_memory
+def resident():
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS"))
+assert return_freed_memory()
+with heap_reuse():
+    blocks = [torch.ones(1 << 20) for _ in range(20)]
+    after = torch.ones(16 << 10)
+    del blocks
+    inside = resident()
+print(inside, resident())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_heap_reuse_keeps_freed_blocks_for_reuse_then_returns_them():
+    if not has_mallopt():
+        pytest.skip("the C library has no mallopt")
+    done = subprocess.run([sys.executable, "-c", HEAP_SCRIPT], capture_output=True, text=True, check=True)
+    inside, after = map(int, done.stdout.split())
+    # inside, the twenty freed 4 MB blocks stay in the heap for the next allocation; on exit they leave
+    assert inside - after > 40 * 1024
+
+
+def test_sampling_runs_on_the_heap_and_trims_it_after(monkeypatch):
+    import torch
+
+    from rlhf_bilevel import allocator
+    from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig, load_base, with_adapters
+    from rlhf_bilevel.lm.policy import LMPolicy, RolloutConfig
+
+    calls = []
+
+    class Libc:
+        def mallopt(self, option, value):
+            calls.append(("mallopt", option, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("malloc_trim", pad))
+            return 1
+
+    base, tokenizer = load_base(ModelConfig(name="tiny"))
+    policy = LMPolicy(with_adapters(base, AdapterConfig(r=2, alpha=4)), tokenizer, RolloutConfig(max_new_tokens=2), chat_template=False)
+    monkeypatch.setattr(allocator, "_libc", Libc)
+    monkeypatch.setattr(allocator, "_fixed", False)
+    policy.sample(["a good day"], torch.Generator().manual_seed(0))
+    assert calls == []  # the threshold was never fixed: glibc is left alone
+    monkeypatch.setattr(allocator, "_fixed", True)
+    policy.sample(["a good day"], torch.Generator().manual_seed(0))
+    threshold = allocator.M_MMAP_THRESHOLD
+    assert calls == [("mallopt", threshold, allocator.HEAP_THRESHOLD), ("mallopt", threshold, allocator.THRESHOLD), ("malloc_trim", 0)]

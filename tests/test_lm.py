@@ -174,17 +174,30 @@ def test_a_prompt_shared_by_several_rows_is_encoded_once_per_pass(lm, monkeypatc
     assert encoded[2:] == [(LAMBDA_PRIME, 3)]
 
 
-def test_rows_that_share_a_prompt_score_and_differentiate_as_whole_rows(lm):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_rows_that_share_a_prompt_score_and_differentiate_as_whole_rows(lm, checkpointing):
     """log π of pairs, whose prompt is encoded once and its cache shared, equals one forward of each
-    whole row, in value and in the gradient in λ′ (which must reach the prompt through the cache)."""
+    whole row, in value and in the gradient in λ′ (which must reach the prompt through the cache);
+    with gradient checkpointing too, whose layers replay their forward with the prompt's cache."""
     perturb(lora_b(lm, LAMBDA_PRIME), 0.3, seed=3)
-    policy = policy_of(lm, horizon=4)
+    policy = policy_of(lm, horizon=4, gradient_checkpointing=checkpointing)
+    replays = []
+    if checkpointing:
+        layer = lm.model.get_base_model().model.layers[0]
+        checkpoint = layer._gradient_checkpointing_func
+        layer._gradient_checkpointing_func = lambda *a, **k: replays.append(1) or checkpoint(*a, **k)
     params = policy.parameters_of(LAMBDA_PRIME)
-    with policy.adapter(LAMBDA_PRIME):
-        rollout = policy.sample([p for p in PROMPTS[:3] for _ in range(2)], torch.Generator().manual_seed(3))
-        shared = policy.log_probs(rollout)
-        ctx = rollout.context
-        whole = F.log_softmax(policy.forward(ctx.input_ids[:, :-1], ctx.attention_mask[:, :-1], logits_to_keep=4).logits.float(), -1)
+    try:
+        with policy.adapter(LAMBDA_PRIME):
+            rollout = policy.sample([p for p in PROMPTS[:3] for _ in range(2)], torch.Generator().manual_seed(3))
+            shared = policy.log_probs(rollout)
+            ctx = rollout.context
+            whole = F.log_softmax(policy.forward(ctx.input_ids[:, :-1], ctx.attention_mask[:, :-1], logits_to_keep=4).logits.float(), -1)
+    finally:
+        if checkpointing:
+            del layer._gradient_checkpointing_func  # the counting wrapper goes, then checkpointing:
+            lm.model.gradient_checkpointing_disable()  # the other tests share this model
+    assert len(replays) == (3 if checkpointing else 0)  # the prompt's encoding, the shared rows, the whole rows
     weights = torch.randn(shared.shape, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(shared, whole, atol=1e-5, rtol=1e-5)
     grad_shared = flat(torch.autograd.grad((shared * weights).sum(), params))

@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import Tensor
 from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
+from transformers.modeling_layers import GradientCheckpointingLayer
 
+from rlhf_bilevel.allocator import heap_reuse
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
 
 
@@ -60,6 +62,11 @@ class LMPolicy(AdapterSwitch):
         self.tokens_generated = 0
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers drops the cache of a checkpointed layer, whose replay would extend it twice;
+            # every cache read with gradients here is a PrefixCache, which replays as it first ran
+            for module in model.modules():
+                if isinstance(module, GradientCheckpointingLayer):
+                    module._can_checkpoint_with_cache = True
         self.scorer = torch.compile(model, dynamic=True) if cfg.compile else model
 
     @property
@@ -129,6 +136,7 @@ class LMPolicy(AdapterSwitch):
                 self.model.eval()
 
     @torch.no_grad()
+    @heap_reuse()
     def sample(self, prompts: Sequence[str], generator: torch.Generator, rows: slice = slice(None)) -> Rollout:
         """One response per prompt; with `rows`, only those rows of the batch (one process's shard),
         each with the very tokens it gets when the whole batch is drawn at once: the batch is padded
@@ -139,7 +147,7 @@ class LMPolicy(AdapterSwitch):
         prompts, prompt_ids, prompt_mask = list(prompts)[rows], prompt_ids[rows], prompt_mask[rows]
         n, prompt_len = len(prompts), prompt_ids.shape[1]
         with self._activated():
-            tokens, taken = self.decode(prompt_ids, prompt_mask, self.prompt_cache(prompts, prompt_ids, prompt_mask), uniforms)
+            tokens, taken = self.decode(prompt_ids, prompt_mask, self.prompt_cache(prompts, prompt_ids, prompt_mask, growing=True), uniforms)
         is_eos = tokens == self.eos
         # 1 up to and including the first EOS, then 0: EOS is absorbing
         mask = ((is_eos.long().cumsum(-1) - is_eos.long()) == 0).float()
@@ -199,27 +207,29 @@ class LMPolicy(AdapterSwitch):
             inputs = token.unsqueeze(-1)
         return tokens, taken
 
-    def prompt_cache(self, prompts: Sequence[str], prompt_ids: Tensor, prompt_mask: Tensor) -> Cache | None:
+    def prompt_cache(self, prompts: Sequence[str], prompt_ids: Tensor, prompt_mask: Tensor, growing: bool = False) -> Cache | None:
         """The KV cache of every row's prompt but its last token, under the active adapter, computed
         once per distinct prompt and copied to the rows that share it: the two responses of a pair
-        (eq. 7) share their prompt, and encoding it is about a third of drawing them. None for
-        one-token prompts, which leave nothing to cache. Under grad mode the cache carries the graph,
-        so the gradient of what reads it reaches the prompt's encoding once, through every row."""
+        (eq. 7) share their prompt, and encoding it is about a third of drawing them. A `PrefixCache`
+        to be read, or with `growing` a DynamicCache that decoding extends. None for one-token
+        prompts, which leave nothing to cache. Under grad mode the cache carries the graph, so the
+        gradient of what reads it reaches the prompt's encoding once, through every row."""
         if prompt_ids.shape[1] < 2:
             return None
         distinct: dict[str, int] = {}
         row_of = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prompts], device=self.device)
         first = torch.tensor([prompts.index(p) for p in distinct], device=self.device)
-        past = self.forward(prompt_ids[first, :-1], prompt_mask[first, :-1], logits_to_keep=1, past=DynamicCache()).cache
-        past.reorder_cache(row_of)
-        return past
+        encoding = PrefixCache()
+        self.forward(prompt_ids[first, :-1], prompt_mask[first, :-1], logits_to_keep=1, past=encoding)
+        states = [(k.index_select(0, row_of), v.index_select(0, row_of)) for k, v in encoding.states()]
+        return DynamicCache(states) if growing else PrefixCache(states)
 
     def log_probs(self, rollout: Rollout) -> Tensor:
         """[N, H, V] log π(·|s_h) under the active adapter, differentiable in its weights. Rows that share
         a prompt (the pairs of eq. 7) encode it once: the λ′ step's forward and backward skip a copy of
-        every pair's prompt. (Gradient checkpointing recomputes without a cache, so it scores whole rows.)"""
+        every pair's prompt, with gradient checkpointing too (a `PrefixCache` replays as it ran)."""
         ctx: LMContext = rollout.context
-        shared = len(set(rollout.prompts)) < len(rollout) and not self.cfg.gradient_checkpointing
+        shared = len(set(rollout.prompts)) < len(rollout)
         past = self.prompt_cache(rollout.prompts, ctx.input_ids[:, : ctx.prompt_len], ctx.attention_mask[:, : ctx.prompt_len]) if shared else None
         start = 0 if past is None else ctx.prompt_len - 1
         out = self.forward(ctx.input_ids[:, start:-1], ctx.attention_mask[:, :-1], logits_to_keep=rollout.horizon, past=past)
@@ -235,6 +245,28 @@ class LMPolicy(AdapterSwitch):
         with self.adapter(adapter):
             out = self.forward(ctx.input_ids, ctx.attention_mask, logits_to_keep=1, hidden=True)
         return out.hidden_states[-1][:, ctx.prompt_len - 1 :].float()
+
+
+class PrefixCache(DynamicCache):
+    """A KV cache that attention reads and never extends: layer l attends to the prefix the cache was
+    built with, then to the new states, and the new states of each layer's first pass are kept
+    (`states`). A layer that gradient checkpointing replays in the backward pass therefore reads
+    exactly what its first pass read, where a DynamicCache would have been extended a second time."""
+
+    def __init__(self, prefix: Sequence[tuple[Tensor, Tensor]] | None = None):
+        super().__init__(prefix)
+        self.written: dict[int, tuple[Tensor, Tensor]] = {}
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        self.written.setdefault(layer_idx, (key_states, value_states))
+        if layer_idx >= len(self.layers) or not self.layers[layer_idx].is_initialized:
+            return key_states, value_states
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
+
+    def states(self) -> list[tuple[Tensor, Tensor]]:
+        """(keys, values) of every layer's new states, as its first pass wrote them."""
+        return [self.written[layer] for layer in range(len(self.written))]
 
 
 def positions(attention_mask: Tensor, length: int) -> Tensor:
