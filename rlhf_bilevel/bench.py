@@ -166,8 +166,7 @@ def instrument(trainer: Trainer, timer: PhaseTimer) -> None:
     """Times the parts the trainer hands Algorithm 1, and its phase marks, into `timer` (BILEVEL_PHASES)."""
     policy, bilevel = trainer.policy, trainer.bilevel
     timer.instrument(policy, "sample", "rollouts")
-    # the reference pass is the one forward made with the adapters off; log π_λ's forwards stay in their step
-    timer.instrument(policy, "forward", lambda: "reference" if policy.active is None else None)
+    timer.instrument(policy, "reference", "reference")
     timer.instrument(trainer.oracle, "compare", "oracle")
     timer.instrument(trainer.reward, "token_rewards", "reward")
     for critic in bilevel.critics.values():

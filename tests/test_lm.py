@@ -9,6 +9,7 @@ built as well: one whose output bias makes EOS likely, and one with a larger tie
 embedding, whose policies are far from uniform, so that λ can move far from π_ref.
 """
 
+import gc
 import math
 from dataclasses import replace
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from conftest import flat, perturb
 from rlhf_bilevel import estimators as est
+from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.critic import CriticConfig, TDCritic
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.lm.heads import RewardConfig, TokenReward, VocabQHead
@@ -158,14 +160,14 @@ def test_a_prompt_shared_by_several_rows_is_encoded_once_per_pass(lm, monkeypatc
     and copy its KV cache, and the rows still score as the previous test checks."""
     policy = policy_of(lm, horizon=3)
     encoded = []
-    forward = policy.forward
+    trunk = policy.trunk
 
-    def counting(input_ids, attention_mask, logits_to_keep, hidden=False, past=None):
+    def counting(input_ids, attention_mask, past=None):
         if past is not None and past.get_seq_length() == 0:
             encoded.append((policy.active, input_ids.shape[0]))
-        return forward(input_ids, attention_mask, logits_to_keep, hidden, past)
+        return trunk(input_ids, attention_mask, past)
 
-    monkeypatch.setattr(policy, "forward", counting)
+    monkeypatch.setattr(policy, "trunk", counting)
     rollout = policy.sample([p for p in PROMPTS[:3] for _ in range(2)], torch.Generator().manual_seed(0))
     assert encoded == [(LAMBDA, 3), (None, 3)]
     assert rollout.prompts[0] == rollout.prompts[1] and rollout.responses[0] != rollout.responses[1]
@@ -192,7 +194,8 @@ def test_rows_that_share_a_prompt_score_and_differentiate_as_whole_rows(lm, chec
             rollout = policy.sample([p for p in PROMPTS[:3] for _ in range(2)], torch.Generator().manual_seed(3))
             shared = policy.log_probs(rollout)
             ctx = rollout.context
-            whole = F.log_softmax(policy.forward(ctx.input_ids[:, :-1], ctx.attention_mask[:, :-1], logits_to_keep=4).logits.float(), -1)
+            # the output layer by plain autograd, where `log_probs` applies it by chunks with a backward of its own
+            whole = F.log_softmax(policy.head(policy.trunk(ctx.input_ids[:, :-1], ctx.attention_mask[:, :-1])[:, -4:]).float(), -1)
     finally:
         if checkpointing:
             del layer._gradient_checkpointing_func  # the counting wrapper goes, then checkpointing:
@@ -204,6 +207,28 @@ def test_rows_that_share_a_prompt_score_and_differentiate_as_whole_rows(lm, chec
     grad_whole = flat(torch.autograd.grad((whole * weights).sum(), params))
     # float32 rounding differs between the two orders of summation: 1e-4 of the gradient's scale
     torch.testing.assert_close(grad_shared, grad_whole, rtol=1e-4, atol=1e-4 * grad_whole.abs().max().item())
+
+
+def test_nothing_of_a_checkpointed_gradient_outlives_it(lm):
+    """The graph of log π of pairs under gradient checkpointing is freed once their gradient is taken.
+    A checkpointed layer's replay closure holds the prompt's cache; had the cache kept that layer's
+    outputs, the cycle would run through the autograd graph, where Python's collector cannot break
+    it, and every λ′ step would leak its whole graph (≈ 100 MB an outer step on SmolLM2)."""
+    policy = policy_of(lm, horizon=4, gradient_checkpointing=True)
+    try:
+        with policy.adapter(LAMBDA_PRIME):
+            rollout = policy.sample([p for p in PROMPTS[:3] for _ in range(2)], torch.Generator().manual_seed(3))
+            before = graph_tensors()
+            torch.autograd.grad(policy.log_probs(rollout).sum(), policy.parameters_of(LAMBDA_PRIME))
+    finally:
+        lm.model.gradient_checkpointing_disable()  # the other tests share this model
+    assert graph_tensors() == before
+
+
+def graph_tensors() -> int:
+    """How many tensors with an autograd history are alive, cycles collected first."""
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
 
 
 def test_a_piece_of_a_rollout_scores_as_its_rows_of_the_whole(lm):
@@ -294,7 +319,7 @@ def test_a_row_leaves_the_decoding_batch_at_its_eos_and_keeps_its_tokens(eos_lm,
     perturb(lora_b(eos_lm, LAMBDA), 0.3, seed=1)
     policy = policy_of(eos_lm, horizon=6)
     batch_sizes = []
-    hook = eos_lm.model.get_base_model().register_forward_pre_hook(
+    hook = eos_lm.model.get_base_model().get_decoder().register_forward_pre_hook(  # every pass runs the decoder
         lambda module, args, kwargs: batch_sizes.append(kwargs["input_ids"].shape[0]), with_kwargs=True
     )
     try:
@@ -384,9 +409,9 @@ def enumerated_rollout(policy: LMPolicy, prompt: str) -> Rollout:
     input_ids = torch.cat([prompt_ids.expand(n, -1), tokens], 1)
     attention_mask = torch.cat([prompt_mask.expand(n, -1), torch.ones_like(tokens)], 1)
     with policy.adapter(None), torch.no_grad():  # as sample() does: one reference pass gives the features
-        ref = policy.forward(input_ids, attention_mask, logits_to_keep=3, hidden=True)
-    features = ref.hidden_states[-1][:, prompt_len - 1 :].float()
-    ref_logp = F.log_softmax(ref.logits[:, :-1].float(), -1).gather(-1, tokens[..., None]).squeeze(-1) * mask
+        hidden = policy.trunk(input_ids, attention_mask)[:, prompt_len - 1 :]
+    features = hidden.float()
+    ref_logp = F.log_softmax(policy.head(hidden[:, :-1]).float(), -1).gather(-1, tokens[..., None]).squeeze(-1) * mask
     context = LMContext(input_ids, attention_mask, prompt_len, features)
     rollout = Rollout([prompt] * n, [None] * n, tokens, mask, torch.zeros(n, 2), ref_logp, torch.zeros(n), context)
     with policy.adapter(LAMBDA), torch.no_grad():
@@ -661,3 +686,11 @@ def test_auto_dtype_is_bf16_only_where_the_cpu_computes_in_it(monkeypatch, nativ
     base, _ = load_base(ModelConfig(name="tiny", dtype="auto"))
     assert base.get_input_embeddings().weight.dtype == expected
     assert load_base(ModelConfig(name="tiny", dtype="bfloat16"))[0].dtype == torch.bfloat16  # a named dtype is kept
+
+
+def test_an_adapter_on_the_output_layer_is_a_config_error():
+    """log π applies the output layer by chunks with a backward of its own, which trains no weights of it."""
+    model, tokenizer = load_base(ModelConfig(name="tiny"))
+    peft_model = with_adapters(model, AdapterConfig(r=2, alpha=4, target_modules=("q_proj", "lm_head")))
+    with pytest.raises(ConfigError, match="adapters.target_modules.*lm_head"):
+        LMPolicy(peft_model, tokenizer, RolloutConfig(), chat_template=False)

@@ -4,7 +4,8 @@ A state s_h is the prompt plus the first h response tokens, an action is the nex
 EOS is absorbing (the mask stops after it), and the horizon H is `max_new_tokens`.
 The reference policy π_ref is the same model with its adapters disabled, and that one
 reference forward pass also yields the hidden states that the reward head and the Q head
-read: their features are the frozen base's, shared by both adapters.
+read: their features are the frozen base's, shared by both adapters. Scoring runs the
+trunk (the decoder) alone and applies the output layer by chunks (`lm/logits.py`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rlhf_bilevel.allocator import heap_reuse
+from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.lm.logits import chosen_log_probs, log_softmax_head
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
 
 
@@ -67,7 +70,11 @@ class LMPolicy(AdapterSwitch):
             for module in model.modules():
                 if isinstance(module, GradientCheckpointingLayer):
                     module._can_checkpoint_with_cache = True
-        self.scorer = torch.compile(model, dynamic=True) if cfg.compile else model
+        self.head: torch.nn.Linear = model.get_output_embeddings()
+        if any(p.requires_grad for p in self.head.parameters()):
+            raise ConfigError("adapters.target_modules: the output layer (lm_head) cannot carry an adapter; leave it out")
+        decoder = model.get_base_model().get_decoder()
+        self.scorer = torch.compile(decoder, dynamic=True) if cfg.compile else decoder
 
     @property
     def device(self) -> torch.device:
@@ -114,26 +121,24 @@ class LMPolicy(AdapterSwitch):
         )
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor, logits_to_keep: int, hidden: bool = False,
-                past: Cache | None = None):
-        """`input_ids` continue what `past` holds (if anything); `attention_mask` covers both."""
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.cfg.autocast)
+
+    def trunk(self, input_ids: Tensor, attention_mask: Tensor, past: Cache | None = None) -> Tensor:
+        """[N, T, d] the last hidden state (after the final norm) at each of `input_ids` under the active
+        adapter: what the output layer reads. `input_ids` continue what `past` holds (if anything);
+        `attention_mask` covers both."""
         position_ids = positions(attention_mask, input_ids.shape[1])
-        autocast = torch.autocast(input_ids.device.type, torch.bfloat16, enabled=self.cfg.autocast)
-        with self._activated(), autocast:
+        with self._activated(), self.autocast():
             # transformers checkpoints layers in training mode only; with no dropout the mode changes nothing else
             self.model.train(self.cfg.gradient_checkpointing and torch.is_grad_enabled())
             try:
-                return self.scorer(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    position_ids=position_ids,
-                    logits_to_keep=logits_to_keep,
-                    output_hidden_states=hidden,
-                    cache=past,
-                    use_cache=past is not None,
+                out = self.scorer(
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=past, use_cache=past is not None
                 )
             finally:
                 self.model.eval()
+        return out.last_hidden_state
 
     @torch.no_grad()
     @heap_reuse()
@@ -154,12 +159,7 @@ class LMPolicy(AdapterSwitch):
         logp = taken.float()
         input_ids = torch.cat([prompt_ids, tokens], 1)
         attention_mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)
-        with self.adapter(None):
-            past = self.prompt_cache(prompts, prompt_ids, prompt_mask)
-            start = 0 if past is None else prompt_len - 1
-            ref = self.forward(input_ids[:, start:], attention_mask, logits_to_keep=horizon + 1, hidden=True, past=past)
-        ref_logp = F.log_softmax(ref.logits[:, :-1].float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-        features = ref.hidden_states[-1][:, -(horizon + 1) :].float()
+        ref_logp, features = self.reference(prompts, input_ids, attention_mask, prompt_len)
         self.tokens_generated += int(mask.sum())
         lengths = mask.sum(-1).long()
         responses = [
@@ -177,6 +177,18 @@ class LMPolicy(AdapterSwitch):
             context=LMContext(input_ids, attention_mask, prompt_len, features),
             adapter=self.active,
         )
+
+    def reference(self, prompts: Sequence[str], input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> tuple[Tensor, Tensor]:
+        """The reference pass over sampled rows: log π_ref of each response token [N, H], and the base's
+        features at s_0 … s_H [N, H + 1, d] (float32), which the reward and Q heads read."""
+        horizon = input_ids.shape[1] - prompt_len
+        with self.adapter(None):
+            past = self.prompt_cache(prompts, input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
+            start = 0 if past is None else prompt_len - 1
+            hidden = self.trunk(input_ids[:, start:], attention_mask, past=past)[:, -(horizon + 1) :]
+            with self.autocast():
+                ref_logp = chosen_log_probs(hidden[:, :-1], self.head, input_ids[:, prompt_len:])
+        return ref_logp, hidden.float()
 
     def decode(self, prompt_ids: Tensor, prompt_mask: Tensor, past: Cache | None, uniforms: Tensor) -> tuple[Tensor, Tensor]:
         """Up to H tokens per row under the active adapter, token h of row i drawn by `inverse_cdf` at
@@ -219,9 +231,9 @@ class LMPolicy(AdapterSwitch):
         distinct: dict[str, int] = {}
         row_of = torch.tensor([distinct.setdefault(p, len(distinct)) for p in prompts], device=self.device)
         first = torch.tensor([prompts.index(p) for p in distinct], device=self.device)
-        encoding = PrefixCache()
-        self.forward(prompt_ids[first, :-1], prompt_mask[first, :-1], logits_to_keep=1, past=encoding)
-        states = [(k.index_select(0, row_of), v.index_select(0, row_of)) for k, v in encoding.states()]
+        encoding = PrefixCache(record=True)
+        self.trunk(prompt_ids[first, :-1], prompt_mask[first, :-1], past=encoding)
+        states = [(k.index_select(0, row_of), v.index_select(0, row_of)) for k, v in encoding.take()]
         return DynamicCache(states) if growing else PrefixCache(states)
 
     def log_probs(self, rollout: Rollout) -> Tensor:
@@ -232,8 +244,9 @@ class LMPolicy(AdapterSwitch):
         shared = len(set(rollout.prompts)) < len(rollout)
         past = self.prompt_cache(rollout.prompts, ctx.input_ids[:, : ctx.prompt_len], ctx.attention_mask[:, : ctx.prompt_len]) if shared else None
         start = 0 if past is None else ctx.prompt_len - 1
-        out = self.forward(ctx.input_ids[:, start:-1], ctx.attention_mask[:, :-1], logits_to_keep=rollout.horizon, past=past)
-        return F.log_softmax(out.logits.float(), -1)
+        hidden = self.trunk(ctx.input_ids[:, start:-1], ctx.attention_mask[:, :-1], past=past)[:, -rollout.horizon :]
+        with self.autocast():
+            return log_softmax_head(hidden, self.head)
 
     def state_features(self, rollout: Rollout) -> Tensor:
         return rollout.context.features
@@ -243,30 +256,38 @@ class LMPolicy(AdapterSwitch):
         the features of a head that trains its own LoRA (the reference pass's are frozen)."""
         ctx: LMContext = rollout.context
         with self.adapter(adapter):
-            out = self.forward(ctx.input_ids, ctx.attention_mask, logits_to_keep=1, hidden=True)
-        return out.hidden_states[-1][:, ctx.prompt_len - 1 :].float()
+            return self.trunk(ctx.input_ids, ctx.attention_mask)[:, ctx.prompt_len - 1 :].float()
 
 
 class PrefixCache(DynamicCache):
     """A KV cache that attention reads and never extends: layer l attends to the prefix the cache was
-    built with, then to the new states, and the new states of each layer's first pass are kept
-    (`states`). A layer that gradient checkpointing replays in the backward pass therefore reads
-    exactly what its first pass read, where a DynamicCache would have been extended a second time."""
+    built with, then to the new states. A layer that gradient checkpointing replays in the backward
+    pass therefore reads exactly what its first pass read, where a DynamicCache would have been
+    extended a second time.
 
-    def __init__(self, prefix: Sequence[tuple[Tensor, Tensor]] | None = None):
+    With `record`, the new states of each layer's first pass are kept until `take` hands them out.
+    Holding them no longer matters: a checkpointed layer's replay closure holds this cache, and the
+    cache holding that layer's outputs would be a cycle through the autograd graph, which Python's
+    garbage collector cannot see, so every step would leak its graph."""
+
+    def __init__(self, prefix: Sequence[tuple[Tensor, Tensor]] | None = None, record: bool = False):
         super().__init__(prefix)
-        self.written: dict[int, tuple[Tensor, Tensor]] = {}
+        self.written: dict[int, tuple[Tensor, Tensor]] | None = {} if record else None
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
-        self.written.setdefault(layer_idx, (key_states, value_states))
+        if self.written is not None:
+            self.written.setdefault(layer_idx, (key_states, value_states))
         if layer_idx >= len(self.layers) or not self.layers[layer_idx].is_initialized:
             return key_states, value_states
         layer = self.layers[layer_idx]
         return torch.cat([layer.keys, key_states], -2), torch.cat([layer.values, value_states], -2)
 
-    def states(self) -> list[tuple[Tensor, Tensor]]:
-        """(keys, values) of every layer's new states, as its first pass wrote them."""
-        return [self.written[layer] for layer in range(len(self.written))]
+    def take(self) -> list[tuple[Tensor, Tensor]]:
+        """(keys, values) of every layer's new states, as its first pass wrote them; recording ends."""
+        written, self.written = self.written, None
+        if written is None:
+            raise RuntimeError("PrefixCache.take: the cache records nothing, or its states were taken already")
+        return [written[layer] for layer in range(len(written))]
 
 
 def positions(attention_mask: Tensor, length: int) -> Tensor:
