@@ -13,7 +13,6 @@ from typing import Callable, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.distributed import World
@@ -106,22 +105,18 @@ class TDCritic:
         self.remember(Transitions(**{k: self.world.cat(getattr(local, k)) for k in TRANSITION_FIELDS}))
         replay = self.replay
         params = list(self.q.parameters())
-        td_error = 0.0
         for _ in range(self.cfg.blocks):
-            # the target network is the head run on frozen copies of its weights
-            target = {name: p.detach().clone() for name, p in self.q.named_parameters()}
+            # y = r + γ Q_target(s′, a′) (line 6) bootstraps from weights frozen for the whole
+            # block, which are the head's own at its start: one pass over the replay gives every y
+            with torch.no_grad():
+                y = replay.reward + self.gamma * (1 - replay.done) * self.q(replay.next_state, replay.next_action)
             average = [torch.zeros_like(p) for p in params]
             for _ in range(self.cfg.target_every):
                 index = torch.randint(len(replay), (self.cfg.batch_size,), generator=self.generator).to(replay.state.device)
-                batch = replay.slice(index[self.world.shard(self.cfg.batch_size)])
-                with torch.no_grad():
-                    bootstrap = functional_call(self.q, target, (batch.next_state, batch.next_action))
-                    y = batch.reward + self.gamma * (1 - batch.done) * bootstrap
-                q_sa = self.q(batch.state, batch.action)
-                loss = 0.5 * ((y - q_sa) ** 2).mean()
-                self.optimizer.zero_grad()
-                loss.backward()  # semi-gradient: y carries no gradient (line 6)
-                for p, g in zip(params, self.world.mean([p.grad for p in params])):
+                mine = index[self.world.shard(self.cfg.batch_size)]
+                loss = 0.5 * ((y[mine] - self.q(replay.state[mine], replay.action[mine])) ** 2).mean()
+                grads = torch.autograd.grad(loss, params)  # semi-gradient: y carries no gradient (line 6)
+                for p, g in zip(params, self.world.mean(list(grads))):
                     p.grad = g
                 self.optimizer.step()
                 with torch.no_grad():
@@ -129,11 +124,10 @@ class TDCritic:
                         project_to_ball(params, self.centre, self.radius)
                     for a, p in zip(average, params):
                         a.add_(p, alpha=1 / self.cfg.target_every)
-                td_error = loss.item()
             with torch.no_grad():  # Algorithm 2, line 11: return the average of the iterates
                 for a, p in zip(average, params):
                     p.copy_(a)
-        return {"critic/td_loss": td_error, "critic/replay": float(len(replay))}
+        return {"critic/td_loss": loss.item(), "critic/replay": float(len(replay))}
 
     @torch.no_grad()
     def q_values(self, rollout: Rollout) -> Tensor:

@@ -1,5 +1,6 @@
 """Algorithm 2 against exact Q on the enumerated MDP, and its projection."""
 
+import pytest
 import torch
 
 from conftest import perturb
@@ -8,6 +9,8 @@ from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, TDCritic, project
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
 from rlhf_bilevel.types import LAMBDA
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: conftest.one_thread says why
 
 
 def test_td_critic_matches_exact_q(testbed):

@@ -1,11 +1,14 @@
 """The exact solutions: λ* maximises J, enumeration matches sampling, and L_σ → Φ as σ → 0."""
 
+import pytest
 import torch
 
 from conftest import flat
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
 from rlhf_bilevel.types import LAMBDA
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: conftest.one_thread says why
 
 
 def test_soft_optimal_policy_is_the_maximiser_of_J(testbed):

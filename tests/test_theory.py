@@ -8,7 +8,7 @@ from rlhf_bilevel.theory import Lab, TheoryConfig, fit_slope
 
 
 @pytest.fixture(scope="module")
-def sweep():
+def sweep(one_thread):
     import torch
 
     previous = torch.get_default_dtype()

@@ -93,7 +93,7 @@ class ExactPolicy(AdapterSwitch, nn.Module):
         taken = tokens.unsqueeze(-1)
         return Rollout(
             prompts=prompts,
-            responses=[tuple(t[: int(m.sum())].tolist()) for t, m in zip(tokens, mask)],
+            responses=[tuple(t[:length]) for t, length in zip(tokens.tolist(), mask.sum(-1).long().tolist())],
             tokens=tokens,
             mask=mask,
             logp=table[states].gather(-1, taken).squeeze(-1).detach() * mask,
@@ -152,7 +152,8 @@ class GoldOracle:
         self.leaf_gold = path_rewards.sum(-1)
 
     def gold_return(self, prompts: Sequence[int], responses: Sequence[tuple[int, ...]]) -> Tensor:
-        return self.leaf_gold[[self.tree.leaf_of[(p, y)] for p, y in zip(prompts, responses)]]
+        leaves = [self.tree.leaf_of[(p, y)] for p, y in zip(prompts, responses)]
+        return self.leaf_gold[torch.tensor(leaves, dtype=torch.long)]  # a tensor index: a list of ints is parsed one by one
 
     def compare(self, prompts: Sequence[int], first: Sequence[tuple], second: Sequence[tuple]) -> Tensor:
         margin = self.gold_return(prompts, first) - self.gold_return(prompts, second)

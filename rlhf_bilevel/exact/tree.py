@@ -8,6 +8,7 @@ The non-terminal nodes are the MDP's states; the terminal ones end the trajector
 from __future__ import annotations
 
 import itertools
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -50,6 +51,8 @@ class TokenTree:
         self.state_of_node = torch.full((len(nodes),), -1, dtype=torch.long)
         self.state_of_node[self.state_nodes] = torch.arange(len(self.state_nodes))
         self.depth = torch.tensor([len(y) for _, y in nodes])
+        # the states of each depth h, for backward induction over the horizon
+        self.states_at_depth = [(self.depth[self.state_nodes] == h).nonzero().squeeze(-1) for h in range(horizon)]
         self.node_prompt = torch.tensor([p for p, _ in nodes])
         self.roots = torch.tensor([self.node_index[(p, ())] for p in range(prompts)])
         # child[s, a]: the node s ⊕ a
@@ -102,6 +105,17 @@ class TokenTree:
             self.leaf_mask[i, : len(y)] = 1.0
             path = [self.node_index[(p, y[:h])] for h in range(len(y) + 1)]
             self.leaf_path[i] = torch.tensor(path + [node] * (horizon + 1 - len(path)))
+
+    @cached_property
+    def leaf_pairs(self) -> tuple[Tensor, Tensor]:
+        """(first, second) leaf ids of every ordered pair of one prompt's leaves, prompt by prompt:
+        the pairs the exact upper loss sums over (Σ_x n_x² of them, made once, on first use)."""
+        first, second = [], []
+        for p in range(self.prompts):
+            leaves = (self.leaf_prompt == p).nonzero().squeeze(-1)
+            first.append(leaves.repeat_interleave(len(leaves)))
+            second.append(leaves.repeat(len(leaves)))
+        return torch.cat(first), torch.cat(second)
 
     def path_states(self, path: Tensor) -> Tensor:
         """State ids of s_0 … s_{H−1} along node paths [N, H+1]; terminal nodes map to state 0 (masked)."""
