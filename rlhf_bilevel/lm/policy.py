@@ -239,7 +239,8 @@ class LMPolicy(AdapterSwitch):
     def log_probs(self, rollout: Rollout) -> Tensor:
         """[N, H, V] log π(·|s_h) under the active adapter, differentiable in its weights. Rows that share
         a prompt (the pairs of eq. 7) encode it once: the λ′ step's forward and backward skip a copy of
-        every pair's prompt, with gradient checkpointing too (a `PrefixCache` replays as it ran)."""
+        every pair's prompt, with gradient checkpointing too (a `PrefixCache` replays as it ran). The
+        output layer runs by chunks (`log_softmax_head`): its backward never holds the whole softmax."""
         ctx: LMContext = rollout.context
         shared = len(set(rollout.prompts)) < len(rollout)
         past = self.prompt_cache(rollout.prompts, ctx.input_ids[:, : ctx.prompt_len], ctx.attention_mask[:, : ctx.prompt_len]) if shared else None
