@@ -27,14 +27,20 @@ def token_chunks(tokens: int, vocab: int) -> Iterator[slice]:
     return (slice(start, start + size) for start in range(0, tokens, size))
 
 
+def chunked_log_softmax(flat: Tensor, head: nn.Linear) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, float32 log softmax(head(flat[rows]))) for the chunks of `flat` [T, d]."""
+    for rows in token_chunks(len(flat), head.out_features):
+        yield rows, F.log_softmax(head(flat[rows]).float(), -1)
+
+
 def chosen_log_probs(hidden: Tensor, head: nn.Linear, tokens: Tensor) -> Tensor:
     """log π(a_h|s_h) [N, H] of the `tokens` [N, H] from the hidden states of s_h [N, H, d], in
     float32, without the [N, H, V] log-probabilities (no gradient)."""
     flat, chosen = hidden.reshape(-1, hidden.shape[-1]), tokens.reshape(-1, 1)
     out = torch.empty(chosen.shape[0], dtype=torch.float32, device=hidden.device)
     with torch.no_grad():
-        for rows in token_chunks(len(flat), head.out_features):
-            out[rows] = F.log_softmax(head(flat[rows]).float(), -1).gather(-1, chosen[rows]).squeeze(-1)
+        for rows, log_probs in chunked_log_softmax(flat, head):
+            out[rows] = log_probs.gather(-1, chosen[rows]).squeeze(-1)
     return out.view(tokens.shape)
 
 
@@ -57,8 +63,8 @@ class HeadLogSoftmax(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, head: nn.Linear) -> Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
         out = torch.empty(len(flat), head.out_features, dtype=torch.float32, device=hidden.device)
-        for rows in token_chunks(len(flat), head.out_features):
-            out[rows] = F.log_softmax(head(flat[rows]).float(), -1)
+        for rows, log_probs in chunked_log_softmax(flat, head):
+            out[rows] = log_probs
         ctx.head = head
         # autocast reaches this forward's ops but not the backward's: it is recorded to apply it there
         ctx.autocast = torch.is_autocast_enabled(hidden.device.type)
