@@ -9,7 +9,11 @@ from typing import Optional
 
 import typer
 
-from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.allocator import huge_pages
+
+huge_pages()  # before anything imports torch, which reads it once
+
+from rlhf_bilevel.config import ConfigError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
 

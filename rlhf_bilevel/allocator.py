@@ -11,11 +11,16 @@ Setting the threshold explicitly fixes it (glibc then stops adjusting it). The p
 large tensor is a fresh mapping, whose pages fault in as they are first written. Sampling,
 which needs little memory but allocates at every decoding step, runs inside `heap_reuse`:
 on the heap while it lasts, trimmed when it ends.
+
+Page faults are the other cost of fresh memory: one per 4 KB page, each zeroed by the kernel.
+`huge_pages` asks PyTorch to back tensors of 2 MB and more with transparent huge pages, 512
+times fewer faults. This module imports no torch, so that the command can call it first.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -23,6 +28,18 @@ M_MMAP_THRESHOLD = -3  # malloc.h
 THRESHOLD = 128 * 1024  # glibc's initial value
 HEAP_THRESHOLD = 32 * 1024 * 1024  # the largest glibc's dynamic threshold reaches on 64-bit systems
 _fixed = False  # whether return_freed_memory has fixed this process's threshold
+HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
+"""PyTorch's switch: CPU tensors of 2 MB and more are page-aligned and madvise(MADV_HUGEPAGE)d."""
+
+
+def huge_pages() -> None:
+    """Backs this process's large CPU tensors, and its children's, with transparent huge pages, unless
+    the environment already decides (THP_MEM_ALLOC_ENABLE=0 turns it off). PyTorch reads the switch
+    at its first allocation, so this must run before torch is imported. Measured on SmolLM2 (2-core
+    EPYC, bf16, gradient checkpointing): a λ′ step's gradient 4.07 s → 3.37 s, the first λ step's
+    without checkpointing 5.3 s → 3.7 s, its page faults being most of the difference. Where the
+    kernel's THP setting is `never` it changes nothing."""
+    os.environ.setdefault(HUGE_PAGES_ENV, "1")
 
 
 def _libc():

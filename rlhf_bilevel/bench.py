@@ -37,7 +37,7 @@ from transformers import GenerationConfig
 from rlhf_bilevel.allocator import heap_reuse, return_freed_memory
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.distributed import resolve_device
-from rlhf_bilevel.lm.model import load_base, native_bf16, resolve_dtype
+from rlhf_bilevel.lm.model import load_base, native_bf16, resolve, resolve_dtype
 from rlhf_bilevel.online_dpo import rendered, single_adapter, train_online_dpo
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, load_recipe
@@ -287,6 +287,7 @@ def run_benchmark(recipe_path: Path, overrides: list[str], out: Path, repeats: i
     """The floors, then each of `configs` in turn, each in its own process (with `threads` torch
     threads, default torch's own); writes `out` (bench.json) and returns its content."""
     recipe = load_recipe(recipe_path, overrides)  # a bad recipe or override fails here, before any worker starts
+    resolve(recipe.model.name)  # a GGUF model is converted now: converting in a worker would count in its peak memory
     started = os.getloadavg()
     results = {}
     for config in ("floors", *configs):

@@ -37,6 +37,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.lm.model import AdapterConfig, load_base, with_adapters
+from rlhf_bilevel.lm.policy import autocasts
 from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.prompts import load_prompts
@@ -181,7 +182,7 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
         disable_tqdm=True, dataloader_num_workers=0,
         # TRL autocasts to bf16 by default; the comparison runs it as our trainer computes, where a
         # CPU without avx512_bf16 would otherwise emulate every matmul of its LoRA (several times slower)
-        bf16=recipe.rollout.autocast,
+        bf16=autocasts(recipe.rollout, base.dtype),
     )
     snapshots = Snapshots(model, judge, output_dir / "snapshots", snapshot_every, pairs)
     trainer = OnlineDPOTrainer(model=model, reward_funcs=judge, args=args, train_dataset=dataset,

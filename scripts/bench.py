@@ -5,7 +5,11 @@ against the floor of plain generation and a plain LoRA step (see rlhf_bilevel/be
     .venv/bin/python scripts/bench.py --quick    # the tiny model, under a minute
 """
 
-from rlhf_bilevel.bench import main
+from rlhf_bilevel.allocator import huge_pages
+
+huge_pages()  # as the command runs, in every worker (they inherit it); before torch is imported
+
+from rlhf_bilevel.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

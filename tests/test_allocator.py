@@ -111,3 +111,31 @@ def test_sampling_runs_on_the_heap_and_trims_it_after(monkeypatch):
     policy.sample(["a good day"], torch.Generator().manual_seed(0))
     threshold = allocator.M_MMAP_THRESHOLD
     assert calls == [("mallopt", threshold, allocator.HEAP_THRESHOLD), ("mallopt", threshold, allocator.THRESHOLD), ("malloc_trim", 0)]
+
+
+HUGE_SCRIPT = """
+import rlhf_bilevel_cli.app  # what the command imports first; it must decide before torch is imported
+import torch
+tensor = torch.ones(16 << 20)  # 64 MB, every page written
+print(next(int(line.split()[1]) for line in open("/proc/self/smaps_rollup") if line.startswith("AnonHugePages")))
+"""
+THP_MODE = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_kb(**env: str) -> int:
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    done = subprocess.run([sys.executable, "-c", HUGE_SCRIPT], capture_output=True, text=True, check=True, env={**clean, **env})
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux's transparent huge pages")
+def test_the_command_backs_large_tensors_with_huge_pages_unless_the_environment_says_no():
+    from pathlib import Path
+
+    mode = Path(THP_MODE).read_text() if Path(THP_MODE).exists() else "[never]"
+    if "[madvise]" not in mode:  # `always` gives huge pages to both; `never` to neither
+        pytest.skip(f"the kernel's THP mode is not madvise: {mode.strip()}")
+    assert huge_kb() >= 32 * 1024
+    assert huge_kb(THP_MEM_ALLOC_ENABLE="0") < 8 * 1024

@@ -107,11 +107,11 @@ def test_a_bad_override_is_one_line_before_any_worker_starts(capsys):
     assert capsys.readouterr().err.strip() == "error: bilevel.sigmaa: unknown key (did you mean 'sigma'?)"
 
 
-def tiny_policy(**switches):
+def tiny_policy(dtype="float32", **switches):
     from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig, load_base, with_adapters
     from rlhf_bilevel.lm.policy import LMPolicy, RolloutConfig
 
-    base, tokenizer = load_base(ModelConfig(name="tiny"))
+    base, tokenizer = load_base(ModelConfig(name="tiny", dtype=dtype))
     torch.manual_seed(0)
     model = with_adapters(base, AdapterConfig(r=4, alpha=8))
     policy = LMPolicy(model, tokenizer, RolloutConfig(max_new_tokens=6, **switches), chat_template=False)
@@ -152,6 +152,43 @@ def test_autocast_runs_in_bf16_close_to_float32():
     torch.testing.assert_close(lp_auto, lp_plain, atol=0.05, rtol=0.02)
     assert torch.isfinite(g_auto).all()
     assert torch.nn.functional.cosine_similarity(g_auto, g_plain, dim=0) > 0.98
+
+
+def saved_for_backward(policy, rollout):
+    """{storage: (dtype, last dimension, bytes)} of the tensors autograd keeps for the backward pass of log π."""
+    saved = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        saved[storage.data_ptr()] = (tensor.dtype, tensor.shape[-1] if tensor.dim() else 0, storage.nbytes())
+        return tensor
+
+    with policy.adapter("lambda"), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        policy.log_probs(rollout)
+    return saved
+
+
+def test_a_bf16_base_runs_its_adapters_in_bf16_on_the_inputs_as_they_are():
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    auto, off, copying = tiny_policy(dtype="bfloat16"), tiny_policy(dtype="bfloat16", autocast=False), tiny_policy(dtype="bfloat16")
+    assert auto.autocasting and not off.autocasting
+    for module in copying.model.modules():  # autocast, with peft casting each adapter's input to the weights' float32
+        if isinstance(module, BaseTunerLayer):
+            module.cast_input_dtype_enabled = True
+    rollout = auto.sample(["a good day", "the dog"], torch.Generator().manual_seed(0))
+    saved = {name: saved_for_backward(policy, rollout) for name, policy in [("auto", auto), ("off", off), ("copying", copying)]}
+    width = auto.model.config.intermediate_size  # down_proj's input: no norm or attention tensor has it
+    assert (torch.float32, width) in {entry[:2] for entry in saved["off"].values()}  # peft's float32 copy of the input
+    assert (torch.float32, width) not in {entry[:2] for entry in saved["auto"].values()}
+    held = {name: sum(entry[2] for entry in tensors.values()) for name, tensors in saved.items()}
+    # q, k and v read one input: kept once, where each cast made a copy of its own
+    assert held["auto"] < held["copying"] < held["off"]
+    lp_auto, g_auto = score_and_grad(auto, rollout)
+    lp_off, g_off = score_and_grad(off, rollout)
+    torch.testing.assert_close(lp_auto, lp_off, atol=0.05, rtol=0.02)
+    assert torch.nn.functional.cosine_similarity(g_auto, g_off, dim=0) > 0.98
+    assert all(p.dtype == torch.float32 for p in auto.parameters_of("lambda"))  # the weights Adam steps
 
 
 def test_compiled_scoring_equals_eager_for_every_adapter_and_the_reference():

@@ -91,8 +91,10 @@ def test_response_length_counts_through_the_first_eos():
     assert response_length([4, 4, 4], eos=1) == 3
 
 
-@pytest.mark.parametrize("autocast", [False, True])
-def test_trl_autocasts_to_bf16_only_when_our_trainer_does(monkeypatch, tmp_path, autocast):
+@pytest.mark.parametrize(
+    "autocast, dtype, expected", [("false", "float32", False), ("true", "float32", True), ("auto", "float32", False), ("auto", "bfloat16", True)]
+)
+def test_trl_autocasts_to_bf16_only_when_our_trainer_does(monkeypatch, tmp_path, autocast, dtype, expected):
     import trl.experimental.online_dpo as trl_online_dpo
 
     class Stop(Exception):
@@ -103,5 +105,5 @@ def test_trl_autocasts_to_bf16_only_when_our_trainer_does(monkeypatch, tmp_path,
 
     monkeypatch.setattr(trl_online_dpo, "OnlineDPOTrainer", capture)
     with pytest.raises(Stop) as stopped:
-        train_online_dpo(tiny_recipe(f"rollout.autocast={str(autocast).lower()}"), tmp_path / "run", RECIPES, pairs=4)
-    assert stopped.value.args[0].bf16 is autocast  # TRL's own default is bf16 autocast
+        train_online_dpo(tiny_recipe(f"rollout.autocast={autocast}", f"model.dtype={dtype}"), tmp_path / "run", RECIPES, pairs=4)
+    assert stopped.value.args[0].bf16 is expected  # TRL's own default is bf16 autocast
