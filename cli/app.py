@@ -102,6 +102,7 @@ def evaluate(
     prompts: Optional[int] = typer.Option(None, "--prompts", help="Evaluate the first N held-out prompts (default: all)."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed, shared by the policy and the reference."),
     resamples: int = typer.Option(2000, "--resamples", help="Bootstrap resamples per confidence interval."),
+    pairs_per_prompt: int = typer.Option(1, "--pairs-per-prompt", help="Response pairs per held-out prompt: more narrow the agreement interval."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json, report.md, training.png (default: RUN/eval or ADAPTER/eval)."),
 ) -> None:
     """Win rate against the reference, gold score, KL, length, and reward-model agreement on- vs off-policy."""
@@ -111,7 +112,7 @@ def evaluate(
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
-        cfg = EvalConfig(prompts=prompts, seed=seed, resamples=resamples)
+        cfg = EvalConfig(prompts=prompts, seed=seed, resamples=resamples, samples=pairs_per_prompt)
         if (run is None) == (adapter is None):
             fail("--run or --adapter: give exactly one (a train run folder, or a peft adapter folder with --recipe)")
         if run is not None:
@@ -134,24 +135,30 @@ def evaluate(
 @app.command()
 def compare(
     recipe: Path = typer.Option(Path("recipes/smollm2-sentiment.yaml"), "--recipe", help="The problem all methods share."),
-    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs, comparison.json/.md/.png."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs, comparison.json/.md/.png and comparison-time.png."),
     seeds: list[int] = typer.Option([0], "--seed", help="A seed of the seed set (repeatable): each method runs once per seed."),
+    methods: list[str] = typer.Option([], "--method", help="A method to run (repeatable): bilevel, alternating, online-dpo (default: all)."),
+    jobs: int = typer.Option(1, "--jobs", help="Runs side by side in worker processes, each on its share of the cores."),
     quick: bool = typer.Option(False, "--quick", help="The tiny model built in code and 4 outer steps: minutes on a CPU."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe field for every method (repeatable)."),
     prompts: Optional[int] = typer.Option(None, "--prompts", help="Evaluate on the first N held-out prompts (default: all)."),
+    pairs_per_prompt: int = typer.Option(1, "--pairs-per-prompt", help="Response pairs per held-out prompt in the final evaluation."),
     snapshots: int = typer.Option(4, "--snapshots", help="Points along each run on the gold-score curve."),
     dpo_beta: float = typer.Option(0.1, "--dpo-beta", help="β of TRL's Online DPO."),
 ) -> None:
-    """Bilevel vs alternating vs TRL Online DPO at one oracle budget: one table, one plot."""
-    from rlhf_bilevel.compare import CompareConfig
+    """Bilevel vs alternating vs TRL Online DPO at one oracle budget, over seeds: tables and plots."""
+    from rlhf_bilevel.compare import METHODS, CompareConfig
     from rlhf_bilevel.compare import compare as run_comparison
     from rlhf_bilevel.evaluate import EvalConfig
     from rlhf_bilevel.oracles.base import OracleError
 
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
     try:
-        cfg = CompareConfig(seeds=tuple(seeds), snapshots=snapshots, dpo_beta=dpo_beta, eval=EvalConfig(prompts=prompts))
-        run_comparison(recipe, out, cfg, list(overrides), quick=quick, log=typer.echo)
+        cfg = CompareConfig(
+            seeds=tuple(seeds), methods=tuple(methods) or METHODS, jobs=jobs, snapshots=snapshots, dpo_beta=dpo_beta,
+            eval=EvalConfig(prompts=prompts, samples=pairs_per_prompt),
+        )
+        run_comparison(recipe, out, cfg, list(overrides), quick=quick)
     except ConfigError as error:
         fail(str(error))
     except OracleError as error:

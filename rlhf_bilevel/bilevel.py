@@ -1,4 +1,4 @@
-"""Algorithm 1 (corrected, ALGORITHM.md): the outer loop on φ and the inner loops on λ and λ′.
+"""Algorithm 1 (corrected, docs/algorithm.md): the outer loop on φ and the inner loops on λ and λ′.
 
 Written once against the protocols of `types.py`: it runs on the exact token MDP and on a
 Hugging Face model alike. `method="alternating"` is the standard online RLHF it is
@@ -23,7 +23,9 @@ import torch
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.config import BilevelConfig
 from rlhf_bilevel.distributed import World
-from rlhf_bilevel.steps import Stepper
+from rlhf_bilevel.queries import most_uncertain_pairs
+from rlhf_bilevel.steps import Stepper, norm
+from rlhf_bilevel.store import PreferenceStore
 from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME, Critic, Oracle, Policy, PreferencePairs, RewardModel, Rollout, RolloutSource
 
 PairsCallback = Callable[[PreferencePairs, dict], None]
@@ -69,6 +71,9 @@ class Bilevel:
         self.critics = {name: make_critic(name) for name in adapters}
         self.policy_steps = {name: Stepper(policy.parameters_of(name), cfg.policy_step, ascend=True) for name in adapters}
         self.reward_step = Stepper(reward.parameters(), cfg.reward_step, ascend=False)
+        self.anchor = [p.detach().clone() for p in reward.parameters()]  # φ₀, where the fit's prior pulls
+        self.store = PreferenceStore()
+        self.drawn: dict[str, list[Rollout]] = {name: [] for name in adapters}  # this outer step's trajectories
         self.t = 0  # outer iterations done
         self.oracle_pairs = 0
         self.max_bad_steps = max_bad_steps
@@ -94,9 +99,20 @@ class Bilevel:
         rows = self.world.shard(len(prob))
         pairs.prob, pairs.label = prob[rows].to(rollout.mask.device), label[rows].to(rollout.mask.device)
         self.oracle_pairs += len(prob)
+        self.store.add(pairs, self.t)
         if self.on_pairs is not None:
             self.on_pairs(pairs, {"outer_step": self.t, "inner_step": inner_step, "policy": rollout.adapter})
         return pairs
+
+    def query(self, adapter: str, n: int) -> PreferencePairs:
+        """n pairs of `adapter` to be labelled: random (two draws per prompt), or the most uncertain of
+        `query.candidates` draws per prompt (queries.py)."""
+        select = self.cfg.query
+        if select.select == "random":
+            return self.source.pairs(adapter, n)
+        rollout = self.source.groups(adapter, n, select.candidates)
+        with torch.no_grad():
+            return most_uncertain_pairs(self.reward.member_rewards(rollout), rollout, select.candidates)
 
     # -- the lower level -------------------------------------------------------------------------
     def ascent(
@@ -108,16 +124,19 @@ class Bilevel:
         with torch.no_grad():
             shaped = est.shaped_rewards(rollout, self.reward.token_rewards(rollout), cfg.beta)
         critic = self.critics[adapter]
-        diagnostics = self.fit_critic(adapter, rollout, shaped)
-        diagnostics["lower/J"] = (rollout.weight * est.returns(rollout, shaped, cfg.gamma)).sum().item()
-        diagnostics["lower/kl"] = est.kl_to_reference(rollout).item()
+        diagnostics = {
+            "lower/J": (rollout.weight * est.returns(rollout, shaped, cfg.gamma)).sum().item(),
+            "lower/kl": est.kl_to_reference(rollout).item(),
+        }
 
         def objective(log_probs: torch.Tensor) -> torch.Tensor:
+            # the critic learns from π(·|s) at every visited state: its expected-SARSA target needs them
+            diagnostics.update(self.fit_critic(adapter, rollout, shaped, log_probs.detach()))
             advantage = critic.advantages(rollout, shaped, log_probs)
             surrogate = est.surrogate_J_lambda(log_probs, rollout, advantage, cfg.gamma)
             if penalty is None:
                 return surrogate
-            # d'_k = ∇J(λ′, φ) − σ ∇f(φ, λ′)  (ALGORITHM.md step 4; erratum 2): linear in the two
+            # d'_k = ∇J(λ′, φ) − σ ∇f(φ, λ′)  (docs/algorithm.md step 4; erratum 2): linear in the two
             # surrogates, so one backward pass through the trunk gives it rather than two
             (surrogate,) = est.penalised_direction([surrogate], [penalty(log_probs)], cfg.sigma)
             return surrogate
@@ -150,12 +169,14 @@ class Bilevel:
         cfg = self.cfg
         self.on_phase("lambda_step")
         rollout = self.source.rollouts(LAMBDA, cfg.trajectories_per_step)
+        self.drawn[LAMBDA].append(rollout)
         d_k, metrics = self.ascent(LAMBDA, rollout)
         metrics["lower/d_norm"] = self.update(LAMBDA, self.policy_steps[LAMBDA], self.world.mean(d_k))
         if not self.bilevel:
             return metrics
         self.on_phase("lambda_prime_step")
-        pairs = self.label(self.source.pairs(LAMBDA_PRIME, cfg.pairs_per_step), k)
+        pairs = self.label(self.query(LAMBDA_PRIME, cfg.pairs_per_step), k)
+        self.drawn[LAMBDA_PRIME].append(pairs.rollout)
         if self.printed:
             d_prime = d_k  # erratum 3: line 10 steps λ′ along d_k, so λ′ ≡ λ
         else:
@@ -180,12 +201,12 @@ class Bilevel:
         self.skipped(block, BLOCKS[block], "its loss was not finite" if not math.isfinite(loss) else "its gradient was not finite")
         return math.nan
 
-    def fit_critic(self, adapter: str, rollout: Rollout, shaped: torch.Tensor) -> dict[str, float]:
+    def fit_critic(self, adapter: str, rollout: Rollout, shaped: torch.Tensor, log_probs: torch.Tensor) -> dict[str, float]:
         """Algorithm 2, undone when it leaves the critic's state non-finite (a NaN reward in the
         replay, a diverging TD step). Every process holds the same critic, so all undo it together."""
         critic = self.critics[adapter]
         before = copy.deepcopy(critic.state_dict())
-        diagnostics = critic.fit(rollout, shaped)
+        diagnostics = critic.fit(rollout, shaped, log_probs)
         block = f"critic/{adapter}"
         if all(torch.isfinite(t).all() for t in tensors_in(critic.state_dict())):
             self.bad_in_a_row[block] = 0
@@ -204,47 +225,104 @@ class Bilevel:
             )
 
     # -- the upper level -------------------------------------------------------------------------
-    def hypergradient(self) -> tuple[list[torch.Tensor], dict[str, float]]:
-        cfg = self.cfg
+    def upper_step(self) -> dict[str, float]:
+        """Lines 12–14: B fresh pairs labelled (B·(K+1) for the alternating method), then φ's fit, each of
+        its `reward_fit.steps` steps along d_t recomputed at the current φ. Returns the outer step's metrics."""
+        cfg, fit = self.cfg, self.cfg.reward_fit
         self.on_phase("phi_step")
-        phi = self.reward.parameters()
         budget = cfg.pairs_per_step if self.bilevel else cfg.pairs_per_outer_step
         f_adapter = LAMBDA_PRIME if self.bilevel and cfg.f_at == "lambda_prime" and not self.printed else LAMBDA
-        pairs = self.label(self.source.pairs(f_adapter, budget), cfg.inner_steps)
-        grad_f, losses = est.grad_f_phi(self.reward.token_rewards(pairs.rollout), phi, pairs, cfg.upper_loss)
+        pairs = self.label(self.query(f_adapter, budget), cfg.inner_steps)
+        with torch.no_grad():
+            losses = est.upper_loss(est.pair_margins(self.reward.token_rewards(pairs.rollout), pairs), pairs.label, cfg.upper_loss)
         metrics = {"upper/loss": (pairs.weight * losses).sum().item()}
         n = cfg.trajectories_per_step
         coupled = self.bilevel and cfg.common_random_numbers
         traj, traj_prime = self.source.coupled((LAMBDA, LAMBDA_PRIME), n) if coupled else (self.source.rollouts(LAMBDA, n), None)
-        rewards = self.reward.token_rewards(traj)
-        metrics["lower/J"] = est.objective_value(traj, rewards.detach(), cfg.beta, cfg.gamma).item()
+        with torch.no_grad():
+            metrics["lower/J"] = est.objective_value(traj, self.reward.token_rewards(traj), cfg.beta, cfg.gamma).item()
         metrics["lower/kl"] = est.kl_to_reference(traj).item()
+        sets = {}
+        if self.bilevel:
+            if traj_prime is None:
+                traj_prime = pairs.rollout if f_adapter == LAMBDA_PRIME else self.source.rollouts(LAMBDA_PRIME, n)
+            sets = {LAMBDA: [traj], LAMBDA_PRIME: [traj_prime]}
+            if fit.penalty_from == "all":  # every trajectory of each policy this outer step drew, once
+                sets[f_adapter] += [] if pairs.rollout is traj_prime else [pairs.rollout]
+                sets = {name: self.drawn[name] + drawn for name, drawn in sets.items()}
+            with torch.no_grad():
+                J_prime = est.objective_value(traj_prime, self.reward.token_rewards(traj_prime), cfg.beta, cfg.gamma).item()
+            metrics["penalty/gap"] = metrics["lower/J"] - J_prime
+        device = self.anchor[0].device
+        batches = self.store.batches if fit.replay else [pairs]
+        weights = self.store.weights(self.t, fit.half_life, device) if fit.replay else torch.ones(1, dtype=torch.float64, device=device)
+        if fit.minibatch is not None and fit.minibatch < len(batches):
+            chosen = torch.randperm(len(batches), generator=self.generator)[: fit.minibatch].sort().values
+            batches, weights = [batches[i] for i in chosen.tolist()], weights[chosen]
+        labels = sum(len(p) for p in batches) * self.world.size  # every process holds an equal share
+        metrics["upper/labels"] = float(labels)
+        for step in range(fit.steps):
+            d_t, diagnostics = self.hypergradient(batches, weights, sets, labels)
+            diagnostics["upper/d_norm"] = self.update("phi", self.reward_step, d_t, loss=diagnostics["upper/store_loss"])
+            if step == 0:  # d_t as the theorem's single step sees it
+                metrics.update(diagnostics)
+        metrics["upper/store_loss_after"] = self.store_loss(batches, weights).item()
+        with torch.no_grad():  # the rewards in the critics' replay were r_φ's of before the fit
+            for critic in self.critics.values():
+                critic.relabel(lambda rollout: est.shaped_rewards(rollout, self.reward.token_rewards(rollout), cfg.beta))
+        return metrics
+
+    def store_loss(self, batches: list[PreferencePairs], weights: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            rewards = [self.reward.token_rewards(p.rollout) for p in batches]
+        (total,) = self.world.mean([est.store_loss(rewards, batches, weights, self.cfg.upper_loss)])
+        return total
+
+    def hypergradient(
+        self, batches: list[PreferencePairs], weights: torch.Tensor, sets: dict[str, list[Rollout]], labels: int
+    ) -> tuple[list[torch.Tensor], dict[str, float]]:
+        """d_t at the current φ (docs/algorithm.md step 6, with "The φ update in practice"): ∇φ of f̂ on the
+        stored `batches` plus the prior, and for the bilevel method the penalty (∇φĴ(λ) − ∇φĴ(λ′))/σ
+        on the trajectories of each policy in `sets`. Averaged over processes."""
+        cfg, fit = self.cfg, self.cfg.reward_fit
+        phi = self.reward.parameters()
+        # each member of an ensemble fits the labels on its own: trained through their mean, they would move together
+        grad_f, f_hat = est.grad_f_phi([self.reward.member_rewards(p.rollout) for p in batches], phi, batches, weights, cfg.upper_loss)
+        if fit.prior:
+            grad_f = [g + p for g, p in zip(grad_f, est.grad_anchor_prior(phi, self.anchor, fit.prior, labels))]
+        grad_f = self.world.mean(grad_f)
+        (store_loss,) = self.world.mean([f_hat])
+        metrics = {"upper/store_loss": store_loss.item(), "upper/grad_f_norm": norm(grad_f).item()}
         if not self.bilevel:
             return grad_f, metrics
-        grad_J = est.grad_J_phi(rewards, phi, traj, cfg.gamma)
-        if traj_prime is None:
-            traj_prime = pairs.rollout if f_adapter == LAMBDA_PRIME else self.source.rollouts(LAMBDA_PRIME, n)
-        rewards_prime = self.reward.token_rewards(traj_prime)
-        grad_J_prime = est.grad_J_phi(rewards_prime, phi, traj_prime, cfg.gamma)
-        J_prime = est.objective_value(traj_prime, rewards_prime.detach(), cfg.beta, cfg.gamma).item()
-        metrics["penalty/gap"] = metrics["lower/J"] - J_prime
+        grad_J, grad_J_prime = (
+            self.world.mean(est.grad_J_phi([self.reward.token_rewards(r) for r in sets[name]], phi, sets[name], cfg.gamma))
+            for name in (LAMBDA, LAMBDA_PRIME)
+        )
         if self.printed:  # erratum 1: the penalty enters with the opposite sign
             grad_J, grad_J_prime = grad_J_prime, grad_J
-        return est.hypergradient(grad_f, grad_J, grad_J_prime, cfg.sigma), metrics
+        # every step of the fit follows the whole penalty: counted once per outer step instead (÷S), the
+        # fit's fixed point is L_{Sσ}'s, and the exact lab stalled at a gap that grew with S towards the
+        # alternating method's (docs/results.md)
+        d_t = est.hypergradient(grad_f, grad_J, grad_J_prime, cfg.sigma)
+        penalty = [(a - b) / cfg.sigma for a, b in zip(grad_J, grad_J_prime)]
+        metrics.update({"upper/penalty_norm": norm(penalty).item(), "upper/cosine_f_penalty": est.cosine(grad_f, penalty)})
+        return d_t, metrics
 
     def outer_step(self) -> dict[str, float]:
-        """One outer iteration t: K inner steps on λ (and λ′), then one step of φ along d_t."""
+        """One outer iteration t: K inner steps on λ (and λ′), then φ's fit along d_t."""
         start = time.perf_counter()
-        metrics: dict[str, float] = {}
+        for name in self.drawn:
+            self.drawn[name] = []
         for k in range(self.cfg.inner_steps):
             inner = self.world.mean_metrics(self.inner_step(k))
             inner["oracle/pairs"] = float(self.oracle_pairs)
             inner["faults/nonfinite_steps"] = float(self.nonfinite_steps)
             if self.on_inner is not None:
                 self.on_inner(k, inner)
-        d_t, upper = self.hypergradient()
-        metrics.update(self.world.mean_metrics(upper))
-        metrics["upper/d_norm"] = self.update("phi", self.reward_step, self.world.mean(d_t), loss=metrics["upper/loss"])
+        metrics = self.world.mean_metrics(self.upper_step())
+        for name in self.drawn:  # nothing of this step's rollouts outlives it
+            self.drawn[name] = []
         self.t += 1
         metrics["oracle/pairs"] = float(self.oracle_pairs)
         metrics["faults/nonfinite_steps"] = float(self.nonfinite_steps)
@@ -259,6 +337,7 @@ class Bilevel:
             "nonfinite_steps": self.nonfinite_steps,
             "policy_steps": {k: s.state_dict() for k, s in self.policy_steps.items()},
             "reward_step": self.reward_step.state_dict(),
+            "store": self.store.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -269,6 +348,7 @@ class Bilevel:
         for name, step in self.policy_steps.items():
             step.load_state_dict(state["policy_steps"][name])
         self.reward_step.load_state_dict(state["reward_step"])
+        self.store.load_state_dict(state["store"], device=self.anchor[0].device)
 
 
 def tensors_in(tree: Any) -> Iterator[torch.Tensor]:

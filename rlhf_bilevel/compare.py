@@ -1,4 +1,4 @@
-"""`rlhf-bilevel compare`: the head-to-head at one oracle budget.
+"""`rlhf-bilevel compare`: the head-to-head at one oracle budget, over a seed set.
 
 Three methods run on one recipe (same model, prompts, oracle, horizon, LoRA settings) for
 each seed of a seed set, and spend the same number of oracle-labelled pairs,
@@ -13,38 +13,67 @@ policies in full, and snapshots along the way by gold score only, on the same he
 prompts and random stream, so the curves of gold score against oracle pairs used are
 comparable point for point.
 
+Each (method, seed) run trains and is evaluated on its own, so `--jobs N` runs them as N
+worker processes, each on its share of the cores. One seed says little: a seed changes the
+whole trajectory, and gains of a few points come and go with it. So each method's final
+numbers are also summarised over its seeds, by the mean and the Student-t interval of the
+per-seed values (the seed is the unit there, as the prompt is within one evaluation).
+
     OUT/
-      bilevel-seed0/ alternating-seed0/ online-dpo-seed0/   the runs (each with eval/)
-      comparison.json   every number of the table, and the curves
-      comparison.md     the table
-      comparison.png    gold score against oracle pairs used
+      bilevel-seed0/ alternating-seed0/ online-dpo-seed0/ ...   the runs (each with eval/)
+      comparison.json       {"runs": one row per run, "summary": per method over its seeds}
+      comparison.md         the runs table and the over-seeds table
+      comparison.png        gold score against oracle pairs used: mean over seeds, interval shaded
+      comparison-time.png   the same against wall-clock training seconds
 """
 
 from __future__ import annotations
 
+import io
 import json
+import math
+import multiprocessing
+import os
+import sys
 import time
-from collections.abc import Callable
+import warnings
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import closing, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence, TextIO
 
+import torch
+
+from rlhf_bilevel.checkpoint import checkpoints
 from rlhf_bilevel.config import ConfigError, positive
-from rlhf_bilevel.evaluate import EvalConfig, evaluate, gold_score, held_out_prompts, load_policy, load_run
-from rlhf_bilevel.online_dpo import train_online_dpo
+from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, gold_score, held_out_prompts, load_policy, load_run
 from rlhf_bilevel.oracles.registry import make_oracle
-from rlhf_bilevel.recipe import Recipe, load_recipe
 from rlhf_bilevel.report import plain, write_eval
-from rlhf_bilevel.train import train
 from rlhf_bilevel.types import LAMBDA
+
+if TYPE_CHECKING:  # the recipe, the trainers and TRL are imported where used: a bad option is then reported in seconds
+    from rlhf_bilevel.recipe import Recipe
 
 METHODS = ("bilevel", "alternating", "online-dpo")
 QUICK = ["model.name=tiny", "model.dtype=float32", "bilevel.outer_steps=4", "train.eval_pairs=4"]
 """--quick: the recipe on the tiny model built in code, a few outer steps: minutes on a CPU."""
 
+SUMMARY_COLUMNS = [  # (measure, column title, decimals) of the over-seeds table
+    ("gold", "gold", 3),
+    ("gold_gain", "gold gain", 3),
+    ("agreement_policy", "agreement policy", 3),
+    ("agreement_reference", "agreement reference", 3),
+    ("kl", "KL", 2),
+    ("seconds", "seconds", 0),
+]
+
 
 @dataclass(frozen=True)
 class CompareConfig:
     seeds: tuple[int, ...] = (0,)  # each method runs once per seed
+    methods: tuple[str, ...] = METHODS  # the methods that run, always in the order of METHODS
+    jobs: int = 1  # worker processes running (method, seed) runs side by side; 1 runs them here, one by one
     snapshots: int = 4  # points along each run for the gold-score curve, the end included
     dpo_beta: float = 0.1  # Online DPO's β
     eval: EvalConfig = EvalConfig()
@@ -53,6 +82,15 @@ class CompareConfig:
         positive(self, "snapshots", "dpo_beta")
         if not self.seeds:
             raise ConfigError("--seed: give at least one seed")
+        if len(set(self.seeds)) < len(self.seeds):
+            raise ConfigError(f"--seed: each seed once, got {', '.join(map(str, self.seeds))}")
+        if not self.methods:
+            raise ConfigError(f"--method: give at least one of {', '.join(METHODS)}")
+        for method in self.methods:
+            if method not in METHODS:
+                raise ConfigError(f"--method: unknown method '{method}' (choose from {', '.join(METHODS)})")
+        if self.jobs < 1:
+            raise ConfigError(f"--jobs: must be at least 1, got {self.jobs}")
 
 
 def snapshot_every(recipe: Recipe, snapshots: int) -> int:
@@ -60,19 +98,64 @@ def snapshot_every(recipe: Recipe, snapshots: int) -> int:
     return max(1, recipe.bilevel.outer_steps // snapshots)
 
 
+class PrefixedLines(io.TextIOBase):
+    """Writes each complete line to `stream` behind `prefix`, in one write: the lines of runs in parallel
+    processes then interleave whole, and each says whose it is."""
+
+    def __init__(self, stream: TextIO, prefix: str):
+        self.stream, self.prefix, self.pending = stream, prefix, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        if lines:
+            self.stream.write("".join(f"{self.prefix}{line}\n" for line in lines))
+            self.stream.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.pending:  # a last line without its newline
+            self.write("\n")
+        super().close()
+
+
+def start_worker(workers: int, warning_filters: list) -> None:
+    """A worker process takes its share of the cores (`workers` runs each on all of them would
+    oversubscribe) and the warning filters of the process that started it, which spawning loses."""
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    warnings.filters[:] = warning_filters
+
+
+def outer_seconds(metrics_file: Path) -> dict[int, float]:
+    """Outer step → wall seconds of training by its end (`time/elapsed_s`), from a run's metrics.jsonl."""
+    seconds = {}
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("phase") == "outer" and "time/elapsed_s" in record:
+            seconds[int(record["outer_step"])] = record["time/elapsed_s"]
+    return seconds
+
+
 class Comparison:
-    def __init__(self, recipe_file: Path, out: Path, cfg: CompareConfig, overrides: list[str], log: Callable[[str], None]):
-        self.recipe_file, self.out, self.cfg, self.overrides, self.log = recipe_file, out, cfg, overrides, log
+    """What every run of one comparison shares. It holds only plain values, so a worker process
+    receives it whole and builds its own model and oracle."""
+
+    def __init__(self, recipe_file: Path, out: Path, cfg: CompareConfig, overrides: list[str]):
+        from rlhf_bilevel.recipe import load_recipe
+
+        self.recipe_file, self.out, self.cfg, self.overrides = recipe_file, out, cfg, overrides
         self.base_dir = recipe_file.resolve().parent
         recipe = load_recipe(recipe_file, overrides)  # every bad input is reported before anything runs
         self.every = snapshot_every(recipe, cfg.snapshots)
-        self.oracle = make_oracle(recipe.oracle)
         self.prompts = held_out_prompts(recipe, self.base_dir)
         if cfg.eval.prompts:
             self.prompts = self.prompts[: cfg.eval.prompts]
-        self.gold = hasattr(self.oracle, "score")
 
     def recipe(self, seed: int, method: str) -> Recipe:
+        from rlhf_bilevel.recipe import load_recipe
+
         settings = [*self.overrides, f"train.seed={seed}", "train.keep=null", f"train.save_every={self.every}"]
         if method != "online-dpo":
             settings.append(f"bilevel.method={method}")
@@ -80,48 +163,127 @@ class Comparison:
 
     # -- one method, one seed --------------------------------------------------------------------------
     def run(self, method: str, seed: int) -> dict:
+        """Trains and evaluates `method` on `seed`; what it prints goes to stdout behind "method/seedS: "."""
+        lines = PrefixedLines(sys.stdout, f"{method}/seed{seed}: ")
+        with redirect_stdout(lines), closing(lines):
+            return self.train_and_evaluate(method, seed)
+
+    def train_and_evaluate(self, method: str, seed: int) -> dict:
+        from rlhf_bilevel.online_dpo import train_online_dpo
+        from rlhf_bilevel.train import train
+
         recipe = self.recipe(seed, method)
+        oracle = make_oracle(recipe.oracle)
         folder = self.out / f"{method}-seed{seed}"
-        budget = recipe.bilevel.outer_steps * recipe.bilevel.pairs_per_outer_step
-        self.log(f"{method}, seed {seed}: training on {budget} oracle pairs")
+        per_outer_step = recipe.bilevel.pairs_per_outer_step
+        budget = recipe.bilevel.outer_steps * per_outer_step
+        print(f"training on {budget} oracle pairs")
         start = time.perf_counter()
         if method == "online-dpo":
             trained = train_online_dpo(
-                recipe, folder, self.base_dir, pairs=budget, beta=self.cfg.dpo_beta,
-                snapshot_every=self.every * recipe.bilevel.pairs_per_outer_step,
+                recipe, folder, self.base_dir, pairs=budget, beta=self.cfg.dpo_beta, snapshot_every=self.every * per_outer_step,
             )
             wall, pairs = trained.seconds, trained.oracle_pairs
-            snapshots = {int(p): Path(a) for p, a in trained.snapshots.items()}
+            snapshots = {p: (Path(a), trained.snapshot_seconds[p]) for p, a in trained.snapshots.items()}
             final = load_policy(recipe, Path(trained.adapter_dir))
-            result = evaluate(final, self.oracle, self.prompts, self.cfg.eval)
+            result = evaluate(final, oracle, self.prompts, self.cfg.eval)
             write_eval(result, folder / "eval", name=folder.name)
         else:
             summary = train(recipe, folder, self.base_dir)
             wall, pairs = summary.seconds, summary.oracle_pairs
-            snapshots = {
-                int(path.name.split("-")[1]) * recipe.bilevel.pairs_per_outer_step: path / "adapters" / LAMBDA
-                for path in sorted(folder.glob("checkpoint-*"))
-            }
+            elapsed = outer_seconds(folder / "metrics.jsonl")
+            snapshots = {step * per_outer_step: (path / "adapters" / LAMBDA, elapsed[step]) for step, path in checkpoints(folder)}
             _, _, final, reward = load_run(folder)
-            result = evaluate(final, self.oracle, self.prompts, self.cfg.eval, reward)
+            result = evaluate(final, oracle, self.prompts, self.cfg.eval, reward)
             write_eval(result, folder / "eval", name=folder.name, metrics_file=folder / "metrics.jsonl")
-        self.log(f"{method}, seed {seed}: {time.perf_counter() - start:.0f} s, win rate {result['win_rate']}")
+        print(f"{time.perf_counter() - start:.0f} s, win rate {result['win_rate']}")
         curve = []
-        if self.gold:
-            curve = [(0, result["gold"]["reference"].mean)]
-            curve += [(p, gold_score(load_policy(recipe, a), self.oracle, self.prompts, self.cfg.eval.seed)) for p, a in sorted(snapshots.items())]
+        if "gold" in result:  # the oracle has a gold score
+            curve = [{"oracle_pairs": 0, "seconds": 0.0, "gold": result["gold"]["reference"].mean}]
+            curve += [
+                {"oracle_pairs": p, "seconds": s, "gold": gold_score(load_policy(recipe, a), oracle, self.prompts, self.cfg.eval)}
+                for p, (a, s) in sorted(snapshots.items())
+            ]
         return {"method": method, "seed": seed, "oracle_pairs": pairs, "seconds": wall, "eval": result, "curve": curve}
 
-    def all(self) -> list[dict]:
+    # -- every method, every seed --------------------------------------------------------------------
+    def all(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        rows = [self.run(method, seed) for seed in self.cfg.seeds for method in METHODS]
-        (self.out / "comparison.json").write_text(json.dumps(plain(rows), indent=1, ensure_ascii=False), encoding="utf-8")
-        (self.out / "comparison.md").write_text(table(rows), encoding="utf-8")
-        if self.gold:
-            plot(rows, self.out / "comparison.png")
-        return rows
+        runs = [(method, seed) for seed in self.cfg.seeds for method in METHODS if method in self.cfg.methods]
+        workers = min(self.cfg.jobs, len(runs))
+        if workers == 1:
+            rows = [self.run(method, seed) for method, seed in runs]
+        else:
+            # spawned, not forked: a forked child inherits torch's thread pool and OpenMP state mid-use
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(workers, warnings.filters)) as pool:
+                futures = [pool.submit(self.run, method, seed) for method, seed in runs]
+                try:
+                    rows = [future.result() for future in futures]  # in submission order, whatever finishes first
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # the runs under way finish; the others never start
+                    raise
+        comparison = {"runs": rows, "summary": summarise(rows, self.cfg.eval.confidence)}
+        (self.out / "comparison.json").write_text(json.dumps(plain(comparison), indent=1, ensure_ascii=False), encoding="utf-8")
+        (self.out / "comparison.md").write_text(table(rows) + "\n" + summary_table(comparison["summary"], self.cfg.eval.confidence), encoding="utf-8")
+        if any(row["curve"] for row in rows):
+            plot(comparison["summary"], "oracle_pairs", "oracle pairs used", self.out / "comparison.png")
+            plot(comparison["summary"], "seconds", "training seconds (wall clock)", self.out / "comparison-time.png")
+        return comparison
 
 
+# -- over seeds ----------------------------------------------------------------------------------------
+def t_interval(values: Sequence[float], confidence: float) -> Estimate:
+    """Mean ± t_{n−1} · s/√n over per-seed values: Student's interval, as a seed set is small and its spread
+    unknown. With one seed there is no spread to measure, and the interval is NaN."""
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return Estimate(mean, math.nan, math.nan, n)
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    return Estimate(mean, mean - half, mean + half, n)
+
+
+def measures(row: dict) -> dict[str, float]:
+    """The final numbers of one run that the summary takes over seeds; those the method or oracle lacks are left out."""
+    result = row["eval"]
+    values = {"kl": result["kl"], "seconds": row["seconds"]}
+    if "gold" in result:
+        values["gold"] = result["gold"]["policy"].mean
+        values["gold_gain"] = values["gold"] - result["gold"]["reference"].mean
+    if "agreement" in result:
+        values["agreement_policy"] = result["agreement"]["policy"].mean
+        values["agreement_reference"] = result["agreement"]["reference"].mean
+    return values
+
+
+def summarise(rows: list[dict], confidence: float) -> dict[str, dict]:
+    """Per method: the seeds, each measure's interval over them, and the mean curve.
+
+    A curve point is the i-th snapshot of every seed's run, which falls on the same oracle-pair
+    count in each (equal budgets, equal snapshot steps); its seconds are the seeds' mean.
+    """
+    summary = {}
+    for method in dict.fromkeys(row["method"] for row in rows):
+        runs = [row for row in rows if row["method"] == method]
+        per_seed = [measures(row) for row in runs]
+        summary[method] = {"seeds": [row["seed"] for row in runs]}
+        summary[method].update({name: t_interval([m[name] for m in per_seed], confidence) for name in per_seed[0]})
+        summary[method]["curve"] = [
+            {
+                "oracle_pairs": sum(p["oracle_pairs"] for p in points) / len(points),
+                "seconds": sum(p["seconds"] for p in points) / len(points),
+                "gold": t_interval([p["gold"] for p in points], confidence),
+            }
+            for points in zip(*(row["curve"] for row in runs))
+        ]
+    return summary
+
+
+# -- what a user reads ---------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     """One line per method and seed; intervals are 95% bootstrap over held-out prompts."""
     lines = [
@@ -140,27 +302,51 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def cell(estimate: Estimate | None, decimals: int) -> str:
+    """`mean [low, high]`; an interval one seed cannot give is `—`, and so is a measure the method lacks."""
+    if estimate is None:
+        return "—"
+    if math.isnan(estimate.low):
+        return f"{estimate.mean:.{decimals}f} [—]"
+    return f"{estimate.mean:.{decimals}f} [{estimate.low:.{decimals}f}, {estimate.high:.{decimals}f}]"
+
+
+def summary_table(summary: dict[str, dict], confidence: float) -> str:
+    """One line per method: the mean over its seeds and the Student-t interval of each final measure."""
+    titles = [f"{title} (mean [{confidence:.0%} CI])" if name == "gold" else title for name, title, _ in SUMMARY_COLUMNS]
+    lines = [f"| method | seeds | {' | '.join(titles)} |", "|---|---|" + "---|" * len(SUMMARY_COLUMNS)]
+    for method, over in summary.items():
+        cells = [cell(over.get(name), decimals) for name, _, decimals in SUMMARY_COLUMNS]
+        lines.append(f"| {method} | {len(over['seeds'])} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path) -> None:
+    """Gold score against `x` of the mean curves, one line per method, its seeds' interval shaded where it exists."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for row in rows:
-        x, y = zip(*row["curve"])
-        ax.plot(x, y, marker="o", label=f"{row['method']} (seed {row['seed']})")
-    ax.set(xlabel="oracle pairs used", ylabel="gold score (held-out)", title="Gold score at equal feedback")
+    for method, over in summary.items():
+        if not over["curve"]:
+            continue
+        xs = [point[x] for point in over["curve"]]
+        gold = [point["gold"] for point in over["curve"]]
+        (line,) = ax.plot(xs, [g.mean for g in gold], marker="o", label=f"{method} ({len(over['seeds'])} seeds)")
+        if len(over["seeds"]) > 1:
+            ax.fill_between(xs, [g.low for g in gold], [g.high for g in gold], color=line.get_color(), alpha=0.2)
+    ax.set(xlabel=xlabel, ylabel="gold score (held-out)", title="Gold score at equal feedback, mean over seeds")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def compare(recipe_file: Path, out: Path, cfg: CompareConfig, overrides: list[str] = (), quick: bool = False,
-            log: Callable[[str], None] = print) -> list[dict]:
-    """Runs every method for every seed on `recipe_file`, evaluates them alike, and writes the table and plot."""
+def compare(recipe_file: Path, out: Path, cfg: CompareConfig, overrides: Sequence[str] = (), quick: bool = False) -> dict:
+    """Runs every chosen method for every seed on `recipe_file`, evaluates them alike, and writes the tables and plots."""
     if (out / "comparison.json").exists():
         raise ConfigError(f"--out: {out} already holds a comparison; pick another folder")
     overrides = [*(QUICK if quick else []), *overrides]
-    return Comparison(recipe_file, out, cfg, overrides, log).all()
+    return Comparison(recipe_file, out, cfg, overrides).all()

@@ -24,7 +24,9 @@ import torch
 import yaml
 
 from rlhf_bilevel.critic import CriticConfig
+from rlhf_bilevel.queries import QueryConfig
 from rlhf_bilevel.steps import StepConfig
+from rlhf_bilevel.store import RewardFitConfig
 
 
 INT_MAX = 2**63 - 1
@@ -61,6 +63,9 @@ class BilevelConfig:
     micro_batch: int | None = None
     policy_step: StepConfig = field(default_factory=lambda: StepConfig(rule="adam", lr=0.05, schedule="constant"))
     reward_step: StepConfig = field(default_factory=lambda: StepConfig(rule="normalized", lr=0.1, schedule="inverse"))
+    # how φ learns from the labels: the whole preference store, several steps, a prior (store.py)
+    reward_fit: RewardFitConfig = field(default_factory=RewardFitConfig)
+    query: QueryConfig = field(default_factory=QueryConfig)  # which pairs the oracle is asked about (queries.py)
     critic: CriticConfig = field(default_factory=CriticConfig)
 
     def __post_init__(self) -> None:
@@ -80,6 +85,14 @@ class BilevelConfig:
                 positive(step, "max_norm", prefix=f"{name}.")
             if step.weight_decay < 0:
                 raise ConfigError(f"{name}.weight_decay: must be ≥ 0, got {step.weight_decay}")
+        positive(self.reward_fit, "steps", prefix="reward_fit.")
+        if self.query.candidates < 2:
+            raise ConfigError(f"query.candidates: must be ≥ 2 (a pair is drawn from them), got {self.query.candidates}")
+        if self.reward_fit.prior < 0:
+            raise ConfigError(f"reward_fit.prior: must be ≥ 0, got {self.reward_fit.prior}")
+        for name in ("half_life", "minibatch"):
+            if getattr(self.reward_fit, name) is not None:
+                positive(self.reward_fit, name, prefix="reward_fit.")
         positive(self.critic, "lr", "blocks", "target_every", "batch_size", "replay_capacity", prefix="critic.")
         if self.critic.radius is not None:
             positive(self.critic, "radius", prefix="critic.")
@@ -88,7 +101,7 @@ class BilevelConfig:
 
     @property
     def pairs_per_outer_step(self) -> int:
-        """The oracle budget of one outer iteration: B·(K+1) (ALGORITHM.md)."""
+        """The oracle budget of one outer iteration: B·(K+1) (docs/algorithm.md)."""
         return self.pairs_per_step * (self.inner_steps + 1)
 
 

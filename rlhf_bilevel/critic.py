@@ -8,6 +8,7 @@ baseline V(s) = Σ_a π(a|s) Q(s, a) used by eq. 12 is exact rather than learned
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -30,7 +31,12 @@ class CriticConfig:
     batch_size: int = 64  # transitions replayed per TD step
     radius: float | None = None  # R of the projection ‖θ − θ0‖ ≤ R; None: 1/(1−γ) if γ < 1, else off
     replay_capacity: int = 1024  # transitions kept, newest first: older ones were sampled by older
-    # policies, and their a′ biases the on-policy target towards those policies' Q
+    # policies, and their a′ biases the on-policy target towards those policies' Q. Whenever φ changes
+    # the replay's rewards are recomputed (`relabel`), so it never teaches the Q of an older r_φ
+    # the bootstrap of TD(0): expected, y = r + γ Σ_a′ π(a′|s′) Q(s′, a′), which the vocabulary head gives
+    # exactly; sampled, y = r + γ Q(s′, a′) at the token drawn next (Algorithm 2 line 6 as printed)
+    target: Literal["expected", "sampled"] = "expected"
+    warmup_blocks: int = 0  # extra blocks of the first fit: a critic starting from zero would steer λ's first step by noise
 
 
 class QHead(nn.Module):
@@ -46,9 +52,13 @@ class QHead(nn.Module):
         q = self.net(features)
         return q if actions is None else q.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
 
-    def expectation(self, features: Tensor, probs: Tensor) -> Tensor:
-        """Σ_a probs(a|s) Q(s, a) per state: V(s) when `probs` is the policy."""
-        return (probs * self(features)).sum(-1)
+    def summarise(self, probs: Tensor) -> Tensor:
+        """What `expectation` needs of a distribution over the actions: here, all of it."""
+        return probs
+
+    def expectation(self, features: Tensor, summary: Tensor) -> Tensor:
+        """Σ_a probs(a|s) Q(s, a) per state, from `summarise(probs)`: V(s) when `probs` is the policy."""
+        return (summary * self(features)).sum(-1)
 
 
 def project_to_ball(params: list[Tensor], centre: list[Tensor], radius: float) -> None:
@@ -79,7 +89,8 @@ class TDCritic:
     ):
         """`features(rollout)` gives [N, H+1, d] state features; `head` maps them to Q(s, ·) over the
         actions, `head(features, actions)` to Q(s, a) of one action each (what TD needs), and
-        `head.expectation(features, probs)` to Σ_a probs(a) Q(s, a) (the baseline V of eq. 12)."""
+        `head.expectation(features, head.summarise(probs))` to Σ_a probs(a) Q(s, a) (the baseline V of
+        eq. 12, and the expected-SARSA target)."""
         self.features = features
         self.gamma = gamma
         self.cfg = cfg
@@ -93,23 +104,57 @@ class TDCritic:
             if cfg.optimizer == "adam"
             else torch.optim.SGD(self.q.parameters(), lr=cfg.lr)
         )
+        # the rollouts behind the replay (this process's rows), each with the transitions of the whole
+        # batch it gave: what `relabel` recomputes the rewards of
+        self.sources: list[tuple[Rollout, Transitions]] = []
         self.replay: Transitions | None = None
+        self.fits = 0
 
-    def remember(self, transitions: Transitions) -> None:
-        joined = transitions if self.replay is None else self.replay.concat(transitions)
+    def remember(self, rollout: Rollout, transitions: Transitions) -> None:
+        """Adds a rollout's transitions; the replay is the newest `replay_capacity` of all, and a rollout
+        none of whose transitions are left is dropped."""
+        self.sources.append((rollout, transitions))
+        while len(self.sources) > 1 and sum(len(t) for _, t in self.sources[1:]) >= self.cfg.replay_capacity:
+            self.sources.pop(0)
+        self.join()
+
+    def join(self) -> None:
+        joined = self.sources[0][1]
+        for _, transitions in self.sources[1:]:
+            joined = joined.concat(transitions)
         self.replay = joined.slice(slice(-self.cfg.replay_capacity, None))
 
-    def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
-        """J blocks of L TD(0) steps; each block bootstraps from the previous block's average."""
-        local = est.transitions(rollout, self.features(rollout), shaped)
-        self.remember(Transitions(**{k: self.world.cat(getattr(local, k)) for k in TRANSITION_FIELDS}))
+    @torch.no_grad()
+    def relabel(self, shaped_of: Callable[[Rollout], Tensor]) -> None:
+        """The replay's rewards, recomputed by `shaped_of` at the current r_φ."""
+        relabelled = []
+        for rollout, transitions in self.sources:
+            reward = self.world.cat(shaped_of(rollout)[rollout.mask.bool()])
+            relabelled.append((rollout, dataclasses.replace(transitions, reward=reward)))
+        self.sources = relabelled
+        if self.sources:
+            self.join()
+
+    def fit(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> dict[str, float]:
+        """J blocks of L TD(0) steps (J + `warmup_blocks` the first time); each block bootstraps from the
+        previous block's average."""
+        with torch.no_grad():
+            policy = self.q.summarise(log_probs.detach().exp())
+        local = est.transitions(rollout, self.features(rollout), shaped, policy)
+        self.remember(rollout, Transitions(**{k: self.world.cat(getattr(local, k)) for k in TRANSITION_FIELDS}))
         replay = self.replay
         params = list(self.q.parameters())
-        for _ in range(self.cfg.blocks):
-            # y = r + γ Q_target(s′, a′) (line 6) bootstraps from weights frozen for the whole
+        blocks = self.cfg.blocks + (self.cfg.warmup_blocks if self.fits == 0 else 0)
+        self.fits += 1
+        for _ in range(blocks):
+            # y = r + γ Q_target(s′, ·) (line 6) bootstraps from weights frozen for the whole
             # block, which are the head's own at its start: one pass over the replay gives every y
             with torch.no_grad():
-                y = replay.reward + self.gamma * (1 - replay.done) * self.q(replay.next_state, replay.next_action)
+                if self.cfg.target == "expected":
+                    bootstrap = self.q.expectation(replay.next_state, replay.next_policy)
+                else:
+                    bootstrap = self.q(replay.next_state, replay.next_action)
+                y = replay.reward + self.gamma * (1 - replay.done) * bootstrap
             average = [torch.zeros_like(p) for p in params]
             for _ in range(self.cfg.target_every):
                 index = torch.randint(len(replay), (self.cfg.batch_size,), generator=self.generator).to(replay.state.device)
@@ -139,18 +184,25 @@ class TDCritic:
         """Q of the taken tokens and V(s) by the head's expectation, which never needs Q(s, ·) of
         the whole vocabulary as a tensor (the vocabulary head's is [N, H, V], like log π itself)."""
         states = self.features(rollout)[:, : rollout.horizon]
-        values = self.q.expectation(states, log_probs.detach().exp())
+        values = self.q.expectation(states, self.q.summarise(log_probs.detach().exp()))
         return est.advantages(self.q(states, rollout.tokens), values, rollout)
 
     def state_dict(self) -> dict:
-        replay = None if self.replay is None else {k: getattr(self.replay, k) for k in TRANSITION_FIELDS}
-        return {"q": self.q.state_dict(), "optimizer": self.optimizer.state_dict(), "replay": replay}
+        replay = [{"rollout": r.state_dict(), **{k: getattr(t, k) for k in TRANSITION_FIELDS}} for r, t in self.sources]
+        return {"q": self.q.state_dict(), "optimizer": self.optimizer.state_dict(), "replay": replay, "fits": self.fits}
 
     def load_state_dict(self, state: dict) -> None:
         self.q.load_state_dict(state["q"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.fits = state["fits"]
         device = self.centre[0].device  # a checkpoint loads onto the CPU
-        self.replay = None if state["replay"] is None else Transitions(**{k: v.to(device) for k, v in state["replay"].items()})
+        self.sources = [
+            (Rollout.from_state(saved["rollout"], device), Transitions(**{k: saved[k].to(device) for k in TRANSITION_FIELDS}))
+            for saved in state["replay"]
+        ]
+        self.replay = None
+        if self.sources:
+            self.join()
 
 
 class MCCritic:
@@ -165,8 +217,14 @@ class MCCritic:
         self.gamma = gamma
         self.world = world
 
-    def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
+    def fit(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> dict[str, float]:
         return {}
+
+    def relabel(self, shaped_of: Callable[[Rollout], Tensor]) -> None:
+        pass  # nothing replayed: each fit's returns are its own rollout's
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
         to_go = est.rewards_to_go(rollout, shaped, self.gamma)
@@ -179,5 +237,3 @@ class MCCritic:
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, state: dict) -> None:
-        pass

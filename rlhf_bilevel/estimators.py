@@ -1,4 +1,4 @@
-"""Every gradient estimator of Algorithm 1, each a named function (ALGORITHM.md, steps 3–6).
+"""Every gradient estimator of Algorithm 1, each a named function (docs/algorithm.md, steps 3–6).
 
 Each one is a weighted sum over a batch: with sample weights 1/N it is the stochastic
 estimator of the paper; with the exact trajectory probabilities as weights (an
@@ -52,9 +52,10 @@ def kl_to_reference(rollout: Rollout) -> Tensor:
 
 
 def pair_margins(rollout_rewards: Tensor, pairs: PreferencePairs) -> Tensor:
-    """R_φ(τ0) − R_φ(τ1) with R_φ(τ) = Σ_h r_φ(s_h, a_h) (eq. 8, undiscounted)."""
+    """R_φ(τ0) − R_φ(τ1) with R_φ(τ) = Σ_h r_φ(s_h, a_h) (eq. 8, undiscounted): [B] from rewards
+    [N, H], or [E, B] from an ensemble's [E, N, H]."""
     totals = (rollout_rewards * pairs.rollout.mask).sum(-1)
-    return totals[pairs.first] - totals[pairs.second]
+    return totals[..., pairs.first] - totals[..., pairs.second]
 
 
 def upper_loss(margins: Tensor, label: Tensor, kind: UpperLoss) -> Tensor:
@@ -72,7 +73,7 @@ def upper_loss(margins: Tensor, label: Tensor, kind: UpperLoss) -> Tensor:
 
 def advantages(taken: Tensor, values: Tensor, rollout: Rollout) -> Tensor:
     """[N, H] A(s,a) = Q(s,a) − V(s) of the taken tokens (eq. 12), from `taken` Q(s_h, a_h) and
-    `values` V(s_h) = Σ_a π(a|s_h) Q(s_h, a), the baseline ALGORITHM.md asks to be exact."""
+    `values` V(s_h) = Σ_a π(a|s_h) Q(s_h, a), the baseline docs/algorithm.md asks to be exact."""
     return (taken - values) * rollout.mask
 
 
@@ -145,24 +146,61 @@ def grad_f_lambda(
     return list(torch.autograd.grad(surrogate_f_lambda(log_probs, pairs, losses, total, count), params))
 
 
-def grad_J_phi(rewards: Tensor, params: list[Tensor], rollout: Rollout, gamma: float) -> Grads:
-    """∇_φ J(λ, φ) by Lemma 5 (eq. 14–15): E_τ∼π_λ Σ_h γ^h ∇_φ r_φ(s_h, a_h).
+def store_loss(rewards: list[Tensor], batches: list[PreferencePairs], weights: Tensor, kind: UpperLoss) -> Tensor:
+    """f̂(φ) on the preference store: Σ_b w_b Σ_i p_bi ℓ(φ; τ0, τ1, y)_bi / Σ_b w_b, differentiable in φ.
 
-    `rewards` is r_φ on this rollout, differentiable in φ; the KL term does not depend on φ.
+    `rewards[b]` is r_φ on batch b's rollout, [N, H], or an ensemble's [E, N, H] (then f̂ is the mean of
+    the members' own); p_bi its pair weights (1/B for samples); w_b the batch's weight (recency). With
+    one batch it is the theorem's f̂(φ, λ′) of step 6 (docs/algorithm.md, "Every label counts"); with
+    every batch of a run, older ones were drawn from older policies.
     """
-    surrogate = (rollout.weight * returns(rollout, rewards, gamma)).sum()
-    return list(torch.autograd.grad(surrogate, params, retain_graph=True))
+    weights = weights.to(rewards[0].device, rewards[0].dtype)
+    terms = [
+        (pairs.weight * upper_loss(pair_margins(r, pairs), pairs.label, kind)).sum(-1).mean() for r, pairs in zip(rewards, batches)
+    ]
+    return (torch.stack(terms) * weights).sum() / weights.sum()
 
 
-def grad_f_phi(rewards: Tensor, params: list[Tensor], pairs: PreferencePairs, kind: UpperLoss) -> tuple[Grads, Tensor]:
-    """∇_φ f(φ, λ) = E[∇_φ ℓ(φ; τ0, τ1, y)] on pairs from π_λ; returns (gradient, per-pair ℓ)."""
-    losses = upper_loss(pair_margins(rewards, pairs), pairs.label, kind)
-    surrogate = (pairs.weight * losses).sum()
-    return list(torch.autograd.grad(surrogate, params, retain_graph=True)), losses.detach()
+def pooled_reward_return(rewards: list[Tensor], rollouts: list[Rollout], gamma: float) -> Tensor:
+    """Σ_h γ^h r_φ(s_h, a_h), averaged over every trajectory of several rollouts of one policy: the
+    φ-dependent part of Ĵ(λ, φ), whose gradient is Lemma 5's ∇φĴ (eq. 14–15) on the pooled sample.
+    Each rollout counts in proportion to its size (its weights sum to one)."""
+    sizes = torch.tensor([len(r) for r in rollouts], dtype=rewards[0].dtype, device=rewards[0].device)
+    means = torch.stack([(rollout.weight * returns(rollout, r, gamma)).sum() for r, rollout in zip(rewards, rollouts)])
+    return (means * sizes).sum() / sizes.sum()
+
+
+def grad_J_phi(rewards: list[Tensor], params: list[Tensor], rollouts: list[Rollout], gamma: float) -> Grads:
+    """∇_φ J(λ, φ) by Lemma 5 (eq. 14–15): E_τ∼π_λ Σ_h γ^h ∇_φ r_φ(s_h, a_h), on every trajectory of
+    `rollouts`, all drawn from π_λ (`pooled_reward_return`).
+
+    `rewards[i]` is r_φ on `rollouts[i]`, differentiable in φ; the KL term does not depend on φ.
+    """
+    return list(torch.autograd.grad(pooled_reward_return(rewards, rollouts, gamma), params))
+
+
+def grad_f_phi(rewards: list[Tensor], params: list[Tensor], batches: list[PreferencePairs], weights: Tensor, kind: UpperLoss) -> tuple[Grads, Tensor]:
+    """∇_φ f̂ = E[∇_φ ℓ(φ; τ0, τ1, y)] on labelled batches (`store_loss`); returns (gradient, f̂ detached)."""
+    loss = store_loss(rewards, batches, weights, kind)
+    return list(torch.autograd.grad(loss, params)), loss.detach()
+
+
+def grad_anchor_prior(params: list[Tensor], anchor: list[Tensor], strength: float, labels: int) -> Grads:
+    """∇_φ (c/N)‖φ − φ₀‖² = (2c/N)(φ − φ₀): the prior of φ's multi-step fit, fading as the labels N
+    grow (docs/algorithm.md, "Several steps per outer iteration")."""
+    scale = 2 * strength / max(labels, 1)
+    return [scale * (p.detach() - a) for p, a in zip(params, anchor)]
+
+
+def cosine(a: Grads, b: Grads) -> float:
+    """cos∠(a, b) of two gradients; NaN where either is zero."""
+    dot = sum((x.double() * y.double()).sum() for x, y in zip(a, b))
+    norms = torch.sqrt(sum((x.double() ** 2).sum() for x in a) * sum((y.double() ** 2).sum() for y in b))
+    return (dot / norms).item() if norms > 0 else float("nan")
 
 
 def hypergradient(grad_f: Grads, grad_J_lambda_star: Grads, grad_J_lambda_sigma: Grads, sigma: float) -> Grads:
-    """d_t = ∇_φ f(φ, λ') + (∇_φ J(λ, φ) − ∇_φ J(λ', φ)) / σ  (ALGORITHM.md step 6; eq. 11 corrected).
+    """d_t = ∇_φ f(φ, λ') + (∇_φ J(λ, φ) − ∇_φ J(λ', φ)) / σ  (docs/algorithm.md step 6; eq. 11 corrected).
 
     The gradient of the penalty objective L_σ; φ descends it.
     """
@@ -170,17 +208,19 @@ def hypergradient(grad_f: Grads, grad_J_lambda_star: Grads, grad_J_lambda_sigma:
 
 
 def penalised_direction(grad_J: Grads, grad_f: Grads, sigma: float) -> Grads:
-    """d'_k = ∇_λ' J(λ', φ) − σ ∇_λ' f(φ, λ'): ascent on J − σ f (ALGORITHM.md step 4, erratum 2).
+    """d'_k = ∇_λ' J(λ', φ) − σ ∇_λ' f(φ, λ'): ascent on J − σ f (docs/algorithm.md step 4, erratum 2).
 
     Linear, so it may as well combine the two surrogates ([Ĵ], [f̂]) before one backward pass.
     """
     return [gj - sigma * gf for gj, gf in zip(grad_J, grad_f)]
 
 
-def transitions(rollout: Rollout, features: Tensor, shaped: Tensor) -> Transitions:
-    """The (s, a, r̃, s', a', done) tuples of a rollout, for the critic's replay (Algorithm 2).
+def transitions(rollout: Rollout, features: Tensor, shaped: Tensor, policy: Tensor) -> Transitions:
+    """The (s, a, r̃, s', a', π(·|s'), done) tuples of a rollout, for the critic's replay (Algorithm 2).
 
-    a' is the token the policy actually sampled at s' (on-policy, Algorithm 2 line 4).
+    a' is the token the policy actually sampled at s' (on-policy, Algorithm 2 line 4); `policy`
+    [N, H, k] summarises π(·|s_h) for the expected target Σ_a' π(a'|s') Q(s', a'), whose variance
+    does not include the draw of a'.
     """
     n, horizon = rollout.tokens.shape
     valid = rollout.mask.bool()
@@ -188,11 +228,14 @@ def transitions(rollout: Rollout, features: Tensor, shaped: Tensor) -> Transitio
     next_valid[:, :-1] = valid[:, 1:]
     next_action = torch.zeros_like(rollout.tokens)
     next_action[:, :-1] = rollout.tokens[:, 1:]
+    next_policy = torch.zeros_like(policy)  # s_H, past the horizon, is terminal: its π is never read
+    next_policy[:, :-1] = policy[:, 1:]
     return Transitions(
         state=features[:, :horizon][valid],
         action=rollout.tokens[valid],
         reward=shaped.detach()[valid],
         next_state=features[:, 1:][valid],
         next_action=next_action[valid],
+        next_policy=next_policy[valid],
         done=(~next_valid)[valid].float(),
     )

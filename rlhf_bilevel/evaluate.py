@@ -1,7 +1,7 @@
 """`rlhf-bilevel eval`: how a trained policy compares with the reference, and whether its reward model kept up.
 
-On held-out prompts, the trained policy π_λ and the reference π_ref each write two responses
-per prompt, from the same random stream (common random numbers). From those:
+On held-out prompts, the trained policy π_λ and the reference π_ref each write `samples` pairs
+of responses per prompt, from the same random stream (common random numbers). From those:
 
     win rate       P(π_λ's response ≻ π_ref's) under the oracle, asked in both orders so a
                    judge's position bias cancels; a tie (P = 1/2) counts half
@@ -13,7 +13,8 @@ per prompt, from the same random stream (common random numbers). From those:
                    reward model fitted only where the reference wrote agrees less where the
                    policy went; the bilevel method is meant to close that gap.
 
-Every rate comes with a percentile-bootstrap confidence interval over prompts.
+Every rate comes with a percentile-bootstrap confidence interval over prompts: the responses to
+one prompt are not independent of each other, so a prompt, not a pair, is the resampled unit.
 """
 
 from __future__ import annotations
@@ -39,9 +40,12 @@ class EvalConfig:
     seed: int = 0  # the sampling stream shared by π_λ and π_ref
     resamples: int = 2000  # bootstrap resamples per confidence interval
     confidence: float = 0.95  # coverage of the bootstrap intervals
+    samples: int = 1  # response pairs per prompt; more pairs narrow the agreement interval at a fixed prompt set
 
     def __post_init__(self) -> None:
         positive(self, "resamples")
+        if self.samples < 1:
+            raise ConfigError(f"--pairs-per-prompt: must be >= 1, got {self.samples}")
         if self.prompts is not None:
             positive(self, "prompts")
         if not 0 < self.confidence < 1:
@@ -50,7 +54,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Estimate:
-    """A mean over prompts with its bootstrap interval."""
+    """A mean over n units (prompts, or a comparison's seeds) with its confidence interval."""
 
     mean: float
     low: float
@@ -70,27 +74,38 @@ def both_orders(p_first: Tensor, p_swapped: Tensor) -> Tensor:
     return (p_first + 1 - p_swapped) / 2
 
 
+def decided(prob: Tensor) -> Tensor:
+    """The pairs whose order the oracle decides: a tie (P = 1/2) has no right order."""
+    return prob != 0.5
+
+
 def agreement(margins: Tensor, prob: Tensor) -> Tensor:
     """Per pair, 1 when the reward model's margin has the oracle's sign, 0 when opposite, 1/2 for a zero margin.
 
-    Pairs the oracle calls a tie (P = 1/2) have no right order and are dropped.
+    Only the pairs the oracle `decided` are kept.
     """
     prob = prob.to(margins.device)  # an oracle's verdicts are on the CPU
-    decided = prob != 0.5
-    return ((torch.sign(margins) * torch.sign(prob - 0.5) + 1) / 2)[decided]
+    return ((torch.sign(margins) * torch.sign(prob - 0.5) + 1) / 2)[decided(prob)]
 
 
-def bootstrap(values: Tensor, resamples: int, confidence: float, generator: torch.Generator) -> Estimate:
-    """Percentile bootstrap of the mean of `values` (one value per independent unit, here a prompt)."""
+def bootstrap(values: Tensor, resamples: int, confidence: float, generator: torch.Generator, counts: Tensor | None = None) -> Estimate:
+    """Percentile bootstrap of the mean of `values`, one value per independent unit (here a prompt).
+
+    With `counts`, values[i] is the sum of counts[i] observations of unit i, and the estimate is
+    the pooled mean Σ values / Σ counts over the resampled units; its n counts observations.
+    Units with no observation are dropped first, so no resample divides by zero.
+    """
     values = values.double().flatten().cpu()  # resampled by the CPU generator
+    counts = torch.ones_like(values) if counts is None else counts.double().flatten().cpu()
+    values, counts = values[counts > 0], counts[counts > 0]
     n = len(values)
     if n == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
     index = torch.randint(n, (resamples, n), generator=generator)
-    means = values[index].mean(-1)
+    means = values[index].sum(-1) / counts[index].sum(-1)
     tail = (1 - confidence) / 2
     low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype, device=means.device)).tolist()
-    return Estimate(values.mean().item(), low, high, n)
+    return Estimate((values.sum() / counts.sum()).item(), low, high, int(counts.sum().item()))
 
 
 def per_prompt(values: Tensor, groups: int) -> Tensor:
@@ -102,19 +117,20 @@ def response_lengths(rollout: Rollout) -> Tensor:
     return rollout.mask.sum(-1)
 
 
-def two_each(policy, adapter: str | None, prompts: Sequence[Any], seed: int) -> Rollout:
-    """Two responses per prompt (rows 2i and 2i+1 answer prompt i) from `adapter`, None being π_ref.
+def pairs_each(policy, adapter: str | None, prompts: Sequence[Any], seed: int, samples: int) -> Rollout:
+    """`samples` pairs of responses per prompt from `adapter`, None being π_ref: rows 2s·i to 2s·i + 2s − 1
+    answer prompt i, and rows 2j, 2j + 1 form pair j.
 
     Every call with the same seed draws the same random stream, so two policies are compared
     on common random numbers: identical policies write identical responses.
     """
     with torch.no_grad(), policy.adapter(adapter):
-        return policy.sample([p for p in prompts for _ in range(2)], torch.Generator().manual_seed(seed))
+        return policy.sample([p for p in prompts for _ in range(2 * samples)], torch.Generator().manual_seed(seed))
 
 
-def gold_score(policy, oracle: Oracle, prompts: Sequence[Any], seed: int, adapter: str | None = LAMBDA) -> float:
-    """Mean gold score of two responses per prompt: the cheap measure for a curve along a run."""
-    rollout = two_each(policy, adapter, prompts, seed)
+def gold_score(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, adapter: str | None = LAMBDA) -> float:
+    """Mean gold score of the responses `evaluate` draws: the cheap measure for a curve along a run."""
+    rollout = pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples)
     return oracle.score(rollout.prompts, rollout.responses).mean().item()
 
 
@@ -125,22 +141,23 @@ def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, re
     policy is evaluated (then there is no agreement to report).
     """
     prompts = list(prompts[: cfg.prompts] if cfg.prompts else prompts)
-    n = len(prompts)
-    doubled = [p for p in prompts for _ in range(2)]
-    rollouts = {name: two_each(policy, adapter, prompts, cfg.seed) for name, adapter in (("reference", None), ("policy", LAMBDA))}
+    n, per = len(prompts), 2 * cfg.samples  # prompts, responses per prompt
+    repeated = [p for p in prompts for _ in range(per)]
+    rollouts = {name: pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples) for name, adapter in (("reference", None), ("policy", LAMBDA))}
     ours, ref = rollouts["policy"], rollouts["reference"]
     generator = torch.Generator().manual_seed(cfg.seed)
 
-    def interval(values: Tensor) -> Estimate:
-        return bootstrap(values, cfg.resamples, cfg.confidence, generator)
+    def interval(values: Tensor, counts: Tensor | None = None) -> Estimate:
+        return bootstrap(values, cfg.resamples, cfg.confidence, generator, counts)
 
     wins = both_orders(
-        oracle.compare(doubled, ours.responses, ref.responses).double(),
-        oracle.compare(doubled, ref.responses, ours.responses).double(),
+        oracle.compare(repeated, ours.responses, ref.responses).double(),
+        oracle.compare(repeated, ref.responses, ours.responses).double(),
     )
-    oracle_pairs = 4 * n
+    oracle_pairs = 2 * n * per
     result: dict[str, Any] = {
         "prompts": n,
+        "samples": cfg.samples,
         "seed": cfg.seed,
         "confidence": cfg.confidence,
         "win_rate": interval(per_prompt(wins, n)),
@@ -148,20 +165,25 @@ def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, re
         "length": {name: response_lengths(r).mean().item() for name, r in rollouts.items()},
     }
     if hasattr(oracle, "score"):
-        result["gold"] = {name: interval(per_prompt(oracle.score(doubled, r.responses).double(), n)) for name, r in rollouts.items()}
+        result["gold"] = {name: interval(per_prompt(oracle.score(repeated, r.responses).double(), n)) for name, r in rollouts.items()}
     if reward is not None:
         result["agreement"] = {}
+        # bookkeeping on the CPU, where the oracle's verdicts are
+        prompt_of_pair = torch.arange(n, device="cpu").repeat_interleave(cfg.samples)
         for name, rollout in rollouts.items():
             pairs = consecutive_pairs(rollout)
-            prob = oracle.compare(prompts, rollout.responses[0::2], rollout.responses[1::2]).double()
-            oracle_pairs += n
+            prob = oracle.compare(repeated[0::2], rollout.responses[0::2], rollout.responses[1::2]).double()
+            oracle_pairs += n * cfg.samples
             with torch.no_grad():
                 margins = est.pair_margins(reward.token_rewards(rollout), pairs)
-            result["agreement"][name] = interval(agreement(margins.double(), prob))
+            # the agreements of a prompt's pairs summed, over as many pairs as the oracle decided there
+            prompt = prompt_of_pair[decided(prob)]
+            hits = torch.zeros(n, dtype=torch.double, device="cpu").index_add_(0, prompt, agreement(margins.double(), prob).cpu())
+            result["agreement"][name] = interval(hits, torch.bincount(prompt, minlength=n))
         result["agreement_shift"] = result["agreement"]["policy"].mean - result["agreement"]["reference"].mean
     result["oracle_pairs"] = oracle_pairs
     result["examples"] = [
-        {"prompt": p, "reference": r, "policy": q} for p, r, q in list(zip(doubled[0::2], ref.responses[0::2], ours.responses[0::2]))[:3]
+        {"prompt": p, "reference": r, "policy": q} for p, r, q in list(zip(prompts, ref.responses[0::per], ours.responses[0::per]))[:3]
     ]
     return result
 

@@ -16,7 +16,7 @@ A run folder holds:
 
     adapters/lambda/     the trained LoRA adapter, plain peft (PeftModel.from_pretrained on the base)
     preferences.jsonl    every labelled pair, in the format of `rlhf_bilevel.preferences`
-    online_dpo.json      oracle pairs, tokens generated, wall seconds, and the settings used
+    online_dpo.json      oracle pairs, tokens generated, wall seconds (in all and at each snapshot), and the settings used
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ class OnlineDPOResult:
     learning_rate: float
     adapter_dir: str
     snapshots: dict[int, str]  # oracle pairs used -> the adapter as it was then (peft folder); the last is adapter_dir
+    snapshot_seconds: dict[int, float]  # oracle pairs used -> wall seconds of the training loop by then; the last is `seconds`
 
 
 class OracleJudge:
@@ -124,9 +125,11 @@ class Snapshots(TrainerCallback):
     def __init__(self, model: PeftModel, judge: OracleJudge, folder: Path, every: int | None, budget: int):
         self.model, self.judge, self.folder, self.every, self.budget = model, judge, folder, every, budget
         self.saved: dict[int, str] = {}
+        self.clock: dict[int, float] = {}  # time.perf_counter() at each snapshot, before its saving
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.every and self.judge.pairs % self.every == 0 and self.judge.pairs < self.budget:
+            self.clock[self.judge.pairs] = time.perf_counter()
             target = self.folder / f"pairs-{self.judge.pairs:06d}"
             self.model.save_pretrained(target, selected_adapters=[LAMBDA])
             self.saved[self.judge.pairs] = str(target / LAMBDA)
@@ -198,6 +201,7 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
         oracle_pairs=judge.pairs, tokens_generated=judge.tokens, seconds=seconds, steps=steps,
         pairs_per_step=per_step, beta=beta, learning_rate=lr, adapter_dir=str(output_dir / "adapters" / LAMBDA),
         snapshots={**snapshots.saved, judge.pairs: str(output_dir / "adapters" / LAMBDA)},
+        snapshot_seconds={**{p: t - start for p, t in snapshots.clock.items()}, judge.pairs: seconds},
     )
     (output_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=1), encoding="utf-8")
     return result

@@ -61,6 +61,10 @@ class Recipe:
     def __post_init__(self) -> None:
         # lm/policy.py's config has no checks of its own; 0 would fail inside sampling with a traceback
         positive(self.rollout, "max_new_tokens", "max_prompt_tokens", prefix="rollout.")
+        if self.bilevel.query.select == "uncertain" and self.reward.heads < 2:
+            raise ConfigError(
+                f"bilevel.query.select: uncertain needs an ensemble to measure uncertainty; set reward.heads ≥ 2 (got {self.reward.heads})"
+            )
 
 
 def read_yaml(path: Path) -> dict:

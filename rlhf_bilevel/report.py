@@ -73,7 +73,7 @@ def markdown(result: dict, title: str) -> str:
     lines = [
         f"# {title}",
         "",
-        f"{result['prompts']} held-out prompts, two responses each from the policy and from the reference (seed {result['seed']}); "
+        f"{result['prompts']} held-out prompts, {2 * result['samples']} responses each from the policy and from the reference (seed {result['seed']}); "
         f"{result['oracle_pairs']} oracle pairs. Intervals: {level} percentile bootstrap over prompts.",
         "",
         "| measure | policy | reference |",

@@ -51,7 +51,11 @@ class SampledRollouts:
     def pairs(self, adapter: str, n: int) -> PreferencePairs:
         """n prompts, two independent responses to each from the same policy (eq. 7); a shard
         holds whole pairs, since it starts at an even row."""
-        return consecutive_pairs(self.sample(adapter, [p for p in self.draw_prompts(n) for _ in range(2)]))
+        return consecutive_pairs(self.groups(adapter, n, 2))
+
+    def groups(self, adapter: str, n: int, size: int) -> Rollout:
+        """n prompts, `size` independent responses to each: rows size·i … size·i + size − 1 answer prompt i."""
+        return self.sample(adapter, [p for p in self.draw_prompts(n) for _ in range(size)])
 
 
 def consecutive_pairs(rollout: Rollout) -> PreferencePairs:

@@ -26,7 +26,7 @@ class Stepper:
     """Moves `params` along a direction: +d to ascend (λ, λ′ on J), −d to descend (φ on L_σ).
 
     The step counter is never restarted: restarting 1/k at every outer iteration kicks
-    the warm-started λ each time, and K then sets the floor (ALGORITHM.md, pitfalls).
+    the warm-started λ each time, and K then sets the floor (docs/algorithm.md, "Step sizes and what the theorem asks").
     """
 
     def __init__(self, params: list[Tensor], cfg: StepConfig, ascend: bool):

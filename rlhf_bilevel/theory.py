@@ -3,7 +3,9 @@
 Writes `theory.json` and `theory.png`: (Φ* − Φ_t)² against t for exact and sampled
 gradients with fitted slopes; against σ, the gap the algorithm reached next to the gap of
 argmin L_σ itself (the bias it converges to, Theorem 1's σ term); against B, the floor of
-sampled runs (its 1/B term); and the alternating and printed-pseudo-code runs beside them.
+sampled runs (its 1/B term); the alternating and printed-pseudo-code runs beside them; and
+the practical φ update (docs/algorithm.md, "Deviations from Algorithm 1"): the preference store
+replayed, one step or several, with the store's d_t measured against the theorem's exact one.
 
 The upper objective carries ρ/2 ‖φ‖² (ρ = `reward_decay`), in the algorithm's φ step and in
 every exact value alike: without it the bt_nll of the sigmoid reward keeps falling as
@@ -26,12 +28,16 @@ from typing import Callable
 
 import torch
 
+from rlhf_bilevel import estimators as est
+from rlhf_bilevel.bilevel import Bilevel
 from rlhf_bilevel.config import BilevelConfig, ConfigError, positive
 from rlhf_bilevel.critic import CriticConfig
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.exact.models import ExactReward
 from rlhf_bilevel.exact.testbed import Testbed, TestbedConfig
-from rlhf_bilevel.steps import StepConfig
+from rlhf_bilevel.steps import StepConfig, norm
+from rlhf_bilevel.store import RewardFitConfig
+from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME
 
 
 @dataclass(frozen=True)
@@ -55,10 +61,22 @@ class TheoryConfig:
     reward_decay: float = 1e-3  # ρ of the upper objective's ρ/2 ‖φ‖² (module docstring)
     policy_lr: float = 0.1  # Adam on λ, λ′ at lr_0/√(k+1): plain ascent on softmax logits is badly conditioned
     window: float = 0.2  # floors summarise the last 20% of a run
+    # the practical φ update (`replay_fit`): T of its exact runs, which replay the whole store at every
+    # step of φ, O(T²) in all (at T = 200, K = 10: 220k enumerated batches per pass)
+    replay_outer_steps: int = 100
+    # S of the multi-step runs: steps of φ per outer iteration (on this problem any S ≥ 2 stalls at a gap that
+    # grows with S, docs/results.md; the runs show it beside the one-step replay, which converges)
+    replay_steps: int = 3
+    replay_prior: float = 10.0  # c of the sampled replay run's prior (c/N)‖φ − φ₀‖², as recipes/smollm2-sentiment.yaml
     seed: int = 0
 
     def __post_init__(self) -> None:
         positive(self, "beta", "sigma", "outer_steps", "inner_steps", "sampled_outer_steps", "pairs", "trajectories", "starts")
+        positive(self, "replay_outer_steps", "replay_steps")
+        if self.replay_outer_steps > self.outer_steps:  # its figures are set beside the `exact` run's first T
+            raise ConfigError(f"replay_outer_steps: at most outer_steps ({self.outer_steps}), got {self.replay_outer_steps}")
+        if self.replay_prior < 0:
+            raise ConfigError(f"replay_prior: must be ≥ 0, got {self.replay_prior}")
         positive(self, "reward_lr", "policy_lr", "window")
         if self.reward_decay < 0:
             raise ConfigError(f"reward_decay: must be ≥ 0, got {self.reward_decay}")
@@ -69,8 +87,10 @@ class TheoryConfig:
 
     @classmethod
     def quick(cls, **changes) -> TheoryConfig:
-        """About 100 s on 2 cores (98 s measured): shorter runs, fewer sweep points."""
-        base = dict(outer_steps=40, inner_steps=8, sampled_outer_steps=8, sigmas=(0.8, 0.4), batch_sizes=(8, 32), starts=2)
+        """About 100 s on 2 cores (100 s measured with the replay runs, on a loaded machine): shorter runs, fewer sweep points."""
+        base = dict(
+            outer_steps=40, inner_steps=8, sampled_outer_steps=8, replay_outer_steps=40, sigmas=(0.8, 0.4), batch_sizes=(8, 32), starts=2
+        )
         return cls(**{**base, **changes})
 
     def algorithm(self, **changes) -> BilevelConfig:
@@ -87,10 +107,32 @@ class TheoryConfig:
             common_random_numbers=self.common_random_numbers,
             policy_step=StepConfig(rule="adam", lr=self.policy_lr, schedule="inverse_sqrt"),
             reward_step=StepConfig(rule="normalized", lr=self.reward_lr, schedule="inverse", weight_decay=self.reward_decay),
+            # Theorem 1's update: one step on the B fresh pairs, the penalty on the final draws
+            reward_fit=RewardFitConfig(replay=False, steps=1, penalty_from="final"),
             # replay only the latest step's transitions: older ones came from older policies
             critic=CriticConfig(hidden=0, lr=0.05, blocks=2, target_every=50, batch_size=128, replay_capacity=400),
         )
         return dataclasses.replace(base, **changes)
+
+    def replay_fit(self, steps: int, exact: bool) -> RewardFitConfig:
+        """The practical φ update on the lab: every label of the run replayed, `steps` steps of φ.
+
+        The step rule stays the theorem's (normalised, η_0/t, decay ρ): the stepper counts φ's steps,
+        so S steps of η_0/(count + 1) travel about η_0/t in an outer iteration, as its one step does,
+        and a run differs from `exact` only in the data φ learns from and how often d_t is recomputed.
+        Adam at the LM recipe's constant rate would add a floor of its own, its jitter; with S ≥ 2 it
+        stalls where the normalised steps do (S = 3 and 5 measured, docs/results.md).
+        """
+        return RewardFitConfig(
+            replay=True,
+            steps=steps,
+            # enumerated batches count every pair of the tree (thousands each) in N, so any c/N vanishes
+            # at once; ρ already makes the minimiser a point. Sampled labels are real ones, as on the LM.
+            prior=0.0 if exact else self.replay_prior,
+            # an enumeration has no noise for `all` to average, only the older inner iterates' bias
+            # to add; the sampled run pools every draw, as the LM recipe does
+            penalty_from="final" if exact else "all",
+        )
 
 
 def fit_slope(x: list[float], y: list[float]) -> float:
@@ -103,6 +145,22 @@ def fit_slope(x: list[float], y: list[float]) -> float:
 
 def last_window(series: list[float], window: float) -> list[float]:
     return series[-max(1, int(len(series) * window)) :]
+
+
+def summarise(gap: list[float], window: float) -> dict:
+    """The figures of one run's Φ_t − Φ* series."""
+    gap_sq = [g**2 for g in gap]
+    # the slope of the envelope max_{s ≥ t} (Φ* − Φ_s)², the quantity a bound holds for: the
+    # raw series crosses zero under normalised steps, and a fit through it is noise
+    envelope = [max(gap_sq[i:]) for i in range(len(gap))]
+    return {
+        "gap_sq": gap_sq,
+        # normalised 1/t steps make single values swing: the max of the last window is the
+        # floor of (Φ* − Φ_t)²; the median |Φ_t − Φ*| is where the run sits
+        "floor": max(last_window(gap_sq, window)),
+        "median_gap": statistics.median(abs(g) for g in last_window(gap, window)),
+        "slope": fit_slope(list(range(1, len(gap) + 1)), envelope),
+    }
 
 
 class Lab:
@@ -133,21 +191,22 @@ class Lab:
         solve.minimise(reward, solve.PenaltyValue(self.problem, sigma, self.cfg.reward_decay), max_iter=200)
         return self.phi(reward) - phi_star
 
-    def run(self, phi_star: float, exact: bool, outer_steps: int, **changes) -> dict:
-        """One run of Algorithm 1 from a fixed reward initialisation; Φ_t − Φ* after every t."""
+    def run(
+        self, phi_star: float, exact: bool, outer_steps: int, probe: Callable[[Bilevel], dict] | None = None, **changes
+    ) -> dict:
+        """One run of Algorithm 1 from a fixed reward initialisation; Φ_t − Φ* after every t, and
+        `probe`'s measurements of the algorithm after every t (under "probe")."""
         algo_cfg = self.cfg.algorithm(**changes)
         reward = self.testbed.reward(seed=self.cfg.seed)
         algorithm = self.testbed.algorithm(algo_cfg, reward, exact=exact, seed=self.cfg.seed)
         start = time.perf_counter()
-        gap = []
+        gap, probed = [], []
         for _ in range(outer_steps):
             algorithm.outer_step()
             gap.append(self.phi(reward) - phi_star)
-        gap_sq = [g**2 for g in gap]
-        # the slope of the envelope max_{s ≥ t} (Φ* − Φ_s)², the quantity a bound holds for: the
-        # raw series crosses zero under normalised steps, and a fit through it is noise
-        envelope = [max(gap_sq[i:]) for i in range(outer_steps)]
-        tail = [abs(g) for g in last_window(gap, self.cfg.window)]
+            if probe is not None:
+                probed.append(probe(algorithm))
+        fit = algo_cfg.reward_fit
         return {
             "exact": exact,
             "method": algo_cfg.method,
@@ -155,16 +214,68 @@ class Lab:
             "sigma": algo_cfg.sigma,
             "K": algo_cfg.inner_steps,
             "B": algo_cfg.pairs_per_step,
+            "replay": fit.replay,
+            "reward_steps": fit.steps,
             "gap": gap,
-            "gap_sq": gap_sq,
-            # normalised 1/t steps make single values swing: the max of the last window is the
-            # floor of (Φ* − Φ_t)²; the median |Φ_t − Φ*| is where the run sits
-            "floor": max(last_window(gap_sq, self.cfg.window)),
-            "median_gap": statistics.median(tail),
-            "slope": fit_slope(list(range(1, outer_steps + 1)), envelope),
+            **summarise(gap, self.cfg.window),
             "oracle_pairs": algorithm.oracle_pairs,
             "seconds": time.perf_counter() - start,
+            **({"probe": probed} if probe is not None else {}),
         }
+
+    def store_bias(self, algorithm: Bilevel) -> dict[str, float]:
+        """The replayed d_t against the theorem's, both exact, at the current φ, λ, λ′ of an exact run.
+
+        On enumerated rollouts the store's last batch is every pair of the current π_λ′ with its exact
+        label (which does not depend on φ): fresh exact pairs, on which d_t is the theorem's. The
+        replayed d_t takes f̂ over the whole store, as the fit does. Both take the penalty on
+        enumerations of the current λ and λ′ and add ρφ, the decay the step adds: each is then the
+        gradient of the objective its fit descends, and the theorem's is ∇L_σ up to what K inner
+        steps leave of λ*(φ), λ_σ(φ).
+        """
+        store, fit = algorithm.store, algorithm.cfg.reward_fit
+        n = algorithm.cfg.trajectories_per_step
+        sets = {name: [algorithm.source.rollouts(name, n)] for name in (LAMBDA, LAMBDA_PRIME)}
+        # the fit ran before the outer step's counter moved on: its batches' ages are counted from t − 1
+        replayed, _ = algorithm.hypergradient(store.batches, store.weights(algorithm.t - 1, fit.half_life), sets, len(store))
+        fresh, _ = algorithm.hypergradient(store.batches[-1:], torch.ones(1), sets, len(store.batches[-1]))
+        decay = [self.cfg.reward_decay * p.detach() for p in algorithm.reward.parameters()]
+        replayed, fresh = ([g + r for g, r in zip(d, decay)] for d in (replayed, fresh))
+        error = norm([a - b for a, b in zip(replayed, fresh)]) / norm(fresh)
+        return {"relative_error": error.item(), "cosine": est.cosine(replayed, fresh)}
+
+    def practical(self, phi_star: float, theorem: dict, theorem_sampled: dict) -> tuple[dict, dict]:
+        """The practical φ update's runs (`TheoryConfig.replay_fit`), and its figures against the
+        theorem's update (`theorem`, `theorem_sampled`: the `exact` and `sampled` runs) over the same
+        outer steps: the exact run's store bias along the way, floors and median gaps side by side."""
+        cfg = self.cfg
+        T = cfg.replay_outer_steps
+        runs = {
+            "exact_replay": self.run(phi_star, True, T, probe=self.store_bias, reward_fit=cfg.replay_fit(1, exact=True)),
+            "exact_replay_steps": self.run(phi_star, True, T, reward_fit=cfg.replay_fit(cfg.replay_steps, exact=True)),
+            "sampled_replay": self.run(
+                phi_star, False, cfg.sampled_outer_steps, labels="sample", reward_fit=cfg.replay_fit(cfg.replay_steps, exact=False)
+            ),
+        }
+        probed = runs["exact_replay"].pop("probe")
+        error, cosine = ([p[key] for p in probed] for key in ("relative_error", "cosine"))
+        exact = summarise(theorem["gap"][:T], cfg.window)
+        reference = {"exact_replay": exact, "exact_replay_steps": exact, "sampled_replay": summarise(theorem_sampled["gap"], cfg.window)}
+        bias = {
+            # ‖d_t(store) − d_t(fresh exact pairs)‖ / ‖d_t(fresh exact pairs)‖ and their cosine after every t
+            "relative_error": error,
+            "cosine": cosine,
+            "median_relative_error": statistics.median(error),
+            "last_window_relative_error": statistics.median(last_window(error, cfg.window)),
+            "median_cosine": statistics.median(cosine),
+            "min_cosine": min(cosine),
+            "outer_steps": T,
+            "S": cfg.replay_steps,
+            # each replay run's figures beside the theorem's update over the same steps
+            "floor": {name: {"replay": runs[name]["floor"], "theorem": reference[name]["floor"]} for name in runs},
+            "median_gap": {name: {"replay": runs[name]["median_gap"], "theorem": reference[name]["median_gap"]} for name in runs},
+        }
+        return runs, bias
 
     def sigma_sweep(self, phi_star: float) -> dict:
         cfg = self.cfg
@@ -197,6 +308,15 @@ class Lab:
         runs["alternating"] = self.run(phi_star, True, cfg.outer_steps, method="alternating")
         runs["printed"] = self.run(phi_star, True, cfg.outer_steps, pseudocode="printed")
         self.log(f"alternating floor {runs['alternating']['floor']:.2e}, printed pseudo-code floor {runs['printed']['floor']:.2e}")
+        practical, replay = self.practical(phi_star, runs["exact"], runs["sampled"])
+        runs.update(practical)
+        gaps = replay["median_gap"]
+        self.log(
+            f"replayed store: d_t's relative error {replay['median_relative_error']:.2f}, cosine {replay['median_cosine']:.2f} "
+            f"(medians, exact); median |Φ_t − Φ*| replay vs theorem: exact {gaps['exact_replay']['replay']:.1e} vs "
+            f"{gaps['exact_replay']['theorem']:.1e}, {cfg.replay_steps} φ steps {gaps['exact_replay_steps']['replay']:.1e}, "
+            f"sampled ({cfg.replay_steps} steps) {gaps['sampled_replay']['replay']:.1e} vs {gaps['sampled_replay']['theorem']:.1e}"
+        )
         sigma_sweep = self.sigma_sweep(phi_star)
         self.log(
             f"σ sweep: |Φ_T − Φ*| ∝ σ^{sigma_sweep['slope']:.2f} (reached), "
@@ -221,6 +341,7 @@ class Lab:
             "slope": {name: run["slope"] for name, run in runs.items()},
             "sigma": sigma_sweep,
             "B": batch_sweep,
+            "replay_bias": replay,
             "oracle_pairs": {name: run["oracle_pairs"] for name, run in runs.items()},
         }
 
@@ -231,7 +352,7 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
     ax = axes[0]
     for name, run in result["runs"].items():
         t = range(1, len(run["gap_sq"]) + 1)
@@ -248,6 +369,13 @@ def plot(result: dict, path: Path) -> None:
     ax = axes[2]
     ax.loglog(sweep["B"], sweep["floor"], "o-", label=f"slope {sweep['slope']:.2f}")
     ax.set(xlabel="B (pairs per step)", ylabel="floor of (Φ* − Φ_t)²", title="Floor against B (sampled)")
+    ax.legend(fontsize=8)
+    bias = result["replay_bias"]
+    ax = axes[3]
+    t = range(1, len(bias["relative_error"]) + 1)
+    ax.semilogy(t, bias["relative_error"], label="‖d_t(store) − d_t(fresh)‖ / ‖d_t(fresh)‖")
+    ax.semilogy(t, [max(1 - c, 1e-16) for c in bias["cosine"]], label="1 − cosine")
+    ax.set(xlabel="outer iteration t", title="exact_replay: the replayed d_t against fresh pairs'")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -48,7 +48,7 @@ from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, parse_recipe, read_yaml, recipe_dict
 from rlhf_bilevel.sampling import SampledRollouts, consecutive_pairs
 from rlhf_bilevel.tracking import Tracker
-from rlhf_bilevel.types import ADAPTERS, LAMBDA, Critic, PreferencePairs
+from rlhf_bilevel.types import ADAPTERS, LAMBDA, Critic, PreferencePairs, Rollout
 
 RECIPE_FILE = "recipe.yaml"
 RUN_FILE = "run.json"
@@ -113,6 +113,9 @@ class Trainer:
         self.eval_oracle_pairs = 0
         self.elapsed = 0.0
         self.reference: dict | None = None  # the reference policy's evaluation, made once
+        # the reference's held-out pairs and the oracle's verdicts on them: the reward model is scored on
+        # them again at every evaluation (not saved: a resumed run draws the same pairs again)
+        self.reference_pairs: tuple[Rollout, torch.Tensor] | None = None
         self.last_eval: dict | None = None
 
     def make_critic(self, adapter: str) -> Critic:
@@ -151,27 +154,46 @@ class Trainer:
         generator = torch.Generator().manual_seed(self.recipe.train.seed + EVAL_SEED_OFFSET)
         with self.policy.adapter(adapter):
             rollout = self.policy.sample(doubled, generator, rows=self.world.shard(2 * n))
-        margins = self.world.cat(est.pair_margins(self.reward.token_rewards(rollout), consecutive_pairs(rollout)))
         (kl,) = self.world.mean([est.kl_to_reference(rollout)])
         responses = sum(self.world.gather(rollout.responses), [])
         self.eval_oracle_pairs += n
+        prob = self.oracle.compare(prompts, responses[0::2], responses[1::2]).float() if self.world.is_main else None
+        prob = self.world.broadcast(prob)
+        if adapter is None:
+            self.reference_pairs = (rollout, prob)
+        agree = self.agreement(rollout, prob)
         if not self.world.is_main:
             return {}
-        prob = self.oracle.compare(prompts, responses[0::2], responses[1::2]).float()
         result = {"prompts": prompts, "responses": responses[0::2]}
-        agree = agreement(margins, prob)
-        if len(agree):
-            result["eval/agreement"] = agree.mean().item()
+        if agree is not None:
+            result["eval/agreement"] = agree
         if hasattr(self.oracle, "score"):
             result["gold/score"] = self.oracle.score(doubled, responses).mean().item()
         result["eval/kl"] = kl.item()
         return result
 
+    @torch.no_grad()
+    def agreement(self, rollout: Rollout, prob: torch.Tensor) -> float | None:
+        """The reward model's agreement with the oracle's verdicts `prob` on consecutive pairs of this
+        process's `rollout` (its shard), over the whole batch; None when the oracle called every pair a tie."""
+        margins = self.world.cat(est.pair_margins(self.reward.token_rewards(rollout), consecutive_pairs(rollout)))
+        agree = agreement(margins, prob)
+        return agree.mean().item() if len(agree) else None
+
     def eval_metrics(self) -> dict[str, float]:
         if self.reference is None:
             self.reference = self.evaluate(None)
+        elif self.reference_pairs is None:  # resumed: the very pairs of before, whose labels and tokens were counted
+            tokens = self.policy.tokens_generated
+            self.evaluate(None)
+            self.policy.tokens_generated = tokens
+            self.eval_oracle_pairs -= self.recipe.train.eval_pairs
         self.last_eval = self.evaluate(LAMBDA)
         metrics = {k: v for k, v in self.last_eval.items() if "/" in k}
+        # the distribution-shift signal: the same reward model on the reference's pairs and on π_λ's
+        on_reference = self.agreement(*self.reference_pairs)
+        if on_reference is not None:
+            metrics["eval/agreement_reference"] = on_reference
         if "gold/score" in self.reference:
             metrics["gold/reference"] = self.reference["gold/score"]
         metrics["oracle/eval_pairs"] = float(self.eval_oracle_pairs)

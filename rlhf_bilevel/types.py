@@ -6,15 +6,16 @@ same code runs on the enumerable token MDP (`exact/`) and on a Hugging Face mode
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 LAMBDA = "lambda"
-"""Adapter that ascends J alone: plays λ* (ALGORITHM.md, penalty reformulation)."""
+"""Adapter that ascends J alone: plays λ* (docs/algorithm.md, penalty reformulation)."""
 LAMBDA_PRIME = "lambda_prime"
 """Adapter that ascends J − σ f: plays λ_σ."""
 ADAPTERS = (LAMBDA, LAMBDA_PRIME)
@@ -50,8 +51,41 @@ class Rollout:
         """The trajectories `index` selects, with their context (a tensor, or an object with `rows`).
         Weights are kept as they are: a piece's weighted sum is its share of the whole batch's."""
         context = self.context[index] if isinstance(self.context, Tensor) else self.context.rows(index)
-        tensors = {name: getattr(self, name)[index] for name in ("tokens", "mask", "logp", "ref_logp", "weight")}
+        tensors = {name: getattr(self, name)[index] for name in ROLLOUT_TENSORS}
         return replace(self, prompts=self.prompts[index], responses=self.responses[index], context=context, **tensors)
+
+    def state_dict(self) -> dict:
+        """The rollout as plain values and tensors (a checkpoint's tree): a tensor context as it is,
+        any other as its registered name (`rollout_context`) and the dict of its dataclass fields."""
+        context = self.context
+        if not isinstance(context, Tensor):
+            fields = {f.name: getattr(context, f.name) for f in dataclasses.fields(context)}
+            context = {"type": type(context).__name__, "fields": fields}
+        tensors = {name: getattr(self, name) for name in ROLLOUT_TENSORS}
+        return {**tensors, "prompts": list(self.prompts), "responses": list(self.responses), "adapter": self.adapter, "context": context}
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device | str) -> Rollout:
+        """The rollout `state_dict` saved, on `device`."""
+        context = state["context"]
+        if isinstance(context, Tensor):
+            context = context.to(device)
+        else:
+            fields = {k: v.to(device) if isinstance(v, Tensor) else v for k, v in context["fields"].items()}
+            context = CONTEXTS[context["type"]](**fields)
+        tensors = {name: state[name].to(device) for name in ROLLOUT_TENSORS}
+        return cls(prompts=state["prompts"], responses=state["responses"], adapter=state["adapter"], context=context, **tensors)
+
+
+ROLLOUT_TENSORS = ("tokens", "mask", "logp", "ref_logp", "weight")
+CONTEXTS: dict[str, type] = {}
+"""The dataclasses a rollout's context may be, by name: what a checkpoint names to rebuild one."""
+
+
+def rollout_context(cls: type) -> type:
+    """Registers a dataclass as a rollout context that checkpoints can save and restore."""
+    CONTEXTS[cls.__name__] = cls
+    return cls
 
 
 @dataclass
@@ -83,6 +117,7 @@ class Transitions:
     reward: Tensor  # [M]
     next_state: Tensor  # [M, d]
     next_action: Tensor  # [M] a' ~ π(·|s'), the token the policy sampled next
+    next_policy: Tensor  # [M, k] π(·|s') as the Q head summarises it (`summarise`), for the expected-SARSA target
     done: Tensor  # [M] 1 when s' is terminal (EOS taken or horizon reached)
 
     def __len__(self) -> int:
@@ -95,7 +130,7 @@ class Transitions:
         return Transitions(**{k: getattr(self, k)[index] for k in TRANSITION_FIELDS})
 
 
-TRANSITION_FIELDS = ("state", "action", "reward", "next_state", "next_action", "done")
+TRANSITION_FIELDS = ("state", "action", "reward", "next_state", "next_action", "next_policy", "done")
 
 
 class Policy(Protocol):
@@ -136,12 +171,19 @@ class RewardModel(Protocol):
     def parameters(self) -> list[Tensor]: ...
 
     def token_rewards(self, rollout: Rollout) -> Tensor:
-        """[N, H] r_φ(s_h, a_h) ∈ [0, 1], differentiable in φ, zero after EOS."""
+        """[N, H] r_φ(s_h, a_h), differentiable in φ, zero after EOS."""
+
+    def member_rewards(self, rollout: Rollout) -> Tensor:
+        """[E, N, H] the rewards of each member of an ensemble (E = 1 without one); `token_rewards` is their mean."""
 
 
 class Critic(Protocol):
-    def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
-        """Learns from a fresh rollout and its shaped rewards (Algorithm 2); returns diagnostics."""
+    def fit(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> dict[str, float]:
+        """Learns from a fresh rollout, its shaped rewards and the policy's log π(·|s_h) [N, H, V]
+        (Algorithm 2); returns diagnostics."""
+
+    def relabel(self, shaped_of: Callable[[Rollout], Tensor]) -> None:
+        """r_φ has just changed: what the critic replays gets the shaped rewards `shaped_of(rollout)` of now."""
 
     def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
         """[N, H] A(s_h, a_h) of the taken tokens under the policy of `log_probs`, detached."""
@@ -158,6 +200,9 @@ class RolloutSource(Protocol):
     def rollouts(self, adapter: str, n: int) -> Rollout: ...
 
     def pairs(self, adapter: str, n: int) -> PreferencePairs: ...
+
+    def groups(self, adapter: str, n: int, size: int) -> Rollout:
+        """n prompts, `size` responses to each, consecutive rows (what `query.select: uncertain` draws from)."""
 
     def coupled(self, adapters: Sequence[str], n: int) -> list[Rollout]:
         """n trajectories of each adapter on the same prompts and random numbers (common random numbers)."""

@@ -29,9 +29,9 @@ def test_quick_lab_writes_json_and_png(tmp_path):
     result = run_cli("theory", "--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "theory.json").read_text())
-    for key in ("phi_star", "gap_sq", "slope", "sigma", "B", "oracle_pairs"):
+    for key in ("phi_star", "gap_sq", "slope", "sigma", "B", "replay_bias", "oracle_pairs"):
         assert key in data
-    assert set(data["gap_sq"]) == {"exact", "sampled", "alternating", "printed"}
+    assert set(data["gap_sq"]) == {"exact", "sampled", "alternating", "printed", "exact_replay", "exact_replay_steps", "sampled_replay"}
     assert len(data["gap_sq"]["exact"]) == 40 and len(data["gap_sq"]["sampled"]) == 8
     assert data["B"]["oracle_pairs"][1] > data["B"]["oracle_pairs"][0] > 0
     assert (tmp_path / "theory.png").read_bytes()[:4] == b"\x89PNG"

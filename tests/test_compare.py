@@ -1,38 +1,118 @@
-"""`rlhf-bilevel compare --quick`: three methods, one oracle budget, one evaluation, one table and one plot."""
+"""`rlhf-bilevel compare --quick`: the methods at one oracle budget, over seeds, in one or several processes."""
 
 import json
+import math
 
+import pytest
 from conftest import run_cli
 
-from rlhf_bilevel.compare import METHODS, QUICK
+from rlhf_bilevel.compare import METHODS, QUICK, t_interval
 from rlhf_bilevel.recipe import load_recipe
 from test_train import TINY
 
 
 def test_quick_comparison_spends_one_budget_on_every_method(tmp_path):
     out = tmp_path / "compare"
-    result = run_cli("compare", "--quick", "--recipe", str(TINY), "--out", str(out), "--prompts", "6", "--snapshots", "2")
+    result = run_cli(
+        "compare", "--quick", "--recipe", str(TINY), "--out", str(out), "--prompts", "6", "--snapshots", "2", "--pairs-per-prompt", "2"
+    )
     assert result.returncode == 0, result.stderr
     cfg = load_recipe(TINY, QUICK).bilevel
     budget = cfg.outer_steps * cfg.pairs_per_outer_step
-    rows = json.loads((out / "comparison.json").read_text())
+    comparison = json.loads((out / "comparison.json").read_text())
+    rows = comparison["runs"]
     assert [row["method"] for row in rows] == list(METHODS)
     for row in rows:
         assert row["oracle_pairs"] == budget, row["method"]
-        pairs = [p for p, _ in row["curve"]]
+        pairs = [point["oracle_pairs"] for point in row["curve"]]
         assert pairs[0] == 0 and pairs[-1] == budget and pairs == sorted(set(pairs)), row["method"]
+        seconds = [point["seconds"] for point in row["curve"]]
+        assert seconds[0] == 0 and seconds == sorted(seconds) and seconds[-1] == pytest.approx(row["seconds"]), row["method"]
         assert 0 <= row["eval"]["win_rate"]["mean"] <= 1
+        assert row["eval"]["samples"] == 2 and row["eval"]["gold"]["policy"]["n"] == 6
         assert (out / f"{row['method']}-seed0" / "eval" / "eval.json").is_file()
     # only the two methods that learn a reward model report its agreement
     assert ["agreement" in row["eval"] for row in rows] == [True, True, False]
-    table = (out / "comparison.md").read_text().splitlines()
-    assert len(table) == 2 + len(METHODS) and all(m in result.stdout for m in METHODS)
-    assert (out / "comparison.png").stat().st_size > 0
+    # one seed: the mean is that seed's number, the interval undefined rather than made up
+    gold = comparison["summary"]["bilevel"]["gold"]
+    assert gold["mean"] == rows[0]["eval"]["gold"]["policy"]["mean"] and math.isnan(gold["low"]) and math.isnan(gold["high"])
+    assert "agreement_policy" not in comparison["summary"]["online-dpo"]
+    runs_table, summary_table = (out / "comparison.md").read_text().split("\n\n")
+    assert len(runs_table.splitlines()) == 2 + len(METHODS) and len(summary_table.splitlines()) == 2 + len(METHODS)
+    assert "| online-dpo | 1 |" in summary_table and "[—]" in summary_table
+    # every line a run prints names it
+    assert all(f"{m}/seed0: training on {budget} oracle pairs" in result.stdout for m in METHODS)
+    assert (out / "comparison.png").stat().st_size > 0 and (out / "comparison-time.png").stat().st_size > 0
+
+
+def test_t_interval_by_hand():
+    # 1..5: mean 3, s = sqrt(2.5), t_{0.975, 4} = 2.776445: 3 ± 2.776445 · sqrt(2.5 / 5)
+    estimate = t_interval([1.0, 2.0, 3.0, 4.0, 5.0], 0.95)
+    half = 2.776445 * math.sqrt(0.5)
+    assert (estimate.mean, estimate.n) == (3.0, 5)
+    assert estimate.low == pytest.approx(3 - half, abs=1e-6) and estimate.high == pytest.approx(3 + half, abs=1e-6)
+    one = t_interval([0.4], 0.95)
+    assert one.mean == 0.4 and math.isnan(one.low) and math.isnan(one.high)
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_run(monkeypatch):
+    """Runs in the CLI's own process on one torch thread, as each of two workers on 2 cores runs: the
+    tiny model gains nothing from more, and OpenMP spinning makes it crawl on a busy machine."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def leaves(node, path=""):
+    """(path, value) of every value in a JSON tree."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaves(value, f"{path}/{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            yield from leaves(value, f"{path}[{i}]")
+    else:
+        yield path, node
+
+
+def measured(comparison: dict) -> tuple[dict, dict]:
+    """The runs' values but what the clock decides: the exact ones (names, counts), and the floats."""
+    values = {path: value for path, value in leaves(comparison["runs"]) if "seconds" not in path}
+    floats = {path: value for path, value in values.items() if isinstance(value, float)}
+    return {path: value for path, value in values.items() if path not in floats}, floats
+
+
+def test_two_processes_give_the_rows_of_one_and_a_t_interval_over_seeds(tmp_path):
+    args = ["compare", "--quick", "--recipe", str(TINY), "--method", "alternating", "--seed", "0", "--seed", "1", "--prompts", "4", "--snapshots", "1",
+            "--set", "bilevel.outer_steps=2"]
+    one = run_cli(*args, "--out", str(tmp_path / "one"))
+    two = run_cli(*args, "--out", str(tmp_path / "two"), "--jobs", "2")
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    sequential, parallel = (json.loads((tmp_path / name / "comparison.json").read_text()) for name in ("one", "two"))
+    (names, floats), (parallel_names, parallel_floats) = measured(sequential), measured(parallel)
+    # equal up to float rounding: a worker's torch threads, cpu_count // 2, may split reductions otherwise
+    assert parallel_names == names and parallel_floats == pytest.approx(floats, rel=1e-5, abs=1e-9, nan_ok=True)
+    assert [(row["method"], row["seed"]) for row in sequential["runs"]] == [("alternating", 0), ("alternating", 1)]
+    assert list(sequential["summary"]) == ["alternating"]
+    assert all(f"alternating/seed{s}: training on" in two.stdout for s in (0, 1))
+    assert "FutureWarning" not in two.stderr  # the workers keep the command's warning filters
+    # two seeds: mean ± t_{0.975, 1} · s/√2, where s/√2 = |a − b| / 2 (on KL: the tiny model's gold scores often tie)
+    a, b = (row["eval"]["kl"] for row in sequential["runs"])
+    assert a != b
+    kl = sequential["summary"]["alternating"]["kl"]
+    half = 12.7062047 * abs(a - b) / 2
+    assert kl["mean"] == pytest.approx((a + b) / 2)
+    assert kl["low"] == pytest.approx((a + b) / 2 - half) and kl["high"] == pytest.approx((a + b) / 2 + half)
 
 
 def test_comparison_refuses_a_used_folder_and_bad_options(tmp_path):
-    (tmp_path / "comparison.json").write_text("[]")
+    (tmp_path / "comparison.json").write_text("{}")
     used = run_cli("compare", "--quick", "--recipe", str(TINY), "--out", str(tmp_path))
     assert used.returncode == 2 and "already holds a comparison" in used.stderr
-    bad = run_cli("compare", "--quick", "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--snapshots", "0")
-    assert bad.returncode == 2 and "snapshots: must be > 0" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    for option, message in [
+        (["--snapshots", "0"], "snapshots: must be > 0"),
+        (["--jobs", "0"], "--jobs: must be at least 1"),
+        (["--method", "ppo"], "--method: unknown method 'ppo'"),
+        (["--pairs-per-prompt", "0"], "--pairs-per-prompt: must be >= 1"),
+    ]:
+        bad = run_cli("compare", "--quick", "--recipe", str(TINY), "--out", str(tmp_path / "x"), *option)
+        assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr

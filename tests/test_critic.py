@@ -5,6 +5,7 @@ import torch
 
 from conftest import perturb
 from rlhf_bilevel import estimators as est
+from rlhf_bilevel.checkpoint import load_checkpoint, save_checkpoint
 from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, TDCritic, project_to_ball
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
@@ -25,7 +26,9 @@ def test_td_critic_matches_exact_q(testbed):
     for _ in range(6):
         rollout = source.rollouts(LAMBDA, 512)
         shaped = est.shaped_rewards(rollout, reward.token_rewards(rollout).detach(), testbed.problem.beta)
-        critic.fit(rollout, shaped)
+        with policy.adapter(LAMBDA), torch.no_grad():
+            log_probs = policy.log_probs(rollout)
+        critic.fit(rollout, shaped, log_probs)
     exact = solve.ExactCritic(testbed.problem, policy, reward, LAMBDA)
     rollout = source.rollouts(LAMBDA, 2000)
     taken = rollout.tokens.unsqueeze(-1)
@@ -60,9 +63,54 @@ def test_transitions_stop_at_eos(testbed):
     policy = testbed.new_policy()
     rollout = SampledRollouts(policy, [0, 1, 2], torch.Generator().manual_seed(0)).rollouts(LAMBDA, 200)
     shaped = torch.ones_like(rollout.mask) * rollout.mask
-    tr = est.transitions(rollout, policy.state_features(rollout), shaped)
+    with policy.adapter(LAMBDA), torch.no_grad():
+        probs = policy.log_probs(rollout).exp()
+    tr = est.transitions(rollout, policy.state_features(rollout), shaped, probs)
     assert len(tr) == int(rollout.mask.sum())
+    # π(·|s′) of the expected target is the policy at the next state of the same trajectory
+    following = torch.zeros_like(probs)
+    following[:, :-1] = probs[:, 1:]
+    torch.testing.assert_close(tr.next_policy, following[rollout.mask.bool()])
     ended = rollout.mask.sum(-1)
     # exactly one terminal transition per trajectory: at EOS or at the horizon
     assert int(tr.done.sum()) == len(rollout)
     assert (ended < rollout.horizon).any(), "no trajectory hit EOS: the test would not check absorption"
+
+
+def test_a_critic_relabels_its_replay_and_warms_up_once(testbed, tmp_path):
+    """`relabel` gives every replayed transition the reward of now (r_φ has changed) and keeps the rest;
+    the replay keeps the newest `replay_capacity` transitions; the first fit runs `warmup_blocks` more
+    blocks than later ones; a critic restored from a checkpoint replays and relabels the same."""
+    policy = testbed.new_policy()
+    generator = torch.Generator().manual_seed(0)
+    source = SampledRollouts(policy, [0, 1, 2], generator)
+    cfg = CriticConfig(hidden=0, blocks=1, target_every=3, batch_size=8, warmup_blocks=2, replay_capacity=40)
+    critic = TDCritic(policy.state_features, QHead(policy.inputs.shape[1], testbed.tree.vocab, 0), 0.9, cfg, generator)
+    steps = []
+    original = critic.optimizer.step
+
+    def counted(*args, **kwargs):
+        steps.append(1)
+        return original(*args, **kwargs)
+
+    critic.optimizer.step = counted
+    held = []
+    for _ in range(3):
+        rollout = source.rollouts(LAMBDA, 16)
+        with policy.adapter(LAMBDA), torch.no_grad():
+            log_probs = policy.log_probs(rollout)
+        critic.fit(rollout, rollout.mask.clone(), log_probs)
+        held.append(int(rollout.mask.sum()))
+        assert len(critic.replay) == min(sum(held), cfg.replay_capacity)
+    assert len(steps) == (1 + 2) * 3 + 2 * 1 * 3
+    assert len(critic.sources) < 3, "a rollout none of whose transitions are replayed is still kept"
+    states = critic.replay.state.clone()
+    critic.relabel(lambda rollout: 2 * rollout.mask)
+    assert torch.equal(critic.replay.reward, torch.full((cfg.replay_capacity,), 2.0)) and torch.equal(critic.replay.state, states)
+
+    save_checkpoint(tmp_path, 1, {"critic": critic.state_dict()})
+    resumed = TDCritic(policy.state_features, QHead(policy.inputs.shape[1], testbed.tree.vocab, 0), 0.9, cfg, generator)
+    resumed.load_state_dict(load_checkpoint(tmp_path / "checkpoint-000001")["critic"])
+    assert resumed.fits == 3 and torch.equal(resumed.replay.reward, critic.replay.reward)
+    resumed.relabel(lambda rollout: 3 * rollout.mask)
+    assert torch.equal(resumed.replay.reward, torch.full((cfg.replay_capacity,), 3.0))

@@ -274,6 +274,7 @@ def two_process_checks(rank: int, store: str) -> None:
         rows = world.shard(len(whole))
         shard = rows_of(whole, rows)
         shaped = torch.randn(8, 5, generator=torch.Generator().manual_seed(7)) * whole.mask
+        log_probs = torch.log_softmax(torch.randn(8, 5, 8, generator=torch.Generator().manual_seed(9)), -1)
 
         # the Monte-Carlo baseline averages the other trajectories of the WHOLE batch
         expected = MCCritic(0.9, alone).advantages(whole, shaped, None)
@@ -289,8 +290,8 @@ def two_process_checks(rank: int, store: str) -> None:
         # TD: the replay holds the whole batch, and the steps follow the whole minibatch's gradient
         split, single = td_critic(world), td_critic(alone)
         for _ in range(2):  # twice: the second fit replays the first batch too
-            diagnostics = split.fit(shard, shaped[rows])
-            single.fit(whole, shaped)
+            diagnostics = split.fit(shard, shaped[rows], log_probs[rows])
+            single.fit(whole, shaped, log_probs)
         assert diagnostics["critic/replay"] == float(len(single.replay))
         for p, q in zip(split.q.parameters(), single.q.parameters()):
             torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4)

@@ -105,7 +105,7 @@ def test_lemma5_grad_J_phi_matches_exact(setup):
     samples = []
     for _ in range(BATCHES):
         rollout = source.rollouts(LAMBDA, BATCH)
-        samples.append(flat(est.grad_J_phi(reward.token_rewards(rollout), phi, rollout, testbed.problem.gamma)))
+        samples.append(flat(est.grad_J_phi([reward.token_rewards(rollout)], phi, [rollout], testbed.problem.gamma)))
     agree(samples, exact, seed=2)
 
 
@@ -127,7 +127,7 @@ def test_common_random_numbers_keep_the_penalty_difference_unbiased_and_cut_its_
         return flat(torch.autograd.grad(solve.objective(testbed.problem, table, reward.node_rewards()), phi))
 
     def grad(rollout):
-        return flat(est.grad_J_phi(reward.token_rewards(rollout), phi, rollout, testbed.problem.gamma))
+        return flat(est.grad_J_phi([reward.token_rewards(rollout)], phi, [rollout], testbed.problem.gamma))
 
     coupled, independent = [], []
     for _ in range(BATCHES):
@@ -166,7 +166,7 @@ def test_grad_f_phi_matches_exact(testbed, kind):
     samples = []
     for _ in range(BATCHES):
         pairs = label_exactly(testbed, source.pairs(LAMBDA, BATCH))
-        grad, _ = est.grad_f_phi(reward.token_rewards(pairs.rollout), reward.parameters(), pairs, kind)
+        grad, _ = est.grad_f_phi([reward.token_rewards(pairs.rollout)], reward.parameters(), [pairs], torch.ones(1), kind)
         samples.append(flat(grad))
     agree(samples, exact, seed=3)
 

@@ -39,6 +39,17 @@ def test_bootstrap_of_a_constant_and_of_one_value():
     assert math.isnan(bootstrap(torch.tensor([]), 500, 0.9, generator).mean)
 
 
+def test_bootstrap_pools_the_observations_of_each_unit():
+    # three prompts with 2 of 2, 0 of 1 and 1 of 3 pairs agreeing: the pooled rate is 3/6, over 6 pairs
+    pooled = bootstrap(torch.tensor([2.0, 0.0, 1.0]), 500, 0.9, torch.Generator().manual_seed(0), counts=torch.tensor([2, 1, 3]))
+    assert (pooled.mean, pooled.n) == (0.5, 6) and pooled.low < 0.5 < pooled.high
+    # one observation per unit is the plain bootstrap, draw for draw; a unit with none is left out
+    values = torch.tensor([1.0, 0.0, 1.0, 1.0])
+    plain = bootstrap(values, 500, 0.9, torch.Generator().manual_seed(3))
+    assert bootstrap(values, 500, 0.9, torch.Generator().manual_seed(3), counts=torch.ones(4)) == plain
+    assert bootstrap(torch.cat([values, torch.zeros(1)]), 500, 0.9, torch.Generator().manual_seed(3), counts=torch.tensor([1, 1, 1, 1, 0])) == plain
+
+
 def test_bootstrap_interval_matches_the_normal_approximation():
     # 200 wins out of 400: the 95% interval is 0.5 ± 1.96·sqrt(0.25/400) = 0.5 ± 0.049; with 4000
     # resamples the percentile endpoints scatter by about 0.003, so 0.008 is a 2.5σ tolerance.
@@ -74,20 +85,22 @@ class LengthReward:
         return words[:, None] * rollout.mask / rollout.mask.sum(-1, keepdim=True)
 
 
-def test_evaluate_by_hand_with_a_scripted_policy():
-    # Prompts alternate between two answers per adapter: per prompt, the policy writes [long, short],
-    # the reference [short, short]. Deterministic length labels: the policy wins one comparison of
-    # two on every prompt (long ≻ short, short = short is a tie worth half): win rate 3/4 exactly.
+@pytest.mark.parametrize("samples", [1, 2])
+def test_evaluate_by_hand_with_a_scripted_policy(samples):
+    # Prompts alternate between two answers per adapter: each pair of the policy is [long, short],
+    # of the reference [short, short]. Deterministic length labels: the policy wins one comparison of
+    # two in every pair (long ≻ short, short = short is a tie worth half): win rate 3/4 exactly.
     policy = ScriptedPolicy({LAMBDA: ["a b c d", "a"], None: ["a", "a"]})
     oracle = length_oracle(OracleConfig(kind="length", labels="deterministic"))
-    result = evaluate(policy, oracle, ["p1", "p2", "p3"], EvalConfig(resamples=200), reward=LengthReward())
+    result = evaluate(policy, oracle, ["p1", "p2", "p3"], EvalConfig(resamples=200, samples=samples), reward=LengthReward())
     assert result["win_rate"].mean == pytest.approx(0.75)
     assert result["gold"]["policy"].mean == pytest.approx(2.5) and result["gold"]["reference"].mean == pytest.approx(1.0)
     assert result["kl"] == pytest.approx(4 * math.log(2))
     # the reward model orders the policy's pairs as the oracle does; the reference's pairs are all ties
     assert result["agreement"]["policy"].mean == 1.0 and result["agreement"]["reference"].n == 0
-    # 3 prompts: 2 responses × 2 orders for the win rate, one pair each for agreement on both sides
-    assert result["oracle_pairs"] == 3 * 4 + 3 * 2
+    assert result["agreement"]["policy"].n == 3 * samples and result["win_rate"].n == 3  # pairs; the unit stays the prompt
+    # 3 prompts: 2 responses × 2 orders for the win rate, one pair each for agreement on both sides, per sample
+    assert result["oracle_pairs"] == (3 * 4 + 3 * 2) * samples
 
 
 @pytest.fixture(scope="module")
@@ -99,11 +112,11 @@ def tiny_run(tmp_path_factory):
 
 def test_eval_command_writes_json_report_and_plot(tiny_run, tmp_path):
     out = tmp_path / "eval"
-    result = run_cli("eval", "--run", str(tiny_run), "--prompts", "6", "--resamples", "200", "--out", str(out))
+    result = run_cli("eval", "--run", str(tiny_run), "--prompts", "6", "--resamples", "200", "--pairs-per-prompt", "2", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "win rate vs reference" in result.stdout
     report = json.loads((out / "eval.json").read_text())
-    assert report["prompts"] == 6 and report["oracle_pairs"] == 6 * 4 + 6 * 2
+    assert report["prompts"] == 6 and report["oracle_pairs"] == (6 * 4 + 6 * 2) * 2
     assert 0 <= report["win_rate"]["low"] <= report["win_rate"]["mean"] <= report["win_rate"]["high"] <= 1
     assert set(report["agreement"]) == {"policy", "reference"} and set(report["gold"]) == {"policy", "reference"}
     assert (out / "training.png").stat().st_size > 0
@@ -135,6 +148,7 @@ def test_eval_of_an_adapter_equal_to_the_reference_is_a_draw(tiny_run, tmp_path)
         (["--adapter", "nowhere", "--recipe", str(TINY)], "--adapter: nowhere is not a peft adapter folder"),
         (["--run", "nowhere"], "--run: nowhere holds no run"),
         (["--run", "x", "--prompts", "0"], "prompts"),
+        (["--run", "x", "--pairs-per-prompt", "0"], "--pairs-per-prompt: must be >= 1"),
     ],
 )
 def test_eval_bad_input_is_one_line(args, message):

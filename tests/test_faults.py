@@ -175,20 +175,21 @@ def tiny_recipe(*overrides):
 
 
 def poison_rewards(monkeypatch, when) -> None:
-    """r_φ is NaN on every call for which `when(call number)` holds: what a diverging head produces."""
-    token_rewards = TokenReward.token_rewards
+    """r_φ is NaN on every call for which `when(call number)` holds: what a diverging head produces
+    (`token_rewards` is the members' mean, so both go through `member_rewards`)."""
+    member_rewards = TokenReward.member_rewards
     calls = [0]
 
     def poisoned(self, rollout):
         calls[0] += 1
-        rewards = token_rewards(self, rollout)
+        rewards = member_rewards(self, rollout)
         return rewards * math.nan if when(calls[0]) else rewards
 
-    monkeypatch.setattr(TokenReward, "token_rewards", poisoned)
+    monkeypatch.setattr(TokenReward, "member_rewards", poisoned)
 
 
 def test_a_nan_reward_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
-    poison_rewards(monkeypatch, lambda call: call in (9, 10, 11))
+    poison_rewards(monkeypatch, lambda call: call in (13, 14, 15))  # the first fit of φ: its f̂ is NaN
     summary = train(tiny_recipe(), tmp_path, RECIPES)
     assert summary.outer_steps == 4
     metrics = records(tmp_path / "metrics.jsonl")
@@ -230,11 +231,12 @@ def test_a_critic_fit_that_goes_non_finite_is_undone(tmp_path):
     rollout = bilevel.source.rollouts(LAMBDA, 4)
     critic = bilevel.critics[LAMBDA]
     before = copy.deepcopy(critic.state_dict())
-    bilevel.fit_critic(LAMBDA, rollout, torch.full((4, rollout.horizon), math.nan))
+    log_probs = torch.log_softmax(torch.zeros(4, rollout.horizon, trainer.policy.vocab_size), -1)
+    bilevel.fit_critic(LAMBDA, rollout, torch.full((4, rollout.horizon), math.nan), log_probs)
     after = critic.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(tensors_in(before), tensors_in(after), strict=True))
     assert bilevel.bad_in_a_row == {"critic/lambda": 1} and bilevel.nonfinite_steps == 1
-    bilevel.fit_critic(LAMBDA, rollout, torch.zeros(4, rollout.horizon))
+    bilevel.fit_critic(LAMBDA, rollout, torch.zeros(4, rollout.horizon), log_probs)
     assert bilevel.bad_in_a_row == {"critic/lambda": 0} and bilevel.nonfinite_steps == 1
     assert not all(torch.equal(a, b) for a, b in zip(tensors_in(before), tensors_in(critic.state_dict())))
 

@@ -392,7 +392,8 @@ def test_sequence_log_prob_and_discounted_return_by_independent_computation(eos_
 def reward_head(dim: int, seed: int, policy: LMPolicy) -> TokenReward:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        reward = TokenReward(policy.state_features, dim, RewardConfig(hidden=4))
+        # summed over tokens: the recursion of exact_expectation gives each state's reward its own term
+        reward = TokenReward(policy.state_features, dim, RewardConfig(hidden=4, pool="sum"))
     perturb(reward.parameters(), 0.5, seed=seed)  # off the zero-initialised output layer: every φ matters
     return reward
 
@@ -439,8 +440,7 @@ def two_step_tables(lm: SimpleNamespace, fresh_base, prompt_ids: torch.Tensor) -
 def exact_expectation(tables: SimpleNamespace, adapter: str | None, reward: TokenReward, eos: int, gamma: float) -> torch.Tensor:
     """E_τ∼π Σ_h γ^h r_φ(s_h, a_h) for H = 2 by the recursion Σ_a₀ π(a₀)[r(s₁) + γ·1[a₀ ≠ EOS] Σ_a₁ π(a₁|s₁) r(s₂)]."""
     p0, p1 = tables.probs[adapter]
-    r1 = torch.sigmoid(reward.net(tables.f1)).squeeze(-1)
-    r2 = torch.sigmoid(reward.net(tables.f2)).squeeze(-1)
+    r1, r2 = reward.state_rewards(tables.f1).mean(0), reward.state_rewards(tables.f2).mean(0)
     continues = torch.ones_like(p0)
     continues[eos] = 0.0
     return (p0 * (r1 + gamma * continues * (p1 * r2).sum(-1))).sum()
@@ -472,11 +472,11 @@ def test_grad_J_phi_on_enumerated_rollout_equals_autograd_of_exact_expectation(e
     value, exact = enumerated.exact(LAMBDA)
     rewards = reward.token_rewards(rollout)
     assert (rollout.weight * est.returns(rollout, rewards, GAMMA)).sum().item() == pytest.approx(value.item(), rel=1e-4)
-    grad = flat(est.grad_J_phi(rewards, phi, rollout, GAMMA))
+    grad = flat(est.grad_J_phi([rewards], phi, [rollout], GAMMA))
     torch.testing.assert_close(grad, exact, rtol=1e-4, atol=1e-6)
     _, under_ref = enumerated.exact(None)
     assert (exact - under_ref).norm() > 100 * (grad - exact).norm(), "λ is too close to π_ref for the test to tell them apart"
-    undiscounted = flat(est.grad_J_phi(rewards, phi, rollout, 1.0))
+    undiscounted = flat(est.grad_J_phi([reward.token_rewards(rollout)], phi, [rollout], 1.0))
     assert (undiscounted - exact).norm() > 100 * (grad - exact).norm()
 
 
@@ -488,7 +488,7 @@ def test_sampled_grad_J_phi_agrees_with_exact_within_standard_errors(enumerated)
     n = 768
     rollout = policy.sample(["the dog is"] * n, torch.Generator().manual_seed(0))
     rewards = reward.token_rewards(rollout)
-    estimate = flat(est.grad_J_phi(rewards, phi, rollout, GAMMA))
+    estimate = flat(est.grad_J_phi([reward.token_rewards(rollout)], phi, [rollout], GAMMA))
     per_trajectory = est.returns(rollout, rewards, GAMMA)
     samples = torch.cat(
         [g.reshape(n, -1) for g in torch.autograd.grad(per_trajectory, phi, torch.eye(n), is_grads_batched=True)], 1
@@ -506,8 +506,9 @@ def test_sampled_grad_J_phi_agrees_with_exact_within_standard_errors(enumerated)
 
 
 # -- 6. the heads ---------------------------------------------------------------------------------
-def test_token_reward_in_unit_interval_zero_after_eos_and_differentiable_in_phi_only(eos_lm):
-    """r_φ ∈ (0, 1) before EOS and 0 after, reads s_{h+1}'s features, and has gradient in φ but none in the LoRA weights."""
+@pytest.mark.parametrize("center, low", [(True, -0.5), (False, 0.0)])
+def test_token_reward_in_its_interval_zero_after_eos_and_differentiable_in_phi_only(eos_lm, center, low):
+    """r_φ ∈ (−1/2, 1/2) centred, (0, 1) not, before EOS and 0 after, reads s_{h+1}'s features, and has gradient in φ but none in the LoRA weights."""
     perturb(lora_b(eos_lm, LAMBDA), 0.3, seed=1)
     policy = policy_of(eos_lm, horizon=6)
     rollout = policy.sample(PROMPTS * 4, torch.Generator().manual_seed(0))
@@ -515,13 +516,13 @@ def test_token_reward_in_unit_interval_zero_after_eos_and_differentiable_in_phi_
     for hidden in (0, 4):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(hidden)
-            reward = TokenReward(policy.state_features, policy.feature_dim, RewardConfig(hidden=hidden))
+            reward = TokenReward(policy.state_features, policy.feature_dim, RewardConfig(hidden=hidden, center=center, pool="sum"))
         perturb(reward.parameters(), 0.5, seed=hidden)  # off the zero-initialised output layer: every φ matters
         rewards = reward.token_rewards(rollout)
         assert rewards.shape == rollout.tokens.shape
         on = rollout.mask == 1
-        assert ((rewards[on] > 0) & (rewards[on] < 1)).all() and (rewards[~on] == 0).all()
-        by_hand = torch.sigmoid(reward.net(rollout.context.features[:, 1:])).squeeze(-1)
+        assert ((rewards[on] > low) & (rewards[on] < low + 1)).all() and (rewards[~on] == 0).all()
+        by_hand = torch.sigmoid(reward.net(rollout.context.features[:, 1:])).squeeze(-1) + low
         torch.testing.assert_close(rewards[on], by_hand[on])
         grads = torch.autograd.grad(rewards.sum(), reward.parameters(), retain_graph=True)
         assert all(g.abs().sum() > 0 for g in grads)
@@ -580,7 +581,7 @@ def test_vocab_q_head_shape_and_initial_value_broadcast(lm):
     actions = rollout.tokens
     torch.testing.assert_close(head(states, actions), q.gather(-1, actions[..., None]).squeeze(-1))
     probs = torch.softmax(3 * torch.randn(q.shape, generator=torch.Generator().manual_seed(2)), -1)
-    torch.testing.assert_close(head.expectation(states, probs), (probs * q).sum(-1))
+    torch.testing.assert_close(head.expectation(states, head.summarise(probs)), (probs * q).sum(-1))
 
 
 def test_vocab_q_head_neither_owns_nor_moves_the_base_embedding(lm):
@@ -591,7 +592,9 @@ def test_vocab_q_head_neither_owns_nor_moves_the_base_embedding(lm):
     before = embedding.detach().clone()
     head = VocabQHead(embedding, policy.feature_dim)
     critic = TDCritic(policy.state_features, head, GAMMA, CriticConfig(blocks=1, target_every=10, batch_size=16), torch.Generator().manual_seed(0))
-    critic.fit(rollout, torch.rand(rollout.tokens.shape, generator=torch.Generator().manual_seed(1)) * rollout.mask)
+    with torch.no_grad():
+        log_probs = policy.log_probs(rollout)
+    critic.fit(rollout, torch.rand(rollout.tokens.shape, generator=torch.Generator().manual_seed(1)) * rollout.mask, log_probs)
     changed = (embedding.detach() != before).sum().item()
     with torch.no_grad():
         embedding.copy_(before)  # undo the drift for the other tests
@@ -649,7 +652,7 @@ def test_sampling_ignores_the_model_generation_defaults(lm):
 # -- 8. d'_k in one backward pass ------------------------------------------------------------------
 def test_lambda_prime_direction_of_one_backward_equals_grad_J_minus_sigma_grad_f(eos_lm):
     """`Bilevel.ascent` with a penalty takes ∇(Ĵ − σ f̂) in one backward pass: the same as eq. 12 and
-    eq. 17 each by its own backward, combined as ALGORITHM.md step 4 says."""
+    eq. 17 each by its own backward, combined as docs/algorithm.md step 4 says."""
     from rlhf_bilevel.bilevel import Bilevel
     from rlhf_bilevel.config import BilevelConfig
     from rlhf_bilevel.critic import MCCritic

@@ -137,6 +137,9 @@ class ExactReward(nn.Module):
     def token_rewards(self, rollout: Rollout) -> Tensor:
         return self.node_rewards()[rollout.context[:, 1:]] * rollout.mask
 
+    def member_rewards(self, rollout: Rollout) -> Tensor:
+        return self.token_rewards(rollout).unsqueeze(0)  # one member: the testbed has no ensemble
+
 
 class GoldOracle:
     """Bradley–Terry on a hidden gold reward: P(τ0 ≻ τ1) = sigmoid((R*(τ0) − R*(τ1)) / temperature)."""

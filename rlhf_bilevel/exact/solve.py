@@ -116,7 +116,7 @@ def penalty_policy(problem: Problem, rewards: Tensor, sigma: float, start: Tenso
 
 
 class PenaltyValue:
-    """φ ↦ L_σ(φ) = f(φ, λ_σ) + (J*(φ) − J(λ_σ, φ)) / σ (+ ρ/2 ‖φ‖²) (ALGORITHM.md, penalty reformulation).
+    """φ ↦ L_σ(φ) = f(φ, λ_σ) + (J*(φ) − J(λ_σ, φ)) / σ (+ ρ/2 ‖φ‖²) (docs/algorithm.md, penalty reformulation).
 
     λ* and λ_σ enter detached: both maximise in λ, so by the envelope theorem the gradient in
     φ of this expression is ∇L_σ itself.
@@ -204,9 +204,12 @@ class ExactCritic:
     def __init__(self, problem: Problem, policy: ExactPolicy, reward: ExactReward, adapter: str):
         self.problem, self.policy, self.reward, self.adapter = problem, policy, reward, adapter
 
-    def fit(self, rollout: Rollout, shaped: Tensor) -> dict[str, float]:
+    def fit(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> dict[str, float]:
         return {}
 
+
+    def relabel(self, shaped_of) -> None:
+        pass  # Q is recomputed from the policy and the reward at every use
     def state_dict(self) -> dict:  # nothing is learnt: Q is recomputed from the policy each time
         return {}
 

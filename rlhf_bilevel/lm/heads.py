@@ -1,20 +1,22 @@
 """Small heads on the frozen base's hidden states: the reward r_φ(s, a) and the critic's Q(s, ·).
 
-Both read the features of the reference forward pass that every rollout already makes,
-so neither costs a pass through the trunk of its own, unless the reward model is given a
-LoRA adapter of its own (`reward.lora`).
+Both read the features of the reference forward pass that every rollout already makes
+(the reward head those of any one layer, `reward.layer`), so neither costs a pass through the
+trunk of its own, unless the reward model is given a LoRA adapter of its own (`reward.lora`).
+docs/reward-model.md measures the reward head's forms against the sentiment oracle.
 """
 
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.lm.policy import LMPolicy
 from rlhf_bilevel.types import Rollout
 
@@ -29,39 +31,118 @@ class RewardConfig:
     # φ also trains a LoRA adapter of its own on the trunk (the `adapters` settings), so the reward can
     # see what the frozen features miss; it costs a forward and backward pass of the trunk per evaluation
     lora: bool = False
+    # r_φ = sigmoid(z) − 1/2, so a zero-initialised head gives reward 0; false: sigmoid(z) ∈ [0, 1], whose
+    # 1/2 a token at the start is a length bonus before any label (docs/algorithm.md, "A reward that starts neutral")
+    center: bool = True
+    # sum: R_φ(τ) = Σ_h r_φ(s_h, a_h); mean: each token's reward is divided by the response's length, so
+    # R_φ(τ) is a mean over its tokens (then r_φ at step h depends on where the response ends)
+    pool: Literal["sum", "mean"] = "sum"
+    # the frozen base's hidden layer the head reads, numbered as transformers numbers `hidden_states`:
+    # 0 the embeddings, k the output of decoder layer k; None (or the model's number of layers, 30 on
+    # SmolLM2) the last hidden state, after the final norm, which the critic reads too
+    layer: int | None = None
+    # an ensemble of E heads from different random starts, in one matmul: r_φ is their mean, and
+    # `member_rewards` gives each one's, whose spread measures how unsure the reward model is
+    heads: int = 1
+
+    def __post_init__(self) -> None:
+        positive(self, "heads")  # `layer` depends on the model: TokenReward.on checks it
+
+
+MEMBER_SCALE = 0.1
+"""The standard deviation of each ensemble member's logit z at initialisation, on standardised
+features: members disagree from the start, and r_φ changes by at most ~MEMBER_SCALE/4 a token."""
 
 
 class TokenReward(nn.Module):
-    """r_φ(s_h, a_h) = sigmoid(head(features of s_{h+1})) ∈ [0, 1]: s_{h+1} = s_h ⊕ a_h is the
-    state the action leads to, so its hidden state has read both. φ is the head's weights,
-    and `trunk`, the weights of a LoRA adapter the features depend on, if any."""
+    """r_φ(s_h, a_h) = sigmoid(head(features of s_{h+1})) − 1/2 ∈ [−1/2, 1/2] (∈ [0, 1] without
+    `center`), divided by the response's length with `pool: mean`: s_{h+1} = s_h ⊕ a_h is the state
+    the action leads to, so its hidden state has read both. With `heads` E > 1, r_φ is the mean of
+    E such heads. φ is the heads' weights, and `trunk`, the weights of a LoRA adapter the features
+    depend on, if any."""
 
     def __init__(self, features: Callable[[Rollout], Tensor], dim: int, cfg: RewardConfig, trunk: Sequence[Tensor] = ()):
         super().__init__()
-        self.features = features
+        self.features, self.cfg = features, cfg
         self.trunk = list(trunk)  # a plain list: the adapter lives (and is saved) in the peft model
-        layers = [nn.Linear(dim, cfg.hidden), nn.Tanh(), nn.Linear(cfg.hidden, 1)] if cfg.hidden else [nn.Linear(dim, 1)]
+        if cfg.hidden:
+            layers = [nn.Linear(dim, cfg.heads * cfg.hidden), nn.Tanh(), MemberOutputs(cfg.heads, cfg.hidden)]
+        else:
+            layers = [nn.Linear(dim, cfg.heads)]
         self.net = nn.Sequential(normalised(dim), *layers)
-        # r_φ starts at 1/2 everywhere: a random reward would send the policy somewhere random
-        # before the first preference has been seen
-        nn.init.zeros_(layers[-1].weight)
-        nn.init.zeros_(layers[-1].bias)
+        # the mean of the members starts where one zero-initialised head does, everywhere (0, or 1/2
+        # without `center`): a random reward would send the policy somewhere random before the first
+        # preference has been seen
+        output = layers[-1]
+        nn.init.zeros_(output.bias)
+        if cfg.heads == 1:
+            nn.init.zeros_(output.weight)
+        else:
+            mirrored_members(output.weight, layers[0] if cfg.hidden else None)
 
     @classmethod
     def on(cls, policy: LMPolicy, cfg: RewardConfig) -> TokenReward:
-        """The reward model of a run on `policy`: on the reference pass's features, or with `cfg.lora`
-        on those of the policy model's adapter `reward` (which `with_adapters` must have made)."""
+        """The reward model of a run on `policy`: on the reference pass's features (of `cfg.layer`,
+        which every rollout `policy` samples from now on keeps), or with `cfg.lora` on those of the
+        policy model's adapter `reward` (which `with_adapters` must have made)."""
+        last = policy.num_layers
+        if cfg.layer is not None and not 0 <= cfg.layer <= last:
+            raise ConfigError(f"reward.layer: the model has hidden states 0 (the embeddings) to {last} (the last, as is null); got {cfg.layer}")
+        layer = None if cfg.layer == last else cfg.layer
         if not cfg.lora:
-            return cls(policy.state_features, policy.feature_dim, cfg)
-        features = functools.partial(policy.adapter_features, adapter=REWARD_ADAPTER)
-        return cls(features, policy.feature_dim, cfg, trunk=policy.parameters_of(REWARD_ADAPTER))
+            policy.reward_layer = layer
+            return cls(policy.reward_features, policy.feature_dim, cfg)
+        features = functools.partial(policy.adapter_features, adapter=REWARD_ADAPTER, layer=layer)
+        return cls(features, policy.feature_dim, cfg, trunk=policy.parameters_of(REWARD_ADAPTER, below_layer=layer))
 
     def parameters(self, recurse: bool = True) -> list[Tensor]:  # the protocol wants a list
         return list(super().parameters(recurse)) + self.trunk
 
     def token_rewards(self, rollout: Rollout) -> Tensor:
-        after = self.features(rollout)[:, 1:]
-        return torch.sigmoid(self.net(after)).squeeze(-1) * rollout.mask
+        """[N, H] r_φ(s_h, a_h), the members' mean; 0 after EOS."""
+        return self.member_rewards(rollout).mean(0)
+
+    def member_rewards(self, rollout: Rollout) -> Tensor:
+        """[E, N, H] each member's r_φ(s_h, a_h); 0 after EOS."""
+        per_token = rollout.mask / rollout.mask.sum(-1, keepdim=True) if self.cfg.pool == "mean" else rollout.mask
+        return self.state_rewards(self.features(rollout)[:, 1:]) * per_token
+
+    def state_rewards(self, states: Tensor) -> Tensor:
+        """[E, ...] each member's reward for reaching the states whose features are `states` [..., d],
+        before masking and pooling."""
+        z = self.net(states).movedim(-1, 0)
+        # sigmoid(z) − 1/2 = tanh(z/2)/2, exactly odd in z as computed: mirrored members cancel exactly
+        return 0.5 * torch.tanh(z / 2) if self.cfg.center else torch.sigmoid(z)
+
+
+class MemberOutputs(nn.Module):
+    """The output layers of E heads with hidden layers, side by side: member e maps its own slice
+    of the hidden units [..., E·width] to its logit [..., E]. With E = 1 it is nn.Linear(width, 1),
+    weights included."""
+
+    def __init__(self, heads: int, width: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(heads, width))
+        self.bias = nn.Parameter(torch.empty(heads))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return (hidden.unflatten(-1, self.weight.shape) * self.weight).sum(-1) + self.bias
+
+
+@torch.no_grad()
+def mirrored_members(output: Tensor, hidden: nn.Linear | None) -> None:
+    """Random output weights [E, fan_in] for E members in mirrored pairs: member 2e + 1 has member 2e's
+    hidden layer and the opposite output weights; when E is odd, the last member is zero. Centred
+    rewards are odd in z, so each pair sums to exactly 0 and the members' mean starts at exactly 0
+    (at 1/2 up to rounding without centring), while each member starts at a reward of its own."""
+    pairs = output.shape[0] // 2 * 2
+    output.zero_()
+    output[:pairs:2].normal_(0.0, MEMBER_SCALE / output.shape[1] ** 0.5)  # z = w·x, x of unit scale per unit: std ≈ MEMBER_SCALE
+    output[1:pairs:2] = -output[:pairs:2]
+    if hidden is not None:
+        for tensor in (hidden.weight, hidden.bias):
+            members = tensor.unflatten(0, (output.shape[0], -1))
+            members[1:pairs:2] = members[:pairs:2]
 
 
 class VocabQHead(nn.Module):
@@ -92,11 +173,15 @@ class VocabQHead(nn.Module):
         scores = F.linear(mixed.to(self.embedding.dtype), self.embedding).float()
         return self.value(features) + scores
 
-    def expectation(self, features: Tensor, probs: Tensor) -> Tensor:
-        """Σ_a probs(a) Q(s, a) = v(s) + ⟨Σ_a probs(a) e_a, U h(s)⟩ (probabilities sum to one): the
-        mean embedding under `probs` [.., V] stands in for the [.., V] scores, which are never made."""
+    def summarise(self, probs: Tensor) -> Tensor:
+        """Σ_a probs(a) e_a [.., d]: all that `expectation` needs of a distribution over the vocabulary,
+        so a replay keeps d numbers per state rather than V."""
+        return (probs.to(self.embedding.dtype) @ self.embedding).float()
+
+    def expectation(self, features: Tensor, mean_embedding: Tensor) -> Tensor:
+        """Σ_a probs(a) Q(s, a) = v(s) + ⟨Σ_a probs(a) e_a, U h(s)⟩ (probabilities sum to one), from
+        `summarise(probs)`: the mean embedding stands in for the [.., V] scores, which are never made."""
         features = self.norm(features)
-        mean_embedding = (probs.to(self.embedding.dtype) @ self.embedding).float()
         return self.value(features).squeeze(-1) + (self.mix(features) * mean_embedding).sum(-1)
 
 

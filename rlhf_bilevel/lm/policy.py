@@ -4,8 +4,9 @@ A state s_h is the prompt plus the first h response tokens, an action is the nex
 EOS is absorbing (the mask stops after it), and the horizon H is `max_new_tokens`.
 The reference policy π_ref is the same model with its adapters disabled, and that one
 reference forward pass also yields the hidden states that the reward head and the Q head
-read: their features are the frozen base's, shared by both adapters. Scoring runs the
-trunk (the decoder) alone and applies the output layer by chunks (`lm/logits.py`).
+read: their features are the frozen base's, shared by both adapters. The reward head may read
+an earlier layer of that same pass (`reward_layer`). Scoring runs the trunk (the decoder) alone
+and applies the output layer by chunks (`lm/logits.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from rlhf_bilevel.allocator import heap_reuse
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.lm.logits import chosen_log_probs, log_softmax_head
-from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
+from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout, rollout_context
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class RolloutConfig:
     compile: bool = False
 
 
+@rollout_context
 @dataclass
 class LMContext:
     """What a rollout needs to be scored again: the token ids and the base's state features."""
@@ -52,9 +54,13 @@ class LMContext:
     attention_mask: Tensor  # [N, P + H]
     prompt_len: int  # P
     features: Tensor  # [N, H + 1, d] the base's last hidden state at s_0 … s_H, float32, detached
+    # [N, H + 1, d] the base's hidden state at the policy's `reward_layer` at s_0 … s_H, float32, detached;
+    # None when the reward reads the last layer, whose states are `features`
+    reward_features: Tensor | None = None
 
     def rows(self, index: slice) -> LMContext:
-        return LMContext(self.input_ids[index], self.attention_mask[index], self.prompt_len, self.features[index])
+        reward_features = None if self.reward_features is None else self.reward_features[index]
+        return LMContext(self.input_ids[index], self.attention_mask[index], self.prompt_len, self.features[index], reward_features)
 
 
 class LMPolicy(AdapterSwitch):
@@ -68,6 +74,9 @@ class LMPolicy(AdapterSwitch):
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         self.active: str | None = LAMBDA
         self.tokens_generated = 0
+        # the hidden layer whose states each rollout keeps for the reward head, as `trunk_layers` numbers
+        # them (TokenReward.on sets it); None: the last, which every rollout keeps anyway
+        self.reward_layer: int | None = None
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             # transformers drops the cache of a checkpointed layer, whose replay would extend it twice;
@@ -83,8 +92,8 @@ class LMPolicy(AdapterSwitch):
                     module.cast_input_dtype_enabled = False
         if any(p.requires_grad for p in self.head.parameters()):
             raise ConfigError("adapters.target_modules: the output layer (lm_head) cannot carry an adapter; leave it out")
-        decoder = model.get_base_model().get_decoder()
-        self.scorer = torch.compile(decoder, dynamic=True) if cfg.compile else decoder
+        self.decoder = model.get_base_model().get_decoder()
+        self.scorer = torch.compile(self.decoder, dynamic=True) if cfg.compile else self.decoder
 
     @property
     def device(self) -> torch.device:
@@ -94,6 +103,11 @@ class LMPolicy(AdapterSwitch):
     @property
     def feature_dim(self) -> int:
         return self.model.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        """Decoder layers of the trunk: `trunk_layers` numbers its hidden states 0 … num_layers."""
+        return self.model.config.num_hidden_layers
 
     @property
     def vocab_size(self) -> int:
@@ -111,8 +125,11 @@ class LMPolicy(AdapterSwitch):
                 p.requires_grad_(True)
             yield
 
-    def parameters_of(self, name: str) -> list[Tensor]:
-        return [p for key, p in self.model.named_parameters() if f".{name}." in key]
+    def parameters_of(self, name: str, below_layer: int | None = None) -> list[Tensor]:
+        """The weights of adapter `name`; with `below_layer` k, those of decoder layers before k only: all
+        that hidden state k (`trunk_layers`) depends on, and so all that get a gradient through it."""
+        modules = self.model if below_layer is None else self.decoder.layers[:below_layer]
+        return [p for key, p in modules.named_parameters() if f".{name}." in key]
 
     # -- the MDP ------------------------------------------------------------------------------------
     def encode(self, prompts: Sequence[str]) -> tuple[Tensor, Tensor]:
@@ -138,17 +155,25 @@ class LMPolicy(AdapterSwitch):
         """[N, T, d] the last hidden state (after the final norm) at each of `input_ids` under the active
         adapter: what the output layer reads. `input_ids` continue what `past` holds (if anything);
         `attention_mask` covers both."""
+        return self.trunk_layers(input_ids, attention_mask, past)[-1]
+
+    def trunk_layers(self, input_ids: Tensor, attention_mask: Tensor, past: Cache | None = None, layers: Sequence[int] = ()) -> list[Tensor]:
+        """As `trunk`, in the same pass: the hidden states [N, T, d] at each of `layers`, then the last one.
+        Layers are numbered as transformers numbers `hidden_states`: 0 the embeddings, k the output of
+        decoder layer k (counting from 1), `num_layers` the last hidden state. The pass keeps the
+        states of the layers asked for only."""
         position_ids = positions(attention_mask, input_ids.shape[1])
         with self._activated(), self.autocast():
             # transformers checkpoints layers in training mode only; with no dropout the mode changes nothing else
             self.model.train(self.cfg.gradient_checkpointing and torch.is_grad_enabled())
             try:
                 out = self.scorer(
-                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=past, use_cache=past is not None
+                    input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=past,
+                    use_cache=past is not None, output_hidden_states=list(layers) if layers else False,
                 )
             finally:
                 self.model.eval()
-        return out.last_hidden_state
+        return [out.hidden_states[k] for k in layers] + [out.last_hidden_state]
 
     @torch.no_grad()
     @heap_reuse()
@@ -169,7 +194,7 @@ class LMPolicy(AdapterSwitch):
         logp = taken.float()
         input_ids = torch.cat([prompt_ids, tokens], 1)
         attention_mask = torch.cat([prompt_mask, torch.ones_like(tokens)], 1)
-        ref_logp, features = self.reference(prompts, input_ids, attention_mask, prompt_len)
+        ref_logp, features, reward_features = self.reference(prompts, input_ids, attention_mask, prompt_len)
         self.tokens_generated += int(mask.sum())
         lengths = mask.sum(-1).long()
         responses = [
@@ -184,21 +209,25 @@ class LMPolicy(AdapterSwitch):
             logp=logp * mask,
             ref_logp=ref_logp * mask,
             weight=torch.full((n,), 1.0 / n, device=self.device),
-            context=LMContext(input_ids, attention_mask, prompt_len, features),
+            context=LMContext(input_ids, attention_mask, prompt_len, features, reward_features),
             adapter=self.active,
         )
 
-    def reference(self, prompts: Sequence[str], input_ids: Tensor, attention_mask: Tensor, prompt_len: int) -> tuple[Tensor, Tensor]:
-        """The reference pass over sampled rows: log π_ref of each response token [N, H], and the base's
-        features at s_0 … s_H [N, H + 1, d] (float32), which the reward and Q heads read."""
+    def reference(
+        self, prompts: Sequence[str], input_ids: Tensor, attention_mask: Tensor, prompt_len: int
+    ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The reference pass over sampled rows: log π_ref of each response token [N, H], the base's
+        features at s_0 … s_H [N, H + 1, d] (float32), which the reward and Q heads read, and those
+        of `reward_layer` [N, H + 1, d] (None when it is None), which the reward head reads instead."""
         horizon = input_ids.shape[1] - prompt_len
+        layers = () if self.reward_layer is None else (self.reward_layer,)
         with self.adapter(None):
             past = self.prompt_cache(prompts, input_ids[:, :prompt_len], attention_mask[:, :prompt_len])
             start = 0 if past is None else prompt_len - 1
-            hidden = self.trunk(input_ids[:, start:], attention_mask, past=past)[:, -(horizon + 1) :]
+            *at_layer, hidden = (h[:, -(horizon + 1) :] for h in self.trunk_layers(input_ids[:, start:], attention_mask, past, layers))
             with self.autocast():
                 ref_logp = chosen_log_probs(hidden[:, :-1], self.head, input_ids[:, prompt_len:])
-        return ref_logp, hidden.float()
+        return ref_logp, hidden.float(), at_layer[0].float() if at_layer else None
 
     def decode(self, prompt_ids: Tensor, prompt_mask: Tensor, past: Cache | None, uniforms: Tensor) -> tuple[Tensor, Tensor]:
         """Up to H tokens per row under the active adapter, token h of row i drawn by `inverse_cdf` at
@@ -262,12 +291,20 @@ class LMPolicy(AdapterSwitch):
     def state_features(self, rollout: Rollout) -> Tensor:
         return rollout.context.features
 
-    def adapter_features(self, rollout: Rollout, adapter: str) -> Tensor:
-        """[N, H + 1, d] last hidden states at s_0 … s_H under `adapter`, differentiable in its weights:
-        the features of a head that trains its own LoRA (the reference pass's are frozen)."""
+    def reward_features(self, rollout: Rollout) -> Tensor:
+        """[N, H + 1, d] the base's hidden states at `reward_layer` at s_0 … s_H (the last layer's,
+        `state_features`, when it is None), as the rollout's reference pass kept them."""
+        ctx: LMContext = rollout.context
+        return ctx.features if self.reward_layer is None else ctx.reward_features
+
+    def adapter_features(self, rollout: Rollout, adapter: str, layer: int | None = None) -> Tensor:
+        """[N, H + 1, d] hidden states at s_0 … s_H under `adapter`, differentiable in its weights: the
+        features of a head that trains its own LoRA (the reference pass's are frozen). Those of
+        `layer`, as `trunk_layers` numbers them; None: the last."""
         ctx: LMContext = rollout.context
         with self.adapter(adapter):
-            return self.trunk(ctx.input_ids, ctx.attention_mask)[:, ctx.prompt_len - 1 :].float()
+            hidden = self.trunk_layers(ctx.input_ids, ctx.attention_mask, layers=() if layer is None else (layer,))[0]
+        return hidden[:, ctx.prompt_len - 1 :].float()
 
 
 class PrefixCache(DynamicCache):

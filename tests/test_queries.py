@@ -1,0 +1,46 @@
+"""Active queries: the pair the ensemble disagrees on most, and the same oracle budget as random pairs."""
+
+import json
+
+import torch
+
+from conftest import run_cli
+from rlhf_bilevel.queries import most_uncertain_pairs
+from rlhf_bilevel.types import Rollout
+from test_train import TINY
+
+
+def rollout_of(rows: int, horizon: int) -> Rollout:
+    mask = torch.ones(rows, horizon)
+    zeros = torch.zeros(rows, horizon)
+    return Rollout([None] * rows, [None] * rows, torch.zeros(rows, horizon, dtype=torch.long), mask, zeros, zeros, torch.full((rows,), 1 / rows))
+
+
+def test_the_pair_whose_members_disagree_most_is_chosen_within_each_prompt():
+    # two prompts × three candidates; members agree on every response but the ones named below
+    totals = torch.tensor([
+        [[0.0, 1.0, 5.0], [2.0, 2.0, 0.0]],   # member 0
+        [[0.0, 1.0, -5.0], [2.0, 2.0, 0.0]],  # member 1
+        [[0.0, 1.0, 0.0], [2.0, -3.0, 0.0]],  # member 2
+    ])
+    members = totals.reshape(3, 6).unsqueeze(-1).expand(3, 6, 2) / 2  # R = Σ_h r over a horizon of 2
+    pairs = most_uncertain_pairs(members, rollout_of(6, 2), candidates=3)
+    # prompt 0: response 2 is where the members split (5, −5, 0); its margin to response 0 or 1 spreads
+    # alike, and the first of the tied pairs in row order is (0, 2). Prompt 1: response 4 (2, 2, −3),
+    # against response 3 (margins 0, 0, 5) or 5 (2, 2, −3): the same spread, so (3, 4)
+    assert pairs.first.tolist() == [0, 3] and pairs.second.tolist() == [2, 4]
+    assert torch.allclose(pairs.weight, torch.full((2,), 0.5))
+
+
+def test_uncertain_queries_train_at_the_same_budget_and_need_an_ensemble(tmp_path):
+    run = run_cli(
+        "train", "--recipe", str(TINY), "--output-dir", str(tmp_path / "run"), "--set", "bilevel.outer_steps=1",
+        "--set", "reward.heads=2", "--set", "bilevel.query.select=uncertain", "--set", "bilevel.query.candidates=3",
+    )
+    assert run.returncode == 0, run.stderr
+    lines = (tmp_path / "run" / "preferences.jsonl").read_text().splitlines()
+    outer = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"outer"' in line]
+    assert len(lines) == outer[-1]["oracle/pairs"] == 4 * 3  # B·(K+1) with B = 4, K = 2, as with random pairs
+    single = run_cli("train", "--recipe", str(TINY), "--output-dir", str(tmp_path / "x"), "--set", "bilevel.query.select=uncertain")
+    assert single.returncode == 2 and single.stderr.count("\n") == 1 and "reward.heads" in single.stderr
+    assert not (tmp_path / "x").exists()
