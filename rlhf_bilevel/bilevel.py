@@ -253,14 +253,21 @@ class Bilevel:
             with torch.no_grad():
                 J_prime = est.objective_value(traj_prime, self.reward.token_rewards(traj_prime), cfg.beta, cfg.gamma).item()
             metrics["penalty/gap"] = metrics["lower/J"] - J_prime
+        metrics.update(self.fit_reward(pairs, sets))
+        return metrics
+
+    def fit_reward(self, fresh: PreferencePairs, sets: dict[str, list[Rollout]]) -> dict[str, float]:
+        """φ's `reward_fit.steps` steps along d_t at the current φ, on the store (or the `fresh` pairs
+        alone) and the penalty's trajectories `sets`; then the critics' replay is relabelled."""
+        cfg, fit = self.cfg, self.cfg.reward_fit
         device = self.anchor[0].device
-        batches = self.store.batches if fit.replay else [pairs]
+        batches = self.store.batches if fit.replay else [fresh]
         weights = self.store.weights(self.t, fit.half_life, device) if fit.replay else torch.ones(1, dtype=torch.float64, device=device)
         if fit.minibatch is not None and fit.minibatch < len(batches):
             chosen = torch.randperm(len(batches), generator=self.generator)[: fit.minibatch].sort().values
             batches, weights = [batches[i] for i in chosen.tolist()], weights[chosen]
         labels = sum(len(p) for p in batches) * self.world.size  # every process holds an equal share
-        metrics["upper/labels"] = float(labels)
+        metrics = {"upper/labels": float(labels)}
         for step in range(fit.steps):
             d_t, diagnostics = self.hypergradient(batches, weights, sets, labels)
             diagnostics["upper/d_norm"] = self.update("phi", self.reward_step, d_t, loss=diagnostics["upper/store_loss"])
@@ -274,7 +281,7 @@ class Bilevel:
 
     def store_loss(self, batches: list[PreferencePairs], weights: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            rewards = [self.reward.token_rewards(p.rollout) for p in batches]
+            rewards = [self.reward.member_rewards(p.rollout) for p in batches]
         (total,) = self.world.mean([est.store_loss(rewards, batches, weights, self.cfg.upper_loss)])
         return total
 
