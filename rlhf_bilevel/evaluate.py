@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
+from scipy import stats
 from torch import Tensor
 
 from rlhf_bilevel import estimators as est
@@ -88,24 +90,28 @@ def agreement(margins: Tensor, prob: Tensor) -> Tensor:
     return ((torch.sign(margins) * torch.sign(prob - 0.5) + 1) / 2)[decided(prob)]
 
 
-def bootstrap(values: Tensor, resamples: int, confidence: float, generator: torch.Generator, counts: Tensor | None = None) -> Estimate:
-    """Percentile bootstrap of the mean of `values`, one value per independent unit (here a prompt).
+def bootstrap(values: Tensor, resamples: int, confidence: float, rng: np.random.Generator, counts: Tensor | None = None) -> Estimate:
+    """Percentile bootstrap (`scipy.stats.bootstrap`) of the mean of `values`, one value per independent
+    unit (here a prompt), drawing from `rng`.
 
     With `counts`, values[i] is the sum of counts[i] observations of unit i, and the estimate is
-    the pooled mean Σ values / Σ counts over the resampled units; its n counts observations.
-    Units with no observation are dropped first, so no resample divides by zero.
+    the pooled mean Σ values / Σ counts over the resampled units (a unit's value and count are
+    resampled together); its n counts observations. Units with no observation are dropped first,
+    so no resample divides by zero. One unit has no spread to resample: its interval is its value.
     """
-    values = values.double().flatten().cpu()  # resampled by the CPU generator
-    counts = torch.ones_like(values) if counts is None else counts.double().flatten().cpu()
+    values = values.double().flatten().cpu().numpy()
+    counts = np.ones_like(values) if counts is None else counts.double().flatten().cpu().numpy()
     values, counts = values[counts > 0], counts[counts > 0]
-    n = len(values)
-    if n == 0:
+    if len(values) == 0:
         return Estimate(math.nan, math.nan, math.nan, 0)
-    index = torch.randint(n, (resamples, n), generator=generator)
-    means = values[index].sum(-1) / counts[index].sum(-1)
-    tail = (1 - confidence) / 2
-    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=means.dtype, device=means.device)).tolist()
-    return Estimate((values.sum() / counts.sum()).item(), low, high, int(counts.sum().item()))
+    mean, n = float(values.sum() / counts.sum()), int(counts.sum())
+    if len(values) == 1:
+        return Estimate(mean, mean, mean, n)
+    interval = stats.bootstrap(
+        (values, counts), lambda v, c, axis: v.sum(axis) / c.sum(axis), n_resamples=resamples, confidence_level=confidence,
+        method="percentile", paired=True, vectorized=True, rng=rng,
+    ).confidence_interval
+    return Estimate(mean, float(interval.low), float(interval.high), n)
 
 
 def per_prompt(values: Tensor, groups: int) -> Tensor:
@@ -145,10 +151,10 @@ def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, re
     repeated = [p for p in prompts for _ in range(per)]
     rollouts = {name: pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples) for name, adapter in (("reference", None), ("policy", LAMBDA))}
     ours, ref = rollouts["policy"], rollouts["reference"]
-    generator = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
 
     def interval(values: Tensor, counts: Tensor | None = None) -> Estimate:
-        return bootstrap(values, cfg.resamples, cfg.confidence, generator, counts)
+        return bootstrap(values, cfg.resamples, cfg.confidence, rng, counts)
 
     wins = both_orders(
         oracle.compare(repeated, ours.responses, ref.responses).double(),

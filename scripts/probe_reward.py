@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -223,7 +224,7 @@ def interval(values: Tensor, prompts: list[str], signed: bool = False) -> str:
     unit = torch.tensor([units.index(p) for p in prompts])[decided]
     sums = torch.zeros(len(units)).index_add_(0, unit, per_pair[decided])
     counts = torch.zeros(len(units)).index_add_(0, unit, torch.ones(len(unit)))
-    estimate = bootstrap(sums, 2000, 0.95, torch.Generator().manual_seed(0), counts=counts)
+    estimate = bootstrap(sums, 2000, 0.95, np.random.default_rng(0), counts=counts)
     return f"{estimate.mean:{'+' if signed else ''}.3f} [{estimate.low:.2f}, {estimate.high:.2f}]"
 
 

@@ -5,6 +5,7 @@ import math
 from dataclasses import astuple
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import run_cli
@@ -33,32 +34,42 @@ def test_agreement_by_hand():
 
 
 def test_bootstrap_of_a_constant_and_of_one_value():
-    generator = torch.Generator().manual_seed(0)
-    assert astuple(bootstrap(torch.full((7,), 0.25), 500, 0.9, generator)) == pytest.approx((0.25, 0.25, 0.25, 7))
-    assert astuple(bootstrap(torch.tensor([1.0]), 500, 0.9, generator)) == pytest.approx((1.0, 1.0, 1.0, 1))
-    assert math.isnan(bootstrap(torch.tensor([]), 500, 0.9, generator).mean)
+    rng = np.random.default_rng(0)
+    assert astuple(bootstrap(torch.full((7,), 0.25), 500, 0.9, rng)) == pytest.approx((0.25, 0.25, 0.25, 7))
+    assert astuple(bootstrap(torch.tensor([1.0]), 500, 0.9, rng)) == pytest.approx((1.0, 1.0, 1.0, 1))
+    assert math.isnan(bootstrap(torch.tensor([]), 500, 0.9, rng).mean)
 
 
 def test_bootstrap_pools_the_observations_of_each_unit():
     # three prompts with 2 of 2, 0 of 1 and 1 of 3 pairs agreeing: the pooled rate is 3/6, over 6 pairs
-    pooled = bootstrap(torch.tensor([2.0, 0.0, 1.0]), 500, 0.9, torch.Generator().manual_seed(0), counts=torch.tensor([2, 1, 3]))
+    pooled = bootstrap(torch.tensor([2.0, 0.0, 1.0]), 500, 0.9, np.random.default_rng(0), counts=torch.tensor([2, 1, 3]))
     assert (pooled.mean, pooled.n) == (0.5, 6) and pooled.low < 0.5 < pooled.high
     # one observation per unit is the plain bootstrap, draw for draw; a unit with none is left out
     values = torch.tensor([1.0, 0.0, 1.0, 1.0])
-    plain = bootstrap(values, 500, 0.9, torch.Generator().manual_seed(3))
-    assert bootstrap(values, 500, 0.9, torch.Generator().manual_seed(3), counts=torch.ones(4)) == plain
-    assert bootstrap(torch.cat([values, torch.zeros(1)]), 500, 0.9, torch.Generator().manual_seed(3), counts=torch.tensor([1, 1, 1, 1, 0])) == plain
+    plain = bootstrap(values, 500, 0.9, np.random.default_rng(3))
+    assert bootstrap(values, 500, 0.9, np.random.default_rng(3), counts=torch.ones(4)) == plain
+    assert bootstrap(torch.cat([values, torch.zeros(1)]), 500, 0.9, np.random.default_rng(3), counts=torch.tensor([1, 1, 1, 1, 0])) == plain
+
+
+def test_bootstrap_of_a_pooled_rate_resamples_units_whole():
+    # 10 prompts, each with all of its 4 pairs agreeing or none: the pooled rate is the plain mean of
+    # the 10 prompt rates, and so is its interval (resampling 40 pairs one by one would halve it)
+    rates = torch.tensor([1.0, 0.0] * 5)
+    pooled = bootstrap(4 * rates, 4000, 0.95, np.random.default_rng(2), counts=torch.full((10,), 4))
+    plain = bootstrap(rates, 4000, 0.95, np.random.default_rng(2))
+    assert astuple(pooled)[:3] == pytest.approx(astuple(plain)[:3]) and pooled.n == 40
 
 
 def test_bootstrap_interval_matches_the_normal_approximation():
     # 200 wins out of 400: the 95% interval is 0.5 ± 1.96·sqrt(0.25/400) = 0.5 ± 0.049; with 4000
     # resamples the percentile endpoints scatter by about 0.003, so 0.008 is a 2.5σ tolerance.
     values = torch.tensor([1.0, 0.0] * 200)
-    estimate = bootstrap(values, 4000, 0.95, torch.Generator().manual_seed(1))
     half_width = 1.96 * math.sqrt(0.25 / 400)
-    assert estimate.mean == 0.5
-    assert estimate.low == pytest.approx(0.5 - half_width, abs=0.008)
-    assert estimate.high == pytest.approx(0.5 + half_width, abs=0.008)
+    for seed in range(3):
+        estimate = bootstrap(values, 4000, 0.95, np.random.default_rng(seed))
+        assert estimate.mean == 0.5
+        assert estimate.low == pytest.approx(0.5 - half_width, abs=0.008)
+        assert estimate.high == pytest.approx(0.5 + half_width, abs=0.008)
 
 
 class ScriptedPolicy(AdapterSwitch):
