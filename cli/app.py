@@ -104,6 +104,8 @@ def evaluate(
     resamples: int = typer.Option(2000, "--resamples", help="Bootstrap resamples per confidence interval."),
     pairs_per_prompt: int = typer.Option(1, "--pairs-per-prompt", help="Response pairs per held-out prompt: more narrow the agreement interval."),
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for eval.json, report.md, training.png (default: RUN/eval or ADAPTER/eval)."),
+    all_checkpoints: bool = typer.Option(False, "--all-checkpoints", help="With --run: gold, proxy and KL of every checkpoint, and best-of-n, against √KL (overoptimisation.json/.png)."),
+    best_of: list[int] = typer.Option([], "--best-of", help="With --all-checkpoints: an n of the best-of-n curve (repeatable; default 1 2 4 8 16)."),
 ) -> None:
     """Win rate against the reference, gold score, KL, length, and reward-model agreement on- vs off-policy."""
     from rlhf_bilevel.checkpoint import CheckpointError
@@ -115,11 +117,22 @@ def evaluate(
         cfg = EvalConfig(prompts=prompts, seed=seed, resamples=resamples, samples=pairs_per_prompt)
         if (run is None) == (adapter is None):
             fail("--run or --adapter: give exactly one (a train run folder, or a peft adapter folder with --recipe)")
+        if best_of and not all_checkpoints:
+            fail("--best-of: only with --all-checkpoints (it sets the n of the best-of-n curve)")
         if run is not None:
             if model is not None or recipe is not None:
                 fail("--run: the run folder holds its recipe and model; drop --recipe/--model (use --set to change a field)")
+            if all_checkpoints:
+                from rlhf_bilevel.overoptimisation import BEST_OF, CurveConfig, curve_run
+                from rlhf_bilevel.overoptimisation import describe as describe_curve
+
+                curve = curve_run(run, CurveConfig(cfg, tuple(best_of) or BEST_OF), out, overrides)
+                typer.echo(describe_curve(curve))
+                return
             result = eval_run(run, cfg, out, overrides)
         else:
+            if all_checkpoints:
+                fail("--all-checkpoints: needs --run (an adapter alone has no checkpoints or reward model)")
             if recipe is None:
                 fail("--recipe: required with --adapter (it names the model, the oracle and the held-out prompts)")
             if model is not None:
