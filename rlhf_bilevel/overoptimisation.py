@@ -32,7 +32,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -153,8 +153,34 @@ def best_of_n_curve(policy, oracle: Oracle, prompts: Sequence[Any], cfg: CurveCo
     return {"draws_per_prompt": draws, "reference": {"gold": spread(gold.flatten()), "proxy": spread(proxy.flatten())}, "rows": rows}
 
 
+def curve(
+    policy, reward, oracle: Oracle, prompts: Sequence[Any], states: Iterable[tuple[int, dict]], cfg: CurveConfig, adapters: Sequence[str]
+) -> dict:
+    """The curve's points, one per (step, checkpoint state) of `states`, oldest first, whose `adapters` and reward
+    head are put in turn into `policy` and `reward`; the reference, and best-of-n under the last state's φ.
+    `reward` must hold that last φ on entry: it scores the reference before the states are walked."""
+    reference, reference_rollout = evaluate_checkpoint(policy, None, oracle, prompts, cfg.eval, reward)
+    reference["proxy_final"], reference["proxy_final_std"] = reference.pop("proxy"), reference.pop("proxy_std")
+    points, rollouts = [], []
+    for step, state in states:
+        load_weights(policy, reward, state, adapters)
+        point, rollout = evaluate_checkpoint(policy, LAMBDA, oracle, prompts, cfg.eval, reward)
+        points.append({"step": step, "oracle_pairs": state["bilevel"]["oracle_pairs"], **point,
+                       "reference_proxy": spread(proxy_returns(reward, reference_rollout))})
+        rollouts.append(rollout)
+    # the last state is loaded: `reward` is the final φ again
+    for point, rollout in zip(points, rollouts):
+        point["proxy_final"] = estimate(proxy_returns(reward, rollout), len(prompts), cfg.eval)
+    return {
+        "prompts": len(prompts), "responses_per_prompt": 2 * cfg.eval.samples, "seed": cfg.eval.seed, "confidence": cfg.eval.confidence,
+        "reference": reference,
+        "checkpoints": points,
+        "best_of_n": best_of_n_curve(policy, oracle, prompts, cfg, reward),
+    }
+
+
 def curve_run(run_dir: Path, cfg: CurveConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
-    """The over-optimisation curve of the run in `run_dir`, one point per checkpoint that verifies, and the
+    """The over-optimisation curve of the run in `run_dir`, one point per checkpoint that loads, and the
     best-of-n curve under its newest reward model; writes overoptimisation.json and .png to `out` (default RUN/eval)."""
     from rlhf_bilevel.checkpoint import CheckpointError, checkpoints, load_checkpoint
     from rlhf_bilevel.evaluate import held_out_prompts, load_run
@@ -162,39 +188,27 @@ def curve_run(run_dir: Path, cfg: CurveConfig, out: Path | None = None, override
     from rlhf_bilevel.oracles.registry import make_oracle
     from rlhf_bilevel.report import plain
 
-    recipe, base_dir, policy, reward = load_run(run_dir, overrides)
+    recipe, base_dir, policy, reward = load_run(run_dir, overrides)  # the newest checkpoint that loads: the final φ
     oracle = make_oracle(recipe.oracle)
     if not hasattr(oracle, "score"):
         kind = recipe.oracle.kind
         raise ConfigError(f"--all-checkpoints: the oracle '{kind}' gives no gold score; pick one that does, e.g. --set oracle.kind=sentiment")
     prompts = held_out_prompts(recipe, base_dir)
     prompts = list(prompts[: cfg.eval.prompts] if cfg.eval.prompts else prompts)
+    skipped = []
+
+    def states() -> Iterator[tuple[int, dict]]:
+        for step, path in checkpoints(run_dir):
+            try:
+                yield step, load_checkpoint(path)
+            except CheckpointError as error:
+                skipped.append(str(error))
+
     adapters = (LAMBDA, REWARD_ADAPTER) if recipe.reward.lora else (LAMBDA,)
-    # load_run loaded the newest checkpoint: the reference's proxy here is under the run's final φ
-    reference, reference_rollout = evaluate_checkpoint(policy, None, oracle, prompts, cfg.eval, reward)
-    reference["proxy_final"], reference["proxy_final_std"] = reference.pop("proxy"), reference.pop("proxy_std")
-    points, rollouts, skipped = [], [], []
-    for step, path in checkpoints(run_dir):
-        try:
-            state = load_checkpoint(path)
-        except CheckpointError as error:
-            skipped.append(str(error))
-            continue
-        load_weights(policy, reward, state, adapters)
-        point, rollout = evaluate_checkpoint(policy, LAMBDA, oracle, prompts, cfg.eval, reward)
-        points.append({"step": step, "oracle_pairs": state["bilevel"]["oracle_pairs"], **point,
-                       "reference_proxy": spread(proxy_returns(reward, reference_rollout))})
-        rollouts.append(rollout)
-    # the newest checkpoint, the one load_run loaded, was loaded last again: `reward` is the final φ
-    for point, rollout in zip(points, rollouts):
-        point["proxy_final"] = estimate(proxy_returns(reward, rollout), len(prompts), cfg.eval)
     result = {
         "source": {"run": str(run_dir), "oracle": recipe.oracle.kind, "model": recipe.model.name},
-        "prompts": len(prompts), "responses_per_prompt": 2 * cfg.eval.samples, "seed": cfg.eval.seed, "confidence": cfg.eval.confidence,
-        "reference": reference,
-        "checkpoints": points,
+        **curve(policy, reward, oracle, prompts, states(), cfg, adapters),
         "skipped": skipped,
-        "best_of_n": best_of_n_curve(policy, oracle, prompts, cfg, reward),
     }
     out = out or run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)

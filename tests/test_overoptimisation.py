@@ -118,18 +118,33 @@ def test_best_of_n_rows(curve):
     assert std > 0  # the trained reward model ranks responses, so the check above is not of two constants
 
 
-def test_each_row_is_its_checkpoint_alone(tiny_run, tmp_path, one_thread):
-    # the curve swaps every checkpoint's weights into one loaded model; the run cut back to its
-    # checkpoint 2, loaded afresh, must give the curve's row of step 2 exactly
+def first_row_and_its_checkpoint_alone(run_dir, tmp_path):
+    """The curve's row of the oldest checkpoint, and the same measures of the run cut back to that
+    checkpoint and loaded afresh (the curve swaps every checkpoint's weights into one loaded model)."""
     cfg = CurveConfig(EvalConfig(prompts=6, resamples=100), best_of=(1,))
-    rows = curve_run(tiny_run, cfg, tmp_path / "curve")["checkpoints"]
+    row = curve_run(run_dir, cfg, tmp_path / "curve")["checkpoints"][0]
     cut = tmp_path / "cut"
-    shutil.copytree(tiny_run, cut, ignore=shutil.ignore_patterns("checkpoint-000004"))
+    newer = [path.name for path in sorted(run_dir.glob("checkpoint-*"))[1:]]
+    shutil.copytree(run_dir, cut, ignore=shutil.ignore_patterns(*newer))
     recipe, base_dir, policy, reward = load_run(cut)
     prompts = held_out_prompts(recipe, base_dir)[:6]
     alone, _ = evaluate_checkpoint(policy, LAMBDA, make_oracle(recipe.oracle), prompts, cfg.eval, reward)
-    assert rows[0]["step"] == 2
-    assert {k: alone[k] for k in ("kl", "gold", "proxy")} == {k: rows[0][k] for k in ("kl", "gold", "proxy")}
+    return row, alone
+
+
+def test_each_row_is_its_checkpoint_alone(tiny_run, tmp_path, one_thread):
+    row, alone = first_row_and_its_checkpoint_alone(tiny_run, tmp_path)
+    assert row["step"] == 2
+    assert {k: alone[k] for k in ("kl", "gold", "proxy")} == {k: row[k] for k in ("kl", "gold", "proxy")}
+
+
+def test_a_reward_model_with_its_own_lora_is_swapped_too(tmp_path, one_thread):
+    # the reward adapter's weights live in the policy model: a row that kept the newest ones would score
+    # its responses with another proxy than its checkpoint's
+    run_dir = tmp_path / "run"
+    train(tiny_recipe("reward.lora=true", "bilevel.outer_steps=2", "train.save_every=1"), run_dir, RECIPES)
+    row, alone = first_row_and_its_checkpoint_alone(run_dir, tmp_path)
+    assert row["step"] == 1 and row["proxy"] == alone["proxy"] and row["proxy"] != row["proxy_final"]
 
 
 @pytest.mark.parametrize(
