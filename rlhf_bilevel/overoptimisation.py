@@ -17,10 +17,11 @@ one the best-of-n curve ranks by, so the two curves are read against the same fu
 
 Best-of-n: for each n, n responses of π_ref per prompt, the one `proxy_final` ranks first kept. Its
 expected gold and proxy are estimated without bias from N = 2·max(n) draws per prompt (`best_of_n`),
-and its KL to π_ref is log n − (n − 1)/n, exact for a reward without ties (Stiennon et al. 2020).
+and its KL to π_ref is log n − (n − 1)/n (Stiennon et al. 2020): exact when no single response
+carries probability mass, an upper bound otherwise.
 
 Gao et al.'s two reward models are trained alike, so their scores share a scale; a run's gold (an
-oracle's score) and proxy (a head in [−1/2, 1/2] per token) do not. The plot therefore draws each
+oracle's score) and proxy (a bounded head per token) do not. The plot therefore draws each
 measure as its gain over the reference in units of its spread over the reference's responses: a
 proxy that is any increasing affine map of gold draws the gold curve exactly, so where the two
 curves part, the proxy ranks responses differently from gold. The JSON table keeps the raw means.
@@ -67,7 +68,8 @@ class CurveConfig:
 
 
 def best_of_n_kl(n: int) -> float:
-    """KL(best-of-n ‖ π_ref) = log n − (n − 1)/n, for a reward that ties no two responses."""
+    """KL(best-of-n ‖ π_ref) = log n − (n − 1)/n: its limit as the probability of every single response goes to 0,
+    and an upper bound before it."""
     return math.log(n) - (n - 1) / n
 
 
