@@ -311,6 +311,8 @@ def summarise(results: dict[str, dict]) -> dict[str, dict]:
     rows = {}
     for name, r in results.items():
         row = {"tokens_per_s": r["tokens"] / r["seconds"], "peak_rss_mb": r["peak_rss_mb"], "rss_to_base": r["peak_rss_mb"] / base_rss}
+        if "peak_gpu_mb" in r:
+            row["peak_gpu_mb"] = r["peak_gpu_mb"]
         if "pairs" in r:
             row["s_per_pair"] = r["seconds"] / r["pairs"]
             row["tokens_per_pair"] = r["tokens"] / r["pairs"]
@@ -375,11 +377,14 @@ def table(rows: dict[str, dict]) -> str:
     def cell(row: dict, key: str, fmt: str) -> str:
         return format(row[key], fmt) if key in row else "–"
 
-    lines = ["| configuration | s / labelled pair | generated tokens / pair | generated tokens / s | × floor | peak RSS (MB) | × base inference RSS |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    gpu = any("peak_gpu_mb" in row for row in rows.values())
+    lines = ["| configuration | s / labelled pair | generated tokens / pair | generated tokens / s | × floor | peak RSS (MB) | × base inference RSS |"
+             + (" peak GPU memory (MB) |" if gpu else ""),
+             "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
     for name, row in rows.items():
         lines.append(f"| {name} | {cell(row, 's_per_pair', '.2f')} | {cell(row, 'tokens_per_pair', '.1f')} | {row['tokens_per_s']:.1f} "
-                     f"| {cell(row, 'to_floor', '.2f')} | {row['peak_rss_mb']:.0f} | {row['rss_to_base']:.2f} |")
+                     f"| {cell(row, 'to_floor', '.2f')} | {row['peak_rss_mb']:.0f} | {row['rss_to_base']:.2f} |"
+                     + (f" {cell(row, 'peak_gpu_mb', '.0f')} |" if gpu else ""))
     return "\n".join(lines)
 
 

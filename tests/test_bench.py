@@ -9,7 +9,7 @@ import torch
 
 from rlhf_bilevel.bench import (
     BILEVEL_PHASES, CONFIGS, SHARED_SETTINGS, PhaseTimer, best_of, check_settings, headline, instrument, main,
-    measure_floors, run_benchmark, summarise, worker,
+    measure_floors, run_benchmark, summarise, table, worker,
 )
 from rlhf_bilevel.recipe import load_recipe
 from rlhf_bilevel.train import Trainer
@@ -76,6 +76,10 @@ def test_summary_against_hand_computed_floor():
     assert rows["bilevel"]["tokens_per_s"] == pytest.approx(200 / 12)
     assert rows["bilevel"]["rss_to_base"] == pytest.approx(1.25)
     assert "s_per_pair" not in rows["generate"]
+    assert "peak GPU" not in table(rows)
+    results["bilevel"]["peak_gpu_mb"] = 300.0  # measured on a GPU: a column of its own
+    assert summarise(results)["bilevel"]["peak_gpu_mb"] == 300.0
+    assert table(summarise(results)).splitlines()[-1].endswith("| 300 |")
 
 
 def test_timing_hooks_change_nothing_and_cover_the_outer_step(tmp_path):
