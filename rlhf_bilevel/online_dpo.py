@@ -17,6 +17,9 @@ A run folder holds:
     adapters/lambda/     the trained LoRA adapter, plain peft (PeftModel.from_pretrained on the base)
     preferences.jsonl    every labelled pair, in the format of `rlhf_bilevel.preferences`
     online_dpo.json      oracle pairs, tokens generated, wall seconds (in all and at each snapshot), and the settings used
+
+It trains on the recipe's `train.device` (`resolve_device`), as `train` does: TRL's own
+trainer is told to use the CPU only where that is the CPU.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from peft import PeftModel
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
 
 from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.lm.model import AdapterConfig, load_base, with_adapters
+from rlhf_bilevel.distributed import resolve_device
+from rlhf_bilevel.lm.model import AdapterConfig, adapter_settings, load_base, with_adapters
 from rlhf_bilevel.lm.policy import autocasts
 from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
@@ -60,6 +64,9 @@ class OnlineDPOResult:
     adapter_dir: str
     snapshots: dict[int, str]  # oracle pairs used -> the adapter as it was then (peft folder); the last is adapter_dir
     snapshot_seconds: dict[int, float]  # oracle pairs used -> wall seconds of the training loop by then; the last is `seconds`
+    # what TRL ran with, read from its arguments and the trained model: max_new_tokens, pairs_per_step,
+    # lora_r, lora_alpha, lora_targets, base_dtype, autocast (TRL's bf16), device
+    settings: dict[str, Any]
 
 
 class OracleJudge:
@@ -161,7 +168,8 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
     oracle = make_oracle(recipe.oracle)
     seed = recipe.train.seed
     torch.manual_seed(seed)  # LoRA initialisation, as in `train`
-    base, tokenizer = load_base(recipe.model)
+    device = resolve_device(recipe.train.device)
+    base, tokenizer = load_base(recipe.model, device)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     # the model's own generation defaults would change the sampled distribution (see LMPolicy)
@@ -181,7 +189,7 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
         weight_decay=0.0, beta=[beta], max_new_tokens=recipe.rollout.max_new_tokens,
         max_length=recipe.rollout.max_prompt_tokens + recipe.rollout.max_new_tokens,
         temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0, missing_eos_penalty=None,
-        seed=seed, data_seed=seed, use_cpu=True, report_to=[], save_strategy="no", logging_steps=1,
+        seed=seed, data_seed=seed, use_cpu=device.type == "cpu", report_to=[], save_strategy="no", logging_steps=1,
         disable_tqdm=True, dataloader_num_workers=0,
         # TRL autocasts to bf16 by default; the comparison runs it as our trainer computes, where a
         # CPU without avx512_bf16 would otherwise emulate every matmul of its LoRA (several times slower)
@@ -197,11 +205,16 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
         raise RuntimeError(f"Online DPO used {judge.pairs} oracle pairs, expected {pairs}")
     model.save_pretrained(output_dir / "adapters", selected_adapters=[LAMBDA])
     shutil.rmtree(output_dir / "trl", ignore_errors=True)  # TRL's scratch folder: with save_strategy "no", empty
+    settings = {
+        "max_new_tokens": args.max_new_tokens, "pairs_per_step": args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        **adapter_settings(model), "base_dtype": str(base.dtype).removeprefix("torch."), "autocast": args.bf16,
+        "device": str(next(model.parameters()).device),
+    }
     result = OnlineDPOResult(
         oracle_pairs=judge.pairs, tokens_generated=judge.tokens, seconds=seconds, steps=steps,
         pairs_per_step=per_step, beta=beta, learning_rate=lr, adapter_dir=str(output_dir / "adapters" / LAMBDA),
         snapshots={**snapshots.saved, judge.pairs: str(output_dir / "adapters" / LAMBDA)},
-        snapshot_seconds={**{p: t - start for p, t in snapshots.clock.items()}, judge.pairs: seconds},
+        snapshot_seconds={**{p: t - start for p, t in snapshots.clock.items()}, judge.pairs: seconds}, settings=settings,
     )
     (output_dir / RESULT_FILE).write_text(json.dumps(asdict(result), indent=1), encoding="utf-8")
     return result

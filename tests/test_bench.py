@@ -1,11 +1,16 @@
-"""The benchmark's parts: exclusive phase timing, the floor arithmetic, and timing that changes nothing."""
+"""The benchmark's parts: exclusive phase timing, the floor arithmetic, timing that changes nothing, and
+a comparison of every method in both dtypes, each at its best, on settings shown to be equal."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from rlhf_bilevel.bench import BILEVEL_PHASES, PhaseTimer, instrument, main, measure_floors, summarise, worker
+from rlhf_bilevel.bench import (
+    BILEVEL_PHASES, CONFIGS, SHARED_SETTINGS, PhaseTimer, best_of, check_settings, headline, instrument, main,
+    measure_floors, run_benchmark, summarise, table, worker,
+)
 from rlhf_bilevel.recipe import load_recipe
 from rlhf_bilevel.train import Trainer
 
@@ -71,6 +76,10 @@ def test_summary_against_hand_computed_floor():
     assert rows["bilevel"]["tokens_per_s"] == pytest.approx(200 / 12)
     assert rows["bilevel"]["rss_to_base"] == pytest.approx(1.25)
     assert "s_per_pair" not in rows["generate"]
+    assert "peak GPU" not in table(rows)
+    results["bilevel"]["peak_gpu_mb"] = 300.0  # measured on a GPU: a column of its own
+    assert summarise(results)["bilevel"]["peak_gpu_mb"] == 300.0
+    assert table(summarise(results)).splitlines()[-1].endswith("| 300 |")
 
 
 def test_timing_hooks_change_nothing_and_cover_the_outer_step(tmp_path):
@@ -230,3 +239,92 @@ def test_worker_runs_on_the_threads_it_is_given():
         assert set(result) == {"generate", "lora_step"}
     finally:
         torch.set_num_threads(previous)
+
+
+def test_every_method_is_measured_in_both_dtypes_and_compared_at_its_best(tmp_path):
+    overrides = ["rollout.max_new_tokens=4", "bilevel.inner_steps=1"]
+    out = tmp_path / "bench.json"
+    report = run_benchmark(RECIPES / "tiny-debug.yaml", overrides, out, repeats=1, log=lambda line: None, runner=worker)
+    results, summary = report["results"], report["summary"]
+    assert set(results) == {"float32", "bfloat16"}
+    for dtype, by_config in results.items():
+        assert set(by_config) == {"generate", "lora_step", *CONFIGS}
+        for method in CONFIGS:  # each ran on the dtype path it is reported under
+            settings = by_config[method]["settings"]
+            assert settings["base_dtype"] == dtype and settings["autocast"] is (dtype == "bfloat16")
+            assert by_config[method]["pairs"] == 8  # B(K + 1), for TRL as for us
+    for method in CONFIGS:
+        per_dtype = {dtype: summary[dtype][method]["s_per_pair"] for dtype in results}
+        assert report["best"][method]["dtype"] == min(per_dtype, key=per_dtype.get)
+        assert report["best"][method]["s_per_pair"] == min(per_dtype.values())
+    for method in ("bilevel", "alternating"):
+        ratio = report["best"][method]["s_per_pair"] / report["best"]["online_dpo"]["s_per_pair"]
+        assert report["headline"][f"{method}_to_online_dpo"] == pytest.approx(ratio)
+    runs = [r["settings"] for by_config in results.values() for r in by_config.values() if "settings" in r]
+    assert len(runs) == 6
+    for key in SHARED_SETTINGS:
+        assert len({json.dumps(settings[key]) for settings in runs}) == 1, key
+    assert (runs[0]["max_new_tokens"], runs[0]["pairs_per_step"], runs[0]["lora_r"]) == (4, 4, 4)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    written = out.with_suffix(".md").read_text()
+    assert report["tables"]["settings"] in written and report["tables"]["best"] in written
+    assert f"bilevel_to_online_dpo: {report['headline']['bilevel_to_online_dpo']:.3f}" in written
+
+
+def result(seconds, pairs=12, tokens=120):
+    return {"seconds": seconds, "pairs": pairs, "tokens": tokens, "peak_rss_mb": 500.0}
+
+
+def test_the_headline_is_each_method_at_its_own_best_dtype():
+    floors = {"float32": 0.02, "bfloat16": 0.01}  # seconds per token of generate, of the LoRA step alike
+    results = {
+        dtype: {"generate": result(f * 100, tokens=100), "lora_step": result(f * 100, tokens=100)} for dtype, f in floors.items()
+    }
+    results["float32"].update(bilevel=result(12.0), online_dpo=result(24.0))  # TRL is faster in float32,
+    results["bfloat16"].update(bilevel=result(6.0), online_dpo=result(48.0))  # we are in bf16
+    best = best_of(results)
+    assert best["bilevel"] == {"dtype": "bfloat16", "s_per_pair": 0.5, "to_fastest_floor": pytest.approx(6.0 / (120 * 0.02))}
+    assert best["online_dpo"]["dtype"] == "float32" and best["online_dpo"]["s_per_pair"] == 2.0
+    assert headline(best) == {"bilevel_to_online_dpo": 0.25}
+    assert "alternating" not in best
+    del results["float32"]["online_dpo"], results["bfloat16"]["online_dpo"]
+    assert headline(best_of(results)) == {}  # no peer measured: no ratio to it
+
+
+def settings(**changed):
+    return {"max_new_tokens": 32, "pairs_per_step": 4, "labelled_pairs": 12, "lora_r": 16, "lora_alpha": 32,
+            "lora_targets": ["q_proj", "v_proj"], "device": "cpu", "base_dtype": "float32", "autocast": False, **changed}
+
+
+def test_a_comparison_on_unequal_settings_is_refused():
+    def runs(**changed):
+        bf16 = {"base_dtype": "bfloat16", "autocast": True}
+        return {
+            "float32": {"bilevel": {"settings": settings()}, "online_dpo": {"settings": settings(**changed)}},
+            "bfloat16": {"bilevel": {"settings": settings(**bf16)}, "online_dpo": {"settings": settings(**bf16)}},
+        }
+
+    check_settings(runs())  # the dtype path differs between dtypes, as it should
+    for changed in ({"max_new_tokens": 16}, {"pairs_per_step": 8}, {"lora_r": 8}, {"lora_targets": ["q_proj"]},
+                    {"labelled_pairs": 16}, {"autocast": True}, {"device": "cuda:0"}):
+        key = next(iter(changed))
+        with pytest.raises(RuntimeError, match=f"different {key}: .*online_dpo \\(float32\\)"):
+            check_settings(runs(**changed))
+
+
+def test_the_outer_step_is_measured_on_the_device_of_the_recipe(monkeypatch):
+    """The trainer the benchmark times is placed where `train.device` says, not on the CPU a default `World` is."""
+    import rlhf_bilevel.bench as bench
+
+    class Placed(Exception):
+        pass
+
+    def capture(recipe, run_dir, base_dir, world):
+        raise Placed(world.device)
+
+    asked = []
+    monkeypatch.setattr(bench, "resolve_device", lambda name: asked.append(name) or torch.device("meta"))
+    monkeypatch.setattr(bench, "Trainer", capture)
+    with pytest.raises(Placed) as placed:
+        bench.measure_outer_step(load_recipe(RECIPES / "tiny-debug.yaml", ["train.device=cuda"]), RECIPES, warmup=0)
+    assert asked == ["cuda"] and placed.value.args[0] == torch.device("meta")

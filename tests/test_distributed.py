@@ -216,6 +216,25 @@ def test_every_tensor_of_a_run_is_made_on_the_device_of_the_run(tmp_path, extra)
     assert 0 <= report["win_rate"].mean <= 1
 
 
+def test_the_trainer_loads_the_base_and_moves_every_head_to_the_device_of_its_world(monkeypatch, tmp_path):
+    """The meta device stands for a GPU: a head built on the CPU and not moved would stay there. (The
+    base itself stays on the CPU here: peft cannot put LoRA weights on meta; where it is loaded is what
+    is checked.)"""
+    import rlhf_bilevel.train as train
+    from rlhf_bilevel.recipe import load_recipe
+
+    loaded, load = [], train.load_base
+    monkeypatch.setattr(train, "load_base", lambda cfg, device: loaded.append(device) or load(cfg))
+    trainer = train.Trainer(load_recipe(TINY, ["bilevel.critic.kind=td"]), tmp_path, TINY.parent, World("meta"))
+    assert loaded == [torch.device("meta")]
+    critics = list(trainer.bilevel.critics.values())
+    assert len(critics) == 2
+    for module in (trainer.reward, *(critic.q for critic in critics)):
+        placed = {name: p.device.type for name, p in module.named_parameters()}
+        assert placed and set(placed.values()) == {"meta"}, placed
+    assert {p.device.type for critic in critics for p in critic.centre} == {"meta"}  # the projection's centre
+
+
 def test_batches_that_do_not_split_evenly_are_refused_naming_the_field():
     from rlhf_bilevel.recipe import load_recipe
     from rlhf_bilevel.train import check_shards

@@ -107,3 +107,38 @@ def test_trl_autocasts_to_bf16_only_when_our_trainer_does(monkeypatch, tmp_path,
     with pytest.raises(Stop) as stopped:
         train_online_dpo(tiny_recipe(f"rollout.autocast={autocast}", f"model.dtype={dtype}"), tmp_path / "run", RECIPES, pairs=4)
     assert stopped.value.args[0].bf16 is expected  # TRL's own default is bf16 autocast
+
+
+def test_the_run_records_the_settings_it_trained_with(run):
+    out, result = run
+    recipe = tiny_recipe()
+    assert result.settings["max_new_tokens"] == recipe.rollout.max_new_tokens
+    assert result.settings["pairs_per_step"] == recipe.bilevel.pairs_per_step
+    assert (result.settings["lora_r"], result.settings["lora_alpha"]) == (recipe.adapters.r, recipe.adapters.alpha)
+    assert len(result.settings["lora_targets"]) == 14  # all-linear: q, k, v, o, gate, up, down of two layers
+    assert result.settings["device"] == "cpu" and result.settings["base_dtype"] == "float32"
+    assert json.loads((out / RESULT_FILE).read_text())["settings"] == result.settings
+
+
+@pytest.mark.parametrize("device, use_cpu", [("cpu", True), ("cuda", False)])
+def test_trl_trains_on_the_device_of_the_recipe(monkeypatch, tmp_path, device, use_cpu):
+    """The base is loaded on `train.device` and TRL is told to use the CPU only where that is the CPU
+    (this machine has no GPU: the placement is checked where it is decided)."""
+    import trl.experimental.online_dpo as trl_online_dpo
+
+    import rlhf_bilevel.online_dpo as online_dpo
+
+    class Stop(Exception):
+        pass
+
+    def capture(*, args, **kwargs):
+        raise Stop(args)
+
+    loaded, load = [], online_dpo.load_base
+    monkeypatch.setattr(online_dpo, "resolve_device", lambda name: torch.device(name))
+    monkeypatch.setattr(online_dpo, "load_base", lambda cfg, place: loaded.append(place) or load(cfg))
+    monkeypatch.setattr(trl_online_dpo, "OnlineDPOTrainer", capture)
+    with pytest.raises(Stop) as stopped:
+        train_online_dpo(tiny_recipe(f"train.device={device}"), tmp_path / "run", RECIPES, pairs=4)
+    assert loaded == [torch.device(device)]
+    assert stopped.value.args[0].use_cpu is use_cpu

@@ -188,3 +188,10 @@ def with_adapters(model: PreTrainedModel, cfg: AdapterConfig, extra: Sequence[st
                     params[key.replace(f".{LAMBDA}.", f".{name}.")].copy_(value)
     peft_model.eval()  # no dropout in rollouts or in the score function
     return peft_model
+
+
+def adapter_settings(model: PeftModel, name: str = LAMBDA) -> dict:
+    """The LoRA settings adapter `name` of `model` carries, as peft applied them (`all-linear` expanded)."""
+    lora = model.peft_config[name]
+    targets = lora.target_modules
+    return {"lora_r": lora.r, "lora_alpha": lora.lora_alpha, "lora_targets": sorted([targets] if isinstance(targets, str) else targets)}
