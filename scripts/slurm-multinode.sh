@@ -4,7 +4,7 @@
 # split evenly (docs/cluster.md). Resubmitting the same command continues the run from its
 # newest checkpoint.
 #
-#   sbatch --nodes=2 scripts/slurm-multinode.sh recipes/qwen2.5-0.5b-cluster.yaml /shared/runs/qwen [--set key=value ...]
+#   sbatch --nodes=2 scripts/slurm-multinode.sh recipes/qwen2.5-0.5b-cluster.yaml /scratch/runs/qwen [--set key=value ...]
 #
 # Submit it from the repository root with the project's environment active (the job inherits
 # both). RUN_DIR must be on a file system every node sees: the main process writes it, and every
