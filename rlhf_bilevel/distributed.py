@@ -25,6 +25,9 @@ import torch.distributed as dist
 from accelerate import PartialState
 from torch import Tensor
 
+from rlhf_bilevel.collectives import World
+from rlhf_bilevel.config import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """Where this process computes (`train.device`): `auto` is its own GPU when torch sees one
@@ -34,8 +37,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu" or (name == "auto" and (cpu_launch or not torch.cuda.is_available())):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from rlhf_bilevel.config import ConfigError  # config imports this module (through the critic's)
-
         raise ConfigError("train.device: cuda, but torch sees no CUDA device; use auto or cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
 

@@ -37,7 +37,8 @@ from rlhf_bilevel.bilevel import Bilevel, NonFiniteError
 from rlhf_bilevel.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from rlhf_bilevel.config import ConfigError, read_text
 from rlhf_bilevel.critic import MCCritic, TDCritic
-from rlhf_bilevel.distributed import World, launched_world
+from rlhf_bilevel.collectives import Collectives, World
+from rlhf_bilevel.distributed import launched_world
 from rlhf_bilevel.evaluate import agreement
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward, VocabQHead
 from rlhf_bilevel.lm.model import load_base, with_adapters
