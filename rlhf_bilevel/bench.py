@@ -41,7 +41,8 @@ from rlhf_bilevel.lm.model import load_base, native_bf16, resolve, resolve_dtype
 from rlhf_bilevel.online_dpo import rendered, single_adapter, train_online_dpo
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, load_recipe
-from rlhf_bilevel.train import Trainer
+from rlhf_bilevel.train import build
+from rlhf_bilevel.trainer import Trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = RECIPES / "smollm2-sentiment.yaml"
@@ -178,7 +179,7 @@ def instrument(trainer: Trainer, timer: PhaseTimer) -> None:
 def measure_outer_step(recipe: Recipe, base_dir: Path, warmup: int) -> dict:
     """One outer iteration (after `warmup` untimed ones), with its phases."""
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as run_dir:
-        trainer = Trainer(recipe, Path(run_dir), base_dir)
+        trainer = build(recipe, Path(run_dir), base_dir)
         for _ in range(warmup):
             trainer.bilevel.outer_step()
         timer = PhaseTimer()
