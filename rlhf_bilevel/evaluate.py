@@ -28,8 +28,8 @@ import torch
 from torch import Tensor
 
 from rlhf_bilevel import estimators as est
-from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.checkpoint import load_checkpoint
+from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.run_folder import RunFolder, adapter_folder
 from rlhf_bilevel.sampling import consecutive_pairs
@@ -235,7 +235,7 @@ numbers make their gold scores comparable), and training never sees evaluation d
 
 class PeriodicEval:
     """`evaluate` along a run, on `train.eval_pairs` held-out prompts with one pair each and no
-    head-to-head win rate (it would double the oracle's evaluation budget): the reference's
+    head-to-head win rate (it would ask the oracle about four times as many pairs): the reference's
     answers are drawn and labelled once, and the reward model is scored on them again every time
     (the distribution-shift signal: the same reward model on π_ref's pairs and on π_λ's)."""
 
