@@ -47,12 +47,14 @@ from transformers import GenerationConfig
 
 from rlhf_bilevel.allocator import heap_reuse, return_freed_memory
 from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.distributed import World, resolve_device
+from rlhf_bilevel.collectives import World
+from rlhf_bilevel.distributed import resolve_device
 from rlhf_bilevel.lm.model import DTYPES, adapter_settings, load_base, native_bf16, resolve
 from rlhf_bilevel.online_dpo import rendered, single_adapter, train_online_dpo
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, load_recipe
-from rlhf_bilevel.train import Trainer
+from rlhf_bilevel.train import build
+from rlhf_bilevel.trainer import Trainer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 DEFAULT_RECIPE = RECIPES / "smollm2-sentiment.yaml"
@@ -232,7 +234,7 @@ def measure_outer_step(recipe: Recipe, base_dir: Path, warmup: int) -> dict:
     """One outer iteration (after `warmup` untimed ones), with its phases, on the recipe's device."""
     device = resolve_device(recipe.train.device)
     with tempfile.TemporaryDirectory(prefix="rlhf-bench-") as run_dir:
-        trainer = Trainer(recipe, Path(run_dir), base_dir, World(device))
+        trainer = build(recipe, Path(run_dir), base_dir, World(device))
         for _ in range(warmup):
             trainer.bilevel.outer_step()
         clock = clock_on(device)

@@ -22,7 +22,7 @@ import torch
 
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.config import BilevelConfig
-from rlhf_bilevel.distributed import World
+from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.queries import most_uncertain_pairs
 from rlhf_bilevel.steps import Stepper, norm
 from rlhf_bilevel.store import PreferenceStore
@@ -53,7 +53,7 @@ class Bilevel:
         on_pairs: PairsCallback | None = None,
         on_inner: InnerCallback | None = None,
         on_phase: PhaseCallback | None = None,
-        world: World = World(),
+        world: Collectives = World(),
         max_bad_steps: int | None = None,
     ):
         """`world`: the processes the batches are split over (the source draws this process's shard);

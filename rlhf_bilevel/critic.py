@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from rlhf_bilevel import estimators as est
-from rlhf_bilevel.distributed import World
+from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.types import TRANSITION_FIELDS, Rollout, Transitions
 
 
@@ -85,7 +85,7 @@ class TDCritic:
         gamma: float,
         cfg: CriticConfig,
         generator: torch.Generator,
-        world: World = World(),
+        world: Collectives = World(),
     ):
         """`features(rollout)` gives [N, H+1, d] state features; `head` maps them to Q(s, ·) over the
         actions, `head(features, actions)` to Q(s, a) of one action each (what TD needs), and
@@ -213,7 +213,7 @@ class MCCritic:
     trajectory it centres. Across processes the others are those of the whole batch.
     """
 
-    def __init__(self, gamma: float, world: World = World()):
+    def __init__(self, gamma: float, world: Collectives = World()):
         self.gamma = gamma
         self.world = world
 

@@ -25,6 +25,9 @@ import torch.distributed as dist
 from accelerate import PartialState
 from torch import Tensor
 
+from rlhf_bilevel.collectives import World
+from rlhf_bilevel.config import ConfigError
+
 
 def resolve_device(name: str = "auto") -> torch.device:
     """Where this process computes (`train.device`): `auto` is its own GPU when torch sees one
@@ -34,66 +37,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cpu" or (name == "auto" and (cpu_launch or not torch.cuda.is_available())):
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        from rlhf_bilevel.config import ConfigError  # config imports this module (through the critic's)
-
         raise ConfigError("train.device: cuda, but torch sees no CUDA device; use auto or cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-
-
-class World:
-    """One process: every collective is the identity. `ProcessGroup` is the same API across N processes."""
-
-    size = 1
-    rank = 0
-
-    def __init__(self, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-
-    @property
-    def is_main(self) -> bool:
-        """The process that queries the oracle and writes every file of the run."""
-        return self.rank == 0
-
-    def shard(self, n: int) -> slice:
-        """This process's rows of a global batch of n (the run checks that every batch splits evenly)."""
-        if n % self.size:
-            raise ValueError(f"a batch of {n} does not split evenly over {self.size} processes")
-        part = n // self.size
-        return slice(self.rank * part, (self.rank + 1) * part)
-
-    def sum(self, tensors: list[Tensor]) -> list[Tensor]:
-        """Elementwise sums over the processes."""
-        return tensors
-
-    def mean(self, tensors: list[Tensor]) -> list[Tensor]:
-        """The mean of each tensor over the processes: of per-shard estimates, the whole-batch estimate."""
-        if self.size == 1:
-            return tensors
-        return [t / self.size for t in self.sum(tensors)]
-
-    def mean_metrics(self, metrics: dict[str, float]) -> dict[str, float]:
-        """Per-shard means of the batch (J, KL, loss) as means over the whole batch; values
-        that every process already shares (step norms, counters) come back unchanged."""
-        if self.size == 1:
-            return metrics
-        names = sorted(metrics)
-        (values,) = self.mean([torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=self.device)])
-        return dict(zip(names, values.tolist()))
-
-    def cat(self, tensor: Tensor) -> Tensor:
-        """Every process's tensor, concatenated along dim 0 in rank order (the rows of the global batch)."""
-        return tensor
-
-    def gather(self, value: Any) -> list[Any]:
-        """Every process's `value` (picklable), in rank order, on every process."""
-        return [value]
-
-    def broadcast(self, value: Any) -> Any:
-        """The main process's `value` on every process (what the others pass is ignored)."""
-        return value
-
-    def barrier(self) -> None:
-        """Waits until every process gets here."""
 
 
 class ProcessGroup(World):

@@ -19,7 +19,6 @@ one prompt are not independent of each other, so a prompt, not a pair, is the re
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,10 @@ from scipy import stats
 from torch import Tensor
 
 from rlhf_bilevel import estimators as est
+from rlhf_bilevel.checkpoint import load_checkpoint
+from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.run_folder import RunFolder, adapter_folder
 from rlhf_bilevel.sampling import consecutive_pairs
 from rlhf_bilevel.types import LAMBDA, Oracle, Rollout
 
@@ -43,6 +45,7 @@ class EvalConfig:
     resamples: int = 2000  # bootstrap resamples per confidence interval
     confidence: float = 0.95  # coverage of the bootstrap intervals
     samples: int = 1  # response pairs per prompt; more pairs narrow the agreement interval at a fixed prompt set
+    win_rate: bool = True  # π_λ against π_ref head to head: two oracle calls per response pair
 
     def __post_init__(self) -> None:
         positive(self, "resamples")
@@ -123,15 +126,19 @@ def response_lengths(rollout: Rollout) -> Tensor:
     return rollout.mask.sum(-1)
 
 
-def pairs_each(policy, adapter: str | None, prompts: Sequence[Any], seed: int, samples: int) -> Rollout:
+def pairs_each(policy, adapter: str | None, prompts: Sequence[Any], seed: int, samples: int, world: Collectives = World()) -> Rollout:
     """`samples` pairs of responses per prompt from `adapter`, None being π_ref: rows 2s·i to 2s·i + 2s − 1
-    answer prompt i, and rows 2j, 2j + 1 form pair j.
+    answer prompt i, and rows 2j, 2j + 1 form pair j. Across processes, each draws its shard of the rows.
 
     Every call with the same seed draws the same random stream, so two policies are compared
     on common random numbers: identical policies write identical responses.
     """
+    repeated = [p for p in prompts for _ in range(2 * samples)]
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad(), policy.adapter(adapter):
-        return policy.sample([p for p in prompts for _ in range(2 * samples)], torch.Generator().manual_seed(seed))
+        if world.size == 1:
+            return policy.sample(repeated, generator)
+        return policy.sample(repeated, generator, rows=world.shard(len(repeated)))
 
 
 def gold_score(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, adapter: str | None = LAMBDA) -> float:
@@ -140,51 +147,83 @@ def gold_score(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, 
     return oracle.score(rollout.prompts, rollout.responses).mean().item()
 
 
-def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, reward=None) -> dict:
-    """The measures of the module docstring for π_λ (the policy's `lambda` adapter) on `prompts`.
+@dataclass
+class Answers:
+    """What one policy wrote on the evaluation prompts, and what the oracle said of it. A run
+    draws the reference's once and hands them to every later `evaluate`."""
+
+    rollout: Rollout  # this process's rows (pairs_each)
+    responses: list[str]  # every process's rows, in order
+    prob: Tensor | None  # P(first ≻ second) for each pair of consecutive rows; None where no reward model is scored
+    oracle_pairs: int  # pairs the oracle was asked about for `prob`
+
+
+def answers(policy, oracle: Oracle, adapter: str | None, prompts: Sequence[Any], cfg: EvalConfig, world: Collectives, verdicts: bool) -> Answers:
+    """`adapter`'s responses (pairs_each); with `verdicts`, the oracle's on each pair, asked by the main process."""
+    rollout = pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples, world)
+    responses = sum(world.gather(rollout.responses), [])
+    if not verdicts:
+        return Answers(rollout, responses, None, 0)
+    repeated = [p for p in prompts for _ in range(2 * cfg.samples)]
+    prob = oracle.compare(repeated[0::2], responses[0::2], responses[1::2]).double() if world.is_main else None
+    return Answers(rollout, responses, world.broadcast(prob), len(responses) // 2)
+
+
+def evaluate(
+    policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, reward=None, world: Collectives = World(), reference: Answers | None = None
+) -> dict:
+    """The measures of the module docstring for π_λ (the policy's `lambda` adapter) on `prompts`:
+    what `rlhf-bilevel eval` reports, and what a run logs at every `train.eval_every`.
 
     `reward` is the run's learned reward model (`token_rewards(rollout)`), or None when only a
-    policy is evaluated (then there is no agreement to report).
+    policy is evaluated (then there is no agreement to report). `reference`: π_ref's answers of an
+    earlier call with the same prompts and config, reused rather than drawn and labelled again.
+    Across processes each samples its shard; the main process asks the oracle and alone returns
+    the result (the others return an empty dict).
     """
     prompts = list(prompts[: cfg.prompts] if cfg.prompts else prompts)
     n, per = len(prompts), 2 * cfg.samples  # prompts, responses per prompt
     repeated = [p for p in prompts for _ in range(per)]
-    rollouts = {name: pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples) for name, adapter in (("reference", None), ("policy", LAMBDA))}
-    ours, ref = rollouts["policy"], rollouts["reference"]
+    verdicts = reward is not None
+    ref = reference or answers(policy, oracle, None, prompts, cfg, world, verdicts)
+    ours = answers(policy, oracle, LAMBDA, prompts, cfg, world, verdicts)
+    everyone = {"reference": ref, "policy": ours}
+    (kl,) = world.mean([est.kl_to_reference(ours.rollout)])
+    margins = {}
+    if verdicts:
+        with torch.no_grad():
+            for name, answered in everyone.items():
+                rollout = answered.rollout
+                margins[name] = world.cat(est.pair_margins(reward.token_rewards(rollout), consecutive_pairs(rollout)))
+    if not world.is_main:
+        return {}
     rng = np.random.default_rng(cfg.seed)
 
     def interval(values: Tensor, counts: Tensor | None = None) -> Estimate:
         return bootstrap(values, cfg.resamples, cfg.confidence, rng, counts)
 
-    wins = both_orders(
-        oracle.compare(repeated, ours.responses, ref.responses).double(),
-        oracle.compare(repeated, ref.responses, ours.responses).double(),
-    )
-    oracle_pairs = 2 * n * per
-    result: dict[str, Any] = {
-        "prompts": n,
-        "samples": cfg.samples,
-        "seed": cfg.seed,
-        "confidence": cfg.confidence,
-        "win_rate": interval(per_prompt(wins, n)),
-        "kl": est.kl_to_reference(ours).item(),
-        "length": {name: response_lengths(r).mean().item() for name, r in rollouts.items()},
-    }
+    result: dict[str, Any] = {"prompts": n, "samples": cfg.samples, "seed": cfg.seed, "confidence": cfg.confidence}
+    oracle_pairs = ours.oracle_pairs + (0 if reference else ref.oracle_pairs)
+    if cfg.win_rate:
+        wins = both_orders(
+            oracle.compare(repeated, ours.responses, ref.responses).double(),
+            oracle.compare(repeated, ref.responses, ours.responses).double(),
+        )
+        oracle_pairs += 2 * n * per
+        result["win_rate"] = interval(per_prompt(wins, n))
+    result["kl"] = kl.item()
+    result["length"] = {name: response_lengths(a.rollout).mean().item() for name, a in everyone.items()}
     if hasattr(oracle, "score"):
-        result["gold"] = {name: interval(per_prompt(oracle.score(repeated, r.responses).double(), n)) for name, r in rollouts.items()}
-    if reward is not None:
+        result["gold"] = {name: interval(per_prompt(oracle.score(repeated, a.responses).double(), n)) for name, a in everyone.items()}
+    if verdicts:
         result["agreement"] = {}
         # bookkeeping on the CPU, where the oracle's verdicts are
         prompt_of_pair = torch.arange(n, device="cpu").repeat_interleave(cfg.samples)
-        for name, rollout in rollouts.items():
-            pairs = consecutive_pairs(rollout)
-            prob = oracle.compare(repeated[0::2], rollout.responses[0::2], rollout.responses[1::2]).double()
-            oracle_pairs += n * cfg.samples
-            with torch.no_grad():
-                margins = est.pair_margins(reward.token_rewards(rollout), pairs)
+        for name, answered in everyone.items():
             # the agreements of a prompt's pairs summed, over as many pairs as the oracle decided there
-            prompt = prompt_of_pair[decided(prob)]
-            hits = torch.zeros(n, dtype=torch.double, device="cpu").index_add_(0, prompt, agreement(margins.double(), prob).cpu())
+            prompt = prompt_of_pair[decided(answered.prob)]
+            hits = agreement(margins[name].double(), answered.prob).cpu()
+            hits = torch.zeros(n, dtype=torch.double, device="cpu").index_add_(0, prompt, hits)
             result["agreement"][name] = interval(hits, torch.bincount(prompt, minlength=n))
         result["agreement_shift"] = result["agreement"]["policy"].mean - result["agreement"]["reference"].mean
     result["oracle_pairs"] = oracle_pairs
@@ -192,6 +231,67 @@ def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, re
         {"prompt": p, "reference": r, "policy": q} for p, r, q in list(zip(prompts, ref.responses[0::per], ours.responses[0::per]))[:3]
     ]
     return result
+
+
+EVAL_SEED_OFFSET = 7919
+"""A run's evaluations draw from their own generator, seeded the same at every evaluation: the
+reference and every π_λ answer the same prompts with the same random stream (common random
+numbers make their gold scores comparable), and training never sees evaluation draws."""
+
+
+class PeriodicEval:
+    """`evaluate` along a run, on `train.eval_pairs` held-out prompts with one pair each and no
+    head-to-head win rate (it would ask the oracle about four times as many pairs): the reference's
+    answers are drawn and labelled once, and the reward model is scored on them again every time
+    (the distribution-shift signal: the same reward model on π_ref's pairs and on π_λ's)."""
+
+    def __init__(self, policy, oracle: Oracle, reward, prompts: Sequence[Any], eval_pairs: int, seed: int, world: Collectives = World()):
+        self.policy, self.oracle, self.reward, self.world = policy, oracle, reward, world
+        self.prompts = [prompts[i % len(prompts)] for i in range(eval_pairs)]
+        self.cfg = EvalConfig(seed=seed + EVAL_SEED_OFFSET, win_rate=False)
+        self.oracle_pairs = 0
+        self.reference_answers: Answers | None = None  # not saved: a resumed run draws the same pairs again
+        self.reference: dict | None = None  # π_ref's gold score and first responses, for the summary
+        self.last: dict | None = None  # the same of π_λ at the latest evaluation
+
+    def __call__(self) -> dict[str, float]:
+        """The metrics a run logs: gold/score, gold/reference, eval/agreement(_reference), eval/kl, oracle/eval_pairs."""
+        if self.reference_answers is None:
+            tokens = self.policy.tokens_generated
+            self.reference_answers = answers(self.policy, self.oracle, None, self.prompts, self.cfg, self.world, verdicts=True)
+            if self.reference is None:
+                self.oracle_pairs += self.reference_answers.oracle_pairs
+            else:  # resumed: the very pairs of before, whose labels and tokens were counted
+                self.policy.tokens_generated = tokens
+        result = evaluate(self.policy, self.oracle, self.prompts, self.cfg, self.reward, self.world, self.reference_answers)
+        self.oracle_pairs += result.get("oracle_pairs", 0)
+        if not self.world.is_main:
+            return {}
+        gold, agree = result.get("gold", {}), result["agreement"]
+        examples = result["examples"]
+        self.last = {"prompts": [e["prompt"] for e in examples], "responses": [e["policy"] for e in examples]}
+        if self.reference is None:
+            self.reference = {"prompts": self.last["prompts"], "responses": [e["reference"] for e in examples]}
+            if gold:
+                self.reference["gold/score"] = gold["reference"].mean
+        metrics = {}
+        if agree["policy"].n:  # none when the oracle called every pair a tie
+            metrics["eval/agreement"] = self.last["eval/agreement"] = agree["policy"].mean
+        if gold:
+            metrics["gold/score"] = self.last["gold/score"] = gold["policy"].mean
+        metrics["eval/kl"] = self.last["eval/kl"] = result["kl"]
+        if agree["reference"].n:
+            metrics["eval/agreement_reference"] = agree["reference"].mean
+        if "gold/score" in self.reference:
+            metrics["gold/reference"] = self.reference["gold/score"]
+        metrics["oracle/eval_pairs"] = float(self.oracle_pairs)
+        return metrics
+
+    def state_dict(self) -> dict:
+        return {"eval_oracle_pairs": self.oracle_pairs, "reference": self.reference, "last_eval": self.last}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.oracle_pairs, self.reference, self.last = state["eval_oracle_pairs"], state["reference"], state["last_eval"]
 
 
 def load_policy(recipe, adapter: Path):
@@ -210,29 +310,30 @@ def load_policy(recipe, adapter: Path):
     return LMPolicy(model, tokenizer, recipe.rollout, recipe.model.chat_template)
 
 
+def load_checkpoint_policy(folder: RunFolder, checkpoint: Path, recipe):
+    """(policy, reward) of one checkpoint of a run: π_λ's adapter on the recipe's base, and the reward model."""
+    from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward
+
+    policy = load_policy(recipe, adapter_folder(checkpoint, LAMBDA))
+    if recipe.reward.lora:
+        policy.model.load_adapter(str(adapter_folder(checkpoint, REWARD_ADAPTER)), adapter_name=REWARD_ADAPTER)
+    reward = TokenReward.on(policy, recipe.reward).to(policy.device)
+    reward.load_state_dict(load_checkpoint(checkpoint)["reward"])
+    return policy, reward
+
+
 def load_run(run_dir: Path, overrides: Sequence[str] = ()):
     """(recipe, base_dir, policy, reward) of the newest sound checkpoint of the run in `run_dir`.
 
     `overrides` change the recipe for this evaluation only, e.g. `oracle.kind=llm-judge`.
     """
-    from rlhf_bilevel.checkpoint import latest_checkpoint, load_checkpoint
-    from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward
-    from rlhf_bilevel.recipe import parse_recipe, read_yaml
-    from rlhf_bilevel.train import RECIPE_FILE, RUN_FILE
-
-    if not (run_dir / RECIPE_FILE).is_file():
-        raise ConfigError(f"--run: {run_dir} holds no run ({RECIPE_FILE} missing)")
-    recipe = parse_recipe(read_yaml(run_dir / RECIPE_FILE), list(overrides))
-    base_dir = Path(json.loads((run_dir / RUN_FILE).read_text(encoding="utf-8"))["base_dir"])
-    checkpoint = latest_checkpoint(run_dir)
+    folder = RunFolder(run_dir)
+    recipe = folder.read_recipe("--run", overrides)
+    base_dir = folder.base_dir("--run")
+    checkpoint = folder.latest_checkpoint()
     if checkpoint is None:
         raise ConfigError(f"--run: {run_dir} has no checkpoint yet; train it further (--resume) or evaluate an --adapter")
-    policy = load_policy(recipe, checkpoint / "adapters" / LAMBDA)
-    if recipe.reward.lora:
-        policy.model.load_adapter(str(checkpoint / "adapters" / REWARD_ADAPTER), adapter_name=REWARD_ADAPTER)
-    reward = TokenReward.on(policy, recipe.reward).to(policy.device)
-    reward.load_state_dict(load_checkpoint(checkpoint)["reward"])
-    return recipe, base_dir, policy, reward
+    return (recipe, base_dir, *load_checkpoint_policy(folder, checkpoint, recipe))
 
 
 def held_out_prompts(recipe, base_dir: Path) -> list[str]:
@@ -242,16 +343,28 @@ def held_out_prompts(recipe, base_dir: Path) -> list[str]:
     return held_out or train
 
 
-def eval_run(run_dir: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
-    """Evaluates the run in `run_dir` (policy and reward model) and writes the report to `out` (default RUN/eval)."""
+def eval_checkpoint(folder: RunFolder, checkpoint: Path, cfg: EvalConfig, overrides: Sequence[str] = ()) -> dict:
+    """`evaluate` on one checkpoint of the run in `folder` (policy and reward model), with the run's oracle and held-out prompts."""
     from rlhf_bilevel.oracles.registry import make_oracle
+
+    recipe = folder.read_recipe("--run", overrides)
+    policy, reward = load_checkpoint_policy(folder, checkpoint, recipe)
+    result = evaluate(policy, make_oracle(recipe.oracle), held_out_prompts(recipe, folder.base_dir("--run")), cfg, reward)
+    result["source"] = {"run": str(folder.path), "checkpoint": checkpoint.name, "oracle": recipe.oracle.kind, "model": recipe.model.name}
+    return result
+
+
+def eval_run(run_dir: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
+    """Evaluates the newest checkpoint of the run in `run_dir` and writes the report to `out` (default RUN/eval)."""
     from rlhf_bilevel.report import write_eval
 
-    recipe, base_dir, policy, reward = load_run(run_dir, overrides)
-    oracle = make_oracle(recipe.oracle)
-    result = evaluate(policy, oracle, held_out_prompts(recipe, base_dir), cfg, reward)
-    result["source"] = {"run": str(run_dir), "oracle": recipe.oracle.kind, "model": recipe.model.name}
-    write_eval(result, out or run_dir / "eval", name=run_dir.name, metrics_file=run_dir / "metrics.jsonl")
+    folder = RunFolder(run_dir)
+    folder.read_recipe("--run", overrides)  # a folder without a run is named before its checkpoints are looked for
+    checkpoint = folder.latest_checkpoint()
+    if checkpoint is None:
+        raise ConfigError(f"--run: {run_dir} has no checkpoint yet; train it further (--resume) or evaluate an --adapter")
+    result = eval_checkpoint(folder, checkpoint, cfg, overrides)
+    write_eval(result, out or run_dir / "eval", name=run_dir.name, metrics_file=folder.metrics)
     return result
 
 

@@ -120,16 +120,6 @@ def evaluate_checkpoint(policy, adapter: str | None, oracle: Oracle, prompts: Se
     return point, rollout
 
 
-def load_weights(policy, reward, state: dict, adapters: Sequence[str]) -> None:
-    """Puts a checkpoint's `adapters` and reward head into the loaded `policy` and `reward`."""
-    params = dict(policy.model.named_parameters())
-    with torch.no_grad():
-        for name in adapters:
-            for key, value in state["adapters"][name].items():
-                params[key].copy_(value)
-    reward.load_state_dict(state["reward"])
-
-
 def spread(values: Tensor) -> dict[str, float]:
     return {"mean": values.mean().item(), "std": values.std().item() if len(values) > 1 else 0.0}
 
@@ -156,16 +146,17 @@ def best_of_n_curve(policy, oracle: Oracle, prompts: Sequence[Any], cfg: CurveCo
 
 
 def curve(
-    policy, reward, oracle: Oracle, prompts: Sequence[Any], states: Iterable[tuple[int, dict]], cfg: CurveConfig, adapters: Sequence[str]
+    policy, reward, oracle: Oracle, prompts: Sequence[Any], states: Iterable[tuple[int, dict]], cfg: CurveConfig
 ) -> dict:
-    """The curve's points, one per (step, checkpoint state) of `states`, oldest first, whose `adapters` and reward
-    head are put in turn into `policy` and `reward`; the reference, and best-of-n under the last state's φ.
-    `reward` must hold that last φ on entry: it scores the reference before the states are walked."""
+    """The curve's points, one per (step, checkpoint state) of `states`, oldest first: an iterator that puts each
+    checkpoint's adapters into `policy` as it yields its state, whose reward head goes into `reward` here; the
+    reference, and best-of-n under the last state's φ. `reward` must hold that last φ on entry: it scores the
+    reference before the states are walked."""
     reference, reference_rollout = evaluate_checkpoint(policy, None, oracle, prompts, cfg.eval, reward)
     reference["proxy_final"], reference["proxy_final_std"] = reference.pop("proxy"), reference.pop("proxy_std")
     points, rollouts = [], []
     for step, state in states:
-        load_weights(policy, reward, state, adapters)
+        reward.load_state_dict(state["reward"])
         point, rollout = evaluate_checkpoint(policy, LAMBDA, oracle, prompts, cfg.eval, reward)
         points.append({"step": step, "oracle_pairs": state["bilevel"]["oracle_pairs"], **point,
                        "reference_proxy": spread(proxy_returns(reward, reference_rollout))})
@@ -184,8 +175,9 @@ def curve(
 def curve_run(run_dir: Path, cfg: CurveConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """The over-optimisation curve of the run in `run_dir`, one point per checkpoint that loads, and the
     best-of-n curve under its newest reward model; writes overoptimisation.json and .png to `out` (default RUN/eval)."""
-    from rlhf_bilevel.checkpoint import CheckpointError, checkpoints, load_checkpoint
+    from rlhf_bilevel.checkpoint import CheckpointError, checkpoints
     from rlhf_bilevel.evaluate import held_out_prompts, load_run
+    from rlhf_bilevel.run_folder import RunFolder
     from rlhf_bilevel.lm.heads import REWARD_ADAPTER
     from rlhf_bilevel.oracles.registry import make_oracle
     from rlhf_bilevel.report import plain
@@ -199,17 +191,19 @@ def curve_run(run_dir: Path, cfg: CurveConfig, out: Path | None = None, override
     prompts = list(prompts[: cfg.eval.prompts] if cfg.eval.prompts else prompts)
     skipped = []
 
+    folder = RunFolder(run_dir)
+    adapters = (LAMBDA, REWARD_ADAPTER) if recipe.reward.lora else (LAMBDA,)
+
     def states() -> Iterator[tuple[int, dict]]:
         for step, path in checkpoints(run_dir):
             try:
-                yield step, load_checkpoint(path)
+                yield step, folder.load(path, policy.model, adapters)
             except CheckpointError as error:
                 skipped.append(str(error))
 
-    adapters = (LAMBDA, REWARD_ADAPTER) if recipe.reward.lora else (LAMBDA,)
     result = {
         "source": {"run": str(run_dir), "oracle": recipe.oracle.kind, "model": recipe.model.name},
-        **curve(policy, reward, oracle, prompts, states(), cfg, adapters),
+        **curve(policy, reward, oracle, prompts, states(), cfg),
         "skipped": skipped,
     }
     out = out or run_dir / "eval"

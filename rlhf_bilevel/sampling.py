@@ -11,12 +11,12 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf_bilevel.distributed import World
+from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.types import Policy, PreferencePairs, Rollout
 
 
 class SampledRollouts:
-    def __init__(self, policy: Policy, prompts: Sequence[Any], generator: torch.Generator, world: World = World()):
+    def __init__(self, policy: Policy, prompts: Sequence[Any], generator: torch.Generator, world: Collectives = World()):
         self.policy, self.prompts, self.generator, self.world = policy, list(prompts), generator, world
 
     def draw_prompts(self, n: int) -> list[Any]:

@@ -1,4 +1,4 @@
-"""What a run reports as it goes: `metrics.jsonl`, TensorBoard scalars and a progress bar.
+"""What a run reports as it goes: `metrics.jsonl`, TensorBoard scalars and its progress (a bar, or lines in a log file).
 
 `metrics.jsonl` is the record a user (or a plot script) reads: one JSON object per call to
 `Tracker.log`, written and flushed at once so that a killed run keeps every step it
@@ -16,9 +16,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
+from datetime import timedelta
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TextIO
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -43,6 +46,7 @@ class Tracker:
         self.path = run_dir / "metrics.jsonl"
         self.writer: SummaryWriter | None = None
         self.bar: tqdm | None = None
+        self.lines = False
         if enabled:
             run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -87,17 +91,24 @@ class Tracker:
         self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge_step)
         return self.writer
 
-    def progress(self, total: int, initial: int = 0) -> tqdm:
-        """A bar over the outer steps; hidden on non-main processes and when stderr is not a terminal."""
-        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, disable=True if not self.enabled else None)
+    def progress(self, total: int, initial: int = 0, stream: TextIO | None = None) -> tqdm:
+        """A bar over the outer steps on a terminal. Where `stream` (stderr) is not one (a log file
+        under nohup, SLURM or a redirect), a bar would print nothing until the end: `show` writes a
+        line per step there instead. A non-main process shows neither."""
+        self.stream = stream or sys.stderr
+        self.lines = self.enabled and not self.stream.isatty()
+        self.total = total
+        self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=self.stream, disable=not self.enabled or self.lines)
         return self.bar
 
     def show(self, metrics: Mapping[str, float]) -> None:
-        """Puts the key metrics of the last step after the bar (needs `progress` first)."""
+        """Puts the key metrics of the last step after the bar, or writes them as a line (needs `progress` first)."""
         if self.bar is None:
             raise RuntimeError("Tracker.show: call progress() first")
         shown = {short: format(float(metrics[name]), spec) for name, (short, spec) in SHOWN.items() if name in metrics}
         self.bar.set_postfix(shown, refresh=False)
+        if self.lines:
+            print(progress_line(metrics, self.total), file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -110,3 +121,31 @@ class Tracker:
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
         self.close()
+
+
+def progress_line(metrics: Mapping[str, float], total: int) -> str:
+    """One outer step for a log file: `step 2/3, labels 24, gold 0.375, agreement 50%, elapsed 0:00:05, remaining 0:00:03`.
+
+    Gold and agreement appear after the steps that evaluated; the time left assumes the
+    remaining steps take as long as the run's steps so far did on average."""
+    parts = []
+    step = metrics.get("outer_step")
+    if step is not None:
+        parts.append(f"step {step:.0f}/{total}")
+    if "oracle/pairs" in metrics:
+        parts.append(f"labels {metrics['oracle/pairs']:.0f}")
+    if "gold/score" in metrics:
+        parts.append(f"gold {metrics['gold/score']:.4g}")
+    if "eval/agreement" in metrics:
+        parts.append(f"agreement {metrics['eval/agreement']:.0%}")
+    elapsed = metrics.get("time/elapsed_s")
+    if elapsed is not None:
+        parts.append(f"elapsed {clock(elapsed)}")
+        if step:
+            parts.append(f"remaining {clock(elapsed / step * (total - step))}")
+    return ", ".join(parts)
+
+
+def clock(seconds: float) -> str:
+    """h:mm:ss"""
+    return str(timedelta(seconds=round(seconds)))

@@ -54,7 +54,7 @@ def test_a_run_fixes_the_threshold_only_when_its_recipe_asks(monkeypatch, tmp_pa
     monkeypatch.setattr(train, "return_freed_memory", lambda: calls.append(True) or True)
     recipes = Path(__file__).parents[1] / "recipes"
     recipe = load_recipe(recipes / "tiny-debug.yaml", [f"train.return_freed_memory={str(asked).lower()}"])
-    train.Trainer(recipe, tmp_path, recipes)
+    train.build(recipe, tmp_path, recipes)
     assert calls == ([True] if asked else [])
 
 

@@ -12,7 +12,7 @@ from rlhf_bilevel.bench import (
     measure_floors, run_benchmark, summarise, table, worker,
 )
 from rlhf_bilevel.recipe import load_recipe
-from rlhf_bilevel.train import Trainer
+from rlhf_bilevel.train import build
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -85,9 +85,9 @@ def test_summary_against_hand_computed_floor():
 def test_timing_hooks_change_nothing_and_cover_the_outer_step(tmp_path):
     """Same seed, with and without the timing proxies: the same adapters and reward head afterwards."""
     recipe = load_recipe(RECIPES / "tiny-debug.yaml", ["bilevel.inner_steps=1"])
-    plain = Trainer(recipe, tmp_path / "plain", RECIPES)
+    plain = build(recipe, tmp_path / "plain", RECIPES)
     plain.bilevel.outer_step()
-    timed = Trainer(recipe, tmp_path / "timed", RECIPES)
+    timed = build(recipe, tmp_path / "timed", RECIPES)
     timer = PhaseTimer()
     instrument(timed, timer)
     timer.mark(None)

@@ -35,3 +35,31 @@ def test_quick_lab_writes_json_and_png(tmp_path):
     assert len(data["gap_sq"]["exact"]) == 40 and len(data["gap_sq"]["sampled"]) == 8
     assert data["B"]["oracle_pairs"][1] > data["B"]["oracle_pairs"][0] > 0
     assert (tmp_path / "theory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_into_a_log_file_shows_a_line_per_outer_step(tmp_path):
+    """Under nohup, SLURM or a redirect stderr is a file, where a progress bar stays silent: one
+    flushed line per outer step says how far the run is."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).parents[1] / "recipes" / "tiny-debug.yaml"
+    log = tmp_path / "train.log"
+    args = ["train", "--recipe", str(recipe), "--output-dir", str(tmp_path / "run"), "--set", "train.tensorboard=false", "--set", "train.eval_every=2"]
+    with log.open("w") as out:
+        done = subprocess.run([sys.executable, "-m", "rlhf_bilevel_cli.app", *args], stdout=out, stderr=out, cwd=tmp_path)
+    text = log.read_text()
+    assert done.returncode == 0, text
+    clock = r"\d+:\d\d:\d\d"
+    lines = [line for line in text.splitlines() if line.startswith("step ")]
+    assert len(lines) == 3, text
+    evaluated = rf"step (\d)/3, labels (\d+), gold [-\d.e]+, agreement \d+%, elapsed {clock}, remaining {clock}"
+    plain = rf"step (\d)/3, labels (\d+), elapsed {clock}, remaining {clock}"
+    # train.eval_every=2: steps 2 and 3 (the last) are evaluated, step 1 is not
+    matches = [re.fullmatch(plain, lines[0]), re.fullmatch(evaluated, lines[1]), re.fullmatch(evaluated, lines[2])]
+    assert all(matches), lines
+    assert [int(m[1]) for m in matches] == [1, 2, 3]
+    assert [int(m[2]) for m in matches] == [12, 24, 36]  # labels: (K + 1)·B per outer step
+    assert lines[2].endswith("remaining 0:00:00")

@@ -32,7 +32,8 @@ from safetensors.torch import load_file
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, TDCritic
-from rlhf_bilevel.distributed import ProcessGroup, World, resolve_device
+from rlhf_bilevel.collectives import World
+from rlhf_bilevel.distributed import ProcessGroup, resolve_device
 from rlhf_bilevel.types import ADAPTERS, Rollout
 
 # the model and recipe modules (transformers, peft) are imported inside the tests that use them:
@@ -225,7 +226,7 @@ def test_the_trainer_loads_the_base_and_moves_every_head_to_the_device_of_its_wo
 
     loaded, load = [], train.load_base
     monkeypatch.setattr(train, "load_base", lambda cfg, device: loaded.append(device) or load(cfg))
-    trainer = train.Trainer(load_recipe(TINY, ["bilevel.critic.kind=td"]), tmp_path, TINY.parent, World("meta"))
+    trainer = train.build(load_recipe(TINY, ["bilevel.critic.kind=td"]), tmp_path, TINY.parent, World("meta"))
     assert loaded == [torch.device("meta")]
     critics = list(trainer.bilevel.critics.values())
     assert len(critics) == 2

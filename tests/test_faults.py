@@ -21,7 +21,8 @@ from rlhf_bilevel.bilevel import NonFiniteError, tensors_in
 from rlhf_bilevel.checkpoint import load_checkpoint
 from rlhf_bilevel.lm.heads import TokenReward
 from rlhf_bilevel.recipe import load_recipe
-from rlhf_bilevel.train import Trainer, resume, train
+from rlhf_bilevel.train import build, resume, train
+from rlhf_bilevel.trainer import Trainer
 from rlhf_bilevel.types import LAMBDA
 from rlhf_bilevel_cli.app import app
 
@@ -226,7 +227,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_naming_the_last_good_checkpoint(
 
 
 def test_a_critic_fit_that_goes_non_finite_is_undone(tmp_path):
-    trainer = Trainer(tiny_recipe(), tmp_path, RECIPES)
+    trainer = build(tiny_recipe(), tmp_path, RECIPES)
     bilevel = trainer.bilevel
     rollout = bilevel.source.rollouts(LAMBDA, 4)
     critic = bilevel.critics[LAMBDA]
@@ -242,7 +243,7 @@ def test_a_critic_fit_that_goes_non_finite_is_undone(tmp_path):
 
 
 def test_the_stop_is_raised_by_the_algorithm_after_max_bad_steps(tmp_path):
-    trainer = Trainer(tiny_recipe("train.max_bad_steps=2"), tmp_path, RECIPES)
+    trainer = build(tiny_recipe("train.max_bad_steps=2"), tmp_path, RECIPES)
     bilevel = trainer.bilevel
     nan_direction = [torch.full_like(p, math.nan) for p in bilevel.reward_step.params]
     phi = [p.detach().clone() for p in bilevel.reward_step.params]

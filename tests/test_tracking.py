@@ -1,5 +1,6 @@
 """The tracker: strict JSON lines, TensorBoard scalars, resume without duplicates, silence when disabled."""
 
+import io
 import json
 import math
 
@@ -92,3 +93,33 @@ def test_reserved_names_and_show_before_progress_fail(tmp_path):
         tracker.log({"step": 1.0}, step=1, phase="outer")
     with pytest.raises(RuntimeError, match="progress"):
         tracker.show({"upper/loss": 1.0})
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_a_log_file_gets_a_line_per_step_and_a_terminal_the_bar(tmp_path):
+    metrics = {"outer_step": 2.0, "oracle/pairs": 24.0, "gold/score": 0.375, "eval/agreement": 0.5, "time/elapsed_s": 50.0}
+    log = io.StringIO()
+    with Tracker(tmp_path, tensorboard=False) as tracker:
+        bar = tracker.progress(total=10, stream=log)
+        tracker.show(metrics)
+        tracker.show({"outer_step": 3.0, "oracle/pairs": 36.0, "time/elapsed_s": 75.0})
+        assert bar.disable
+    assert log.getvalue().splitlines() == [
+        "step 2/10, labels 24, gold 0.375, agreement 50%, elapsed 0:00:50, remaining 0:03:20",
+        "step 3/10, labels 36, elapsed 0:01:15, remaining 0:02:55",
+    ]
+    terminal = Terminal()
+    with Tracker(tmp_path / "tty", tensorboard=False) as tracker:
+        bar = tracker.progress(total=10, stream=terminal)
+        tracker.show(metrics)
+        assert not bar.disable and "gold=0.375" in bar.postfix
+    assert "step 2/10" not in terminal.getvalue()
+    quiet = io.StringIO()
+    with Tracker(tmp_path / "other", enabled=False) as tracker:  # a non-main process
+        tracker.progress(total=10, stream=quiet)
+        tracker.show(metrics)
+    assert quiet.getvalue() == ""

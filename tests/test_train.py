@@ -8,13 +8,14 @@ import pytest
 import torch
 from conftest import run_cli
 from peft import PeftModel
+from safetensors.torch import load_file
 
 from rlhf_bilevel import tracking
-from rlhf_bilevel.checkpoint import load_checkpoint
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER
 from rlhf_bilevel.recipe import load_recipe
-from rlhf_bilevel.train import resume, train
+from rlhf_bilevel.run_folder import RunFolder
+from rlhf_bilevel.train import build, resume, train
 from rlhf_bilevel.types import ADAPTERS, LAMBDA
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -75,7 +76,7 @@ def test_every_labelled_pair_is_kept_in_trl_format(finished_run):
         assert {row["chosen"], row["rejected"]} == {row["first"], row["second"]}
 
 
-def test_checkpoint_adapters_load_in_plain_peft(finished_run):
+def test_checkpoint_keeps_each_adapter_once_in_plain_peft(finished_run, tmp_path):
     run_dir, _ = finished_run
     last = run_dir / "checkpoint-000004"
     assert (run_dir / "checkpoint-000002").is_dir() and last.is_dir()
@@ -83,18 +84,21 @@ def test_checkpoint_adapters_load_in_plain_peft(finished_run):
     assert state["recipe"]["bilevel"]["outer_steps"] == 4
     for key in ("reward", "critics", "generator", "bilevel"):
         assert key in state
-    base, tokenizer = tiny.build()
-    loaded = PeftModel.from_pretrained(base, last / "adapters" / LAMBDA)
-    trained = load_checkpoint(last)["adapters"][LAMBDA]
-    assert trained
-    params = dict(loaded.named_parameters())
-    for key, value in trained.items():
-        name = key.replace(f".{LAMBDA}.", ".default.")
-        assert torch.equal(params[name], value), name
-    moved = any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
-    assert moved, "training left λ at its initialisation"
+    assert not any("lora_" in key for key in load_file(last / "state.safetensors")), "adapters saved twice"
     for name in ADAPTERS:
         assert (last / "adapters" / name / "adapter_config.json").is_file()
+    base, tokenizer = tiny.build()
+    loaded = PeftModel.from_pretrained(base, last / "adapters" / LAMBDA)
+    trained = {key: value for key, value in loaded.named_parameters() if "lora_" in key}
+    assert trained
+    moved = any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)
+    assert moved, "training left λ at its initialisation"
+    # what a resume loads into the run's model is what plain peft reads
+    trainer = build(tiny_recipe(), tmp_path, RECIPES)
+    RunFolder(run_dir).load(last, trainer.model, trainer.adapters)
+    params = dict(trainer.model.named_parameters())
+    for key, value in trained.items():
+        assert torch.equal(params[key.replace(".default.", f".{LAMBDA}.")], value), key
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, finished_run):
@@ -130,10 +134,10 @@ def test_reward_model_with_its_own_lora_trains_saves_and_evaluates(tmp_path):
     run_dir = tmp_path / "run"
     train(tiny_recipe("reward.lora=true", "bilevel.outer_steps=2"), run_dir, RECIPES)
     last = run_dir / "checkpoint-000002"
-    adapters = load_checkpoint(last)["adapters"]
-    assert set(adapters) == {*ADAPTERS, REWARD_ADAPTER}
-    assert any(v.abs().sum() > 0 for k, v in adapters[REWARD_ADAPTER].items() if "lora_B" in k)
+    assert {path.name for path in (last / "adapters").iterdir() if path.is_dir()} == {*ADAPTERS, REWARD_ADAPTER}
     assert (last / "adapters" / REWARD_ADAPTER / "adapter_config.json").is_file()
+    reward_adapter = load_file(last / "adapters" / REWARD_ADAPTER / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in reward_adapter.items() if "lora_B" in k)
     result = run_cli("eval", "--run", str(run_dir), "--prompts", "4", "--resamples", "50")
     assert result.returncode == 0, result.stderr
     assert "reward-model agreement" in result.stdout
