@@ -1,0 +1,206 @@
+"""What a run asks of the machine, checked before a model is loaded or a file is written.
+
+Each refusal is one ConfigError line that names the field and the fix:
+
+- the run folder can be made and written (`--output-dir`, `--resume`);
+- a prompt and its response fit the model's context: rollout.max_prompt_tokens +
+  rollout.max_new_tokens ≤ the positions in the model's config (config.json or GGUF metadata;
+  no weights are read);
+- the run's memory, estimated from the recipe and the model's shape, fits what the device has free.
+
+The memory estimate, in bytes, with d, L, V, W the model's width, layers, vocabulary and MLP width,
+P its parameters, w the bytes of a base weight (2 in bf16, else 4), H = max_new_tokens,
+T = max_prompt_tokens + H, n = trajectories_per_step, B = pairs_per_step, c the responses drawn
+per prompt (query.candidates with select: uncertain, else 2), K = inner_steps, E = eval_pairs,
+R = max(n, B·c, 2E) the largest batch sampled at once, m = micro_batch (else max(n, B·c)) the rows
+of one backward pass, and 4-byte floats elsewhere:
+
+    base model          P·w
+    adapters            3 adapters × r·L·(11d + 3W) × 4 bytes × 4 (weights, gradients, Adam's two moments)
+    sampling            R·T·2·L·d·w (keys and values) + R·V·4 (a step's logits) + R·(H+1)·2d·4 (features kept)
+    log π, backward     m·T·L·(6d + 2W)·4 (activations; d instead of 6d + 2W with gradient_checkpointing)
+                        + m·H·V·4·2 (logits and their log-softmax)
+    outer step          (K+1)·(n + B·c)·(H+1)·2d·4: the trajectories the penalty reads
+    preference store    outer_steps·(K+1)·B·2·(H+1)·2d·4 with reward_fit.replay (else one outer step's)
+    critic              replay_capacity·2d·4 + batch_size·V·4·3 (π, Q and their product over the vocabulary)
+    reward heads        heads·max(hidden, 1)·(d + R·(H+1))·4
+
+It is a rough guide, not a bound: keys and values are counted at the full width d (most models
+keep fewer heads for them), while what the libraries keep besides is left out. It is there to
+refuse, in a second, a run that is orders of magnitude too big, before it takes the machine down.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_bilevel.config import ConfigError, shown
+from rlhf_bilevel.lm.model import Shape, model_shape, resolve_dtype
+from rlhf_bilevel.recipe import Recipe
+
+FLOAT = 4
+NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Term:
+    """One line of the memory estimate: what it holds, its bytes, and the field that sets it."""
+
+    what: str
+    bytes: int
+    field: str
+    fix: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    terms: list[Term]
+    available: int | None  # bytes free on the device; None where it cannot be read
+    device: str
+
+    @property
+    def total(self) -> int:
+        return sum(term.bytes for term in self.terms)
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{term.what} {size(term.bytes)}" for term in self.terms)
+        free = f"{size(self.available)} free on {self.device}" if self.available is not None else f"free memory of {self.device} unknown"
+        return f"estimated memory {size(self.total)} ({parts}); {free}"
+
+
+def size(n: int) -> str:
+    return f"{n / GIB:.3g} GiB"
+
+
+def check_output_dir(run_dir: Path, option: str) -> None:
+    """`run_dir` is a folder this process can write in, or one it can make: tried with a probe
+    folder made and removed at once in the nearest folder that exists, since permissions alone do
+    not tell (root, read-only mounts, /proc)."""
+    try:
+        folder = Path(os.path.abspath(run_dir))
+        existing = folder
+        while not existing.exists() and not existing.is_symlink():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ConfigError(f"{option}: {existing} is a file, not a folder; pick a folder path")
+        for part in folder.relative_to(existing).parts:
+            if len(os.fsencode(part)) > NAME_MAX:
+                raise ConfigError(f"{option}: the name {shown(part)} is longer than {NAME_MAX} bytes; pick a shorter one")
+        os.rmdir(tempfile.mkdtemp(prefix=".rlhf-bilevel-probe-", dir=existing))
+    except OSError as error:
+        raise ConfigError(f"{option}: cannot write in {existing} ({error.strerror or error}); pick a folder you can write to") from None
+    except ValueError as error:  # a NUL byte, or an encoding the file system refuses
+        raise ConfigError(f"{option}: {shown(str(run_dir))} is not a valid path ({error})") from None
+
+
+def check_context(recipe: Recipe, shape: Shape) -> None:
+    rollout = recipe.rollout
+    if shape.context is None or rollout.max_prompt_tokens + rollout.max_new_tokens <= shape.context:
+        return
+    room = shape.context - rollout.max_prompt_tokens
+    fix = f"set rollout.max_new_tokens ≤ {room}" if room > 0 else f"set rollout.max_prompt_tokens < {shape.context}"
+    raise ConfigError(
+        f"rollout.max_new_tokens: {rollout.max_new_tokens} new tokens after up to {rollout.max_prompt_tokens} prompt tokens "
+        f"exceed the {shape.context} positions of {recipe.model.name}; {fix} (or lower rollout.max_prompt_tokens)"
+    )
+
+
+def check_reward_layer(recipe: Recipe, shape: Shape) -> None:
+    layer = recipe.reward.layer
+    if layer is not None and layer > shape.layers:
+        raise ConfigError(f"reward.layer: {recipe.model.name} has layers 0 (the embeddings) to {shape.layers}; got {layer}")
+
+
+def estimate(recipe: Recipe, shape: Shape, device: torch.device) -> list[Term]:
+    """The terms of the module's formula, each named by the field that sets it."""
+    b, r, ro = recipe.bilevel, recipe.rollout, recipe.reward
+    d, layers, vocab, width = shape.hidden, shape.layers, shape.vocab, shape.intermediate
+    w = torch.finfo(resolve_dtype(recipe.model.dtype, device)).bits // 8
+    h, t = r.max_new_tokens, r.max_prompt_tokens + r.max_new_tokens
+    per_prompt = b.query.candidates if b.query.select == "uncertain" else 2
+    batches = {
+        "bilevel.trajectories_per_step": b.trajectories_per_step,
+        "bilevel.pairs_per_step": b.pairs_per_step * per_prompt,
+        "train.eval_pairs": 2 * recipe.train.eval_pairs,
+    }
+    rows_field = max(batches, key=batches.get)
+    rows = batches[rows_field]
+    train_field = max(list(batches)[:2], key=batches.get)  # the batches a backward pass runs on
+    train_rows = batches[train_field]
+    grad_rows = min(b.micro_batch or train_rows, train_rows)
+    grad_field = "bilevel.micro_batch" if grad_rows < train_rows else train_field
+    per_token = d if r.gradient_checkpointing else 6 * d + 2 * width
+    outer_rows = (b.inner_steps + 1) * (b.trajectories_per_step + b.pairs_per_step * per_prompt)
+    stored_steps = b.outer_steps if b.reward_fit.replay else 1
+    critic_replay = b.critic.replay_capacity * 2 * d * FLOAT
+    critic_batch = b.critic.batch_size * vocab * FLOAT * 3
+    head_width = max(ro.hidden, 1)
+    return [
+        Term("base model", shape.parameters * w, "model.name", "pick a smaller model or model.dtype: bfloat16"),
+        Term("adapters", 3 * recipe.adapters.r * layers * (11 * d + 3 * width) * FLOAT * 4, "adapters.r", "lower adapters.r"),
+        Term(
+            "sampling", rows * (t * 2 * layers * d * w + vocab * FLOAT + (h + 1) * 2 * d * FLOAT), rows_field,
+            f"lower {rows_field} or rollout.max_new_tokens",
+        ),
+        Term(
+            "log π backward", grad_rows * (t * layers * per_token * FLOAT + h * vocab * FLOAT * 2), grad_field,
+            f"lower {grad_field}, or set rollout.gradient_checkpointing: true"
+            + ("" if grad_field == "bilevel.micro_batch" else " or a bilevel.micro_batch"),
+        ),
+        Term("outer step", outer_rows * (h + 1) * 2 * d * FLOAT, "bilevel.inner_steps", "lower bilevel.inner_steps or the batch sizes"),
+        Term(
+            "preference store", stored_steps * (b.inner_steps + 1) * b.pairs_per_step * 2 * (h + 1) * 2 * d * FLOAT, "bilevel.outer_steps",
+            "lower bilevel.outer_steps or bilevel.pairs_per_step, or set bilevel.reward_fit.replay: false",
+        ),
+        Term(
+            "critic", critic_replay + critic_batch,
+            "bilevel.critic.replay_capacity" if critic_replay >= critic_batch else "bilevel.critic.batch_size",
+            "lower bilevel.critic.replay_capacity or bilevel.critic.batch_size",
+        ),
+        Term(
+            "reward heads", ro.heads * head_width * (d + rows * (h + 1)) * FLOAT,
+            "reward.heads" if ro.heads >= head_width else "reward.hidden", "lower reward.heads or reward.hidden",
+        ),
+    ]
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for this process: the GPU's free memory on CUDA, else the kernel's MemAvailable."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def preflight(recipe: Recipe, run_dir: Path, device: torch.device, option: str = "--output-dir") -> Estimate | None:
+    """Refuses a run that cannot write its folder, overflows its model's context or would not fit
+    in memory; returns the memory estimate (None where the model's shape is unknown)."""
+    check_output_dir(run_dir, option)
+    shape = model_shape(recipe.model)
+    if shape is None:
+        return None
+    check_context(recipe, shape)
+    check_reward_layer(recipe, shape)
+    result = Estimate(estimate(recipe, shape, device), available_memory(device), str(device))
+    if result.available is not None and result.total > result.available:
+        worst = max(result.terms, key=lambda term: term.bytes)
+        raise ConfigError(
+            f"{worst.field}: the run needs about {size(result.total)} ({worst.what} {size(worst.bytes)} of it), more than "
+            f"the {size(result.available)} free on {device}; {worst.fix} (the estimate: rlhf_bilevel/preflight.py, README)"
+        )
+    return result
