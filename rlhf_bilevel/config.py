@@ -154,8 +154,10 @@ def shown(value: Any) -> str:
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({len(text)} characters)"
 
 
-def build(cls: type, data: Any, where: str = "") -> Any:
-    """A frozen dataclass from a dict, checking every key and every type."""
+def build(cls: type, data: Any, where: str = "", base: Any = None) -> Any:
+    """A frozen dataclass from a dict, checking every key and every type. A key left out keeps its
+    value in `base` (a section's default in its parent, e.g. `bilevel.policy_step`'s Adam), else
+    the class's default."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -167,21 +169,30 @@ def build(cls: type, data: Any, where: str = "") -> Any:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"{path}: unknown key{hint}")
-        values[key] = convert(hints[key], value, path)
+        inner = getattr(base, key) if base is not None else section_default(fields[key])
+        values[key] = convert(hints[key], value, path, inner)
     for name, f in fields.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}.{name}: required" if where else f"{name}: required")
     try:
-        return cls(**values)
+        return cls(**values) if base is None else dataclasses.replace(base, **values)
     except ConfigError as error:
         raise ConfigError(f"{where}.{error}" if where else str(error)) from None
 
 
-def convert(hint: Any, value: Any, path: str) -> Any:
+def section_default(f: dataclasses.Field) -> Any:
+    """The default of a field whose default is a config section, else None."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+        return default if dataclasses.is_dataclass(default) else None
+    return None
+
+
+def convert(hint: Any, value: Any, path: str, base: Any = None) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, path)
+        return build(hint, value, path, base)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

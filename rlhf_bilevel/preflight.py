@@ -20,9 +20,10 @@ of one backward pass, and 4-byte floats elsewhere:
     sampling            R·T·2·L·d·w (keys and values) + R·V·4 (a step's logits) + R·(H+1)·2d·4 (features kept)
     log π, backward     m·T·L·(6d + 2W)·4 (activations; d instead of 6d + 2W with gradient_checkpointing)
                         + m·H·V·4·2 (logits and their log-softmax)
-    outer step          (K+1)·(n + B·c)·(H+1)·2d·4: the trajectories the penalty reads
+    outer step          (K+1)·max(n, B·c)·(H+1)·2d·4: the trajectories the penalty reads
     preference store    outer_steps·(K+1)·B·2·(H+1)·2d·4 with reward_fit.replay (else one outer step's)
-    critic              replay_capacity·2d·4 + batch_size·V·4·3 (π, Q and their product over the vocabulary)
+    critic replay       replay_capacity·2d·4
+    critic batch        batch_size·V·4·3 (π, Q and their product over the vocabulary)
     reward heads        heads·max(hidden, 1)·(d + R·(H+1))·4
 
 It is a rough guide, not a bound: keys and values are counted at the full width d (most models
@@ -44,18 +45,21 @@ from rlhf_bilevel.lm.model import Shape, model_shape, resolve_dtype
 from rlhf_bilevel.recipe import Recipe
 
 FLOAT = 4
-NAME_MAX = 255  # bytes in one path component on Linux, macOS and Windows file systems
 GIB = 2**30
 
 
 @dataclass(frozen=True)
 class Term:
-    """One line of the memory estimate: what it holds, its bytes, and the field that sets it."""
+    """One line of the memory estimate: what it holds, its bytes, and the recipe fields that are its
+    factors; the largest factor is the one to lower."""
 
     what: str
     bytes: int
-    field: str
-    fix: str
+    factors: dict[str, int]
+
+    @property
+    def field(self) -> str:
+        return max(self.factors, key=self.factors.get)
 
 
 @dataclass(frozen=True)
@@ -78,23 +82,27 @@ def size(n: int) -> str:
     return f"{n / GIB:.3g} GiB"
 
 
+def one_line(path: Path) -> str:
+    """A path as the user typed it, with any line break in a name escaped: an error stays one line."""
+    return str(path).replace("\n", "\\n").replace("\r", "\\r")
+
+
 def check_output_dir(run_dir: Path, option: str) -> None:
     """`run_dir` is a folder this process can write in, or one it can make: tried with a probe
     folder made and removed at once in the nearest folder that exists, since permissions alone do
     not tell (root, read-only mounts, /proc)."""
+    existing = run_dir
     try:
-        folder = Path(os.path.abspath(run_dir))
-        existing = folder
+        existing = Path(os.path.abspath(run_dir))
         while not existing.exists() and not existing.is_symlink():
             existing = existing.parent
         if not existing.is_dir():
-            raise ConfigError(f"{option}: {existing} is a file, not a folder; pick a folder path")
-        for part in folder.relative_to(existing).parts:
-            if len(os.fsencode(part)) > NAME_MAX:
-                raise ConfigError(f"{option}: the name {shown(part)} is longer than {NAME_MAX} bytes; pick a shorter one")
+            raise ConfigError(f"{option}: {one_line(existing)} is a file, not a folder; pick a folder path")
         os.rmdir(tempfile.mkdtemp(prefix=".rlhf-bilevel-probe-", dir=existing))
+    except ConfigError:
+        raise
     except OSError as error:
-        raise ConfigError(f"{option}: cannot write in {existing} ({error.strerror or error}); pick a folder you can write to") from None
+        raise ConfigError(f"{option}: cannot write in {one_line(existing)} ({error.strerror or error}); pick a folder you can write to") from None
     except ValueError as error:  # a NUL byte, or an encoding the file system refuses
         raise ConfigError(f"{option}: {shown(str(run_dir))} is not a valid path ({error})") from None
 
@@ -104,11 +112,10 @@ def check_context(recipe: Recipe, shape: Shape) -> None:
     if shape.context is None or rollout.max_prompt_tokens + rollout.max_new_tokens <= shape.context:
         return
     room = shape.context - rollout.max_prompt_tokens
-    fix = f"set rollout.max_new_tokens ≤ {room}" if room > 0 else f"set rollout.max_prompt_tokens < {shape.context}"
-    raise ConfigError(
-        f"rollout.max_new_tokens: {rollout.max_new_tokens} new tokens after up to {rollout.max_prompt_tokens} prompt tokens "
-        f"exceed the {shape.context} positions of {recipe.model.name}; {fix} (or lower rollout.max_prompt_tokens)"
-    )
+    too_long = f"{rollout.max_prompt_tokens} prompt tokens and {rollout.max_new_tokens} new ones exceed the {shape.context} positions of {recipe.model.name}"
+    if room > 0:
+        raise ConfigError(f"rollout.max_new_tokens: {too_long}; set rollout.max_new_tokens ≤ {room} (or lower rollout.max_prompt_tokens)")
+    raise ConfigError(f"rollout.max_prompt_tokens: {too_long}; set rollout.max_prompt_tokens < {shape.context}")
 
 
 def check_reward_layer(recipe: Recipe, shape: Shape) -> None:
@@ -118,7 +125,7 @@ def check_reward_layer(recipe: Recipe, shape: Shape) -> None:
 
 
 def estimate(recipe: Recipe, shape: Shape, device: torch.device) -> list[Term]:
-    """The terms of the module's formula, each named by the field that sets it."""
+    """The terms of the module's formula."""
     b, r, ro = recipe.bilevel, recipe.rollout, recipe.reward
     d, layers, vocab, width = shape.hidden, shape.layers, shape.vocab, shape.intermediate
     w = torch.finfo(resolve_dtype(recipe.model.dtype, device)).bits // 8
@@ -136,37 +143,21 @@ def estimate(recipe: Recipe, shape: Shape, device: torch.device) -> list[Term]:
     grad_rows = min(b.micro_batch or train_rows, train_rows)
     grad_field = "bilevel.micro_batch" if grad_rows < train_rows else train_field
     per_token = d if r.gradient_checkpointing else 6 * d + 2 * width
-    outer_rows = (b.inner_steps + 1) * (b.trajectories_per_step + b.pairs_per_step * per_prompt)
+    state = (h + 1) * 2 * d * FLOAT  # the features kept of one response
     stored_steps = b.outer_steps if b.reward_fit.replay else 1
-    critic_replay = b.critic.replay_capacity * 2 * d * FLOAT
-    critic_batch = b.critic.batch_size * vocab * FLOAT * 3
-    head_width = max(ro.hidden, 1)
     return [
-        Term("base model", shape.parameters * w, "model.name", "pick a smaller model or model.dtype: bfloat16"),
-        Term("adapters", 3 * recipe.adapters.r * layers * (11 * d + 3 * width) * FLOAT * 4, "adapters.r", "lower adapters.r"),
+        Term("base model", shape.parameters * w, {"model.name": 1}),
+        Term("adapters", 3 * recipe.adapters.r * layers * (11 * d + 3 * width) * FLOAT * 4, {"adapters.r": recipe.adapters.r}),
+        Term("sampling", rows * (t * 2 * layers * d * w + vocab * FLOAT + state), {rows_field: rows}),
+        Term("log π backward", grad_rows * (t * layers * per_token * FLOAT + h * vocab * FLOAT * 2), {grad_field: grad_rows}),
+        Term("outer step", (b.inner_steps + 1) * train_rows * state, {"bilevel.inner_steps": b.inner_steps, train_field: train_rows}),
         Term(
-            "sampling", rows * (t * 2 * layers * d * w + vocab * FLOAT + (h + 1) * 2 * d * FLOAT), rows_field,
-            f"lower {rows_field} or rollout.max_new_tokens",
+            "preference store", stored_steps * (b.inner_steps + 1) * b.pairs_per_step * 2 * state,
+            {"bilevel.outer_steps": stored_steps, "bilevel.inner_steps": b.inner_steps, "bilevel.pairs_per_step": b.pairs_per_step},
         ),
-        Term(
-            "log π backward", grad_rows * (t * layers * per_token * FLOAT + h * vocab * FLOAT * 2), grad_field,
-            f"lower {grad_field}, or set rollout.gradient_checkpointing: true"
-            + ("" if grad_field == "bilevel.micro_batch" else " or a bilevel.micro_batch"),
-        ),
-        Term("outer step", outer_rows * (h + 1) * 2 * d * FLOAT, "bilevel.inner_steps", "lower bilevel.inner_steps or the batch sizes"),
-        Term(
-            "preference store", stored_steps * (b.inner_steps + 1) * b.pairs_per_step * 2 * (h + 1) * 2 * d * FLOAT, "bilevel.outer_steps",
-            "lower bilevel.outer_steps or bilevel.pairs_per_step, or set bilevel.reward_fit.replay: false",
-        ),
-        Term(
-            "critic", critic_replay + critic_batch,
-            "bilevel.critic.replay_capacity" if critic_replay >= critic_batch else "bilevel.critic.batch_size",
-            "lower bilevel.critic.replay_capacity or bilevel.critic.batch_size",
-        ),
-        Term(
-            "reward heads", ro.heads * head_width * (d + rows * (h + 1)) * FLOAT,
-            "reward.heads" if ro.heads >= head_width else "reward.hidden", "lower reward.heads or reward.hidden",
-        ),
+        Term("critic replay", b.critic.replay_capacity * 2 * d * FLOAT, {"bilevel.critic.replay_capacity": b.critic.replay_capacity}),
+        Term("critic batch", b.critic.batch_size * vocab * FLOAT * 3, {"bilevel.critic.batch_size": b.critic.batch_size}),
+        Term("reward heads", ro.heads * max(ro.hidden, 1) * (d + rows * (h + 1)) * FLOAT, {"reward.heads": ro.heads, "reward.hidden": ro.hidden}),
     ]
 
 
@@ -187,10 +178,9 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def preflight(recipe: Recipe, run_dir: Path, device: torch.device, option: str = "--output-dir") -> Estimate | None:
-    """Refuses a run that cannot write its folder, overflows its model's context or would not fit
-    in memory; returns the memory estimate (None where the model's shape is unknown)."""
-    check_output_dir(run_dir, option)
+def preflight(recipe: Recipe, device: torch.device) -> Estimate | None:
+    """Refuses a run that overflows its model's context or would not fit in memory; returns the
+    memory estimate (None where the model's shape is unknown)."""
     shape = model_shape(recipe.model)
     if shape is None:
         return None
@@ -201,6 +191,6 @@ def preflight(recipe: Recipe, run_dir: Path, device: torch.device, option: str =
         worst = max(result.terms, key=lambda term: term.bytes)
         raise ConfigError(
             f"{worst.field}: the run needs about {size(result.total)} ({worst.what} {size(worst.bytes)} of it), more than "
-            f"the {size(result.available)} free on {device}; {worst.fix} (the estimate: rlhf_bilevel/preflight.py, README)"
+            f"the {size(result.available)} free on {device}; lower {worst.field} (the estimate: README, \"Hostile input\")"
         )
     return result

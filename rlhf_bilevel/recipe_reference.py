@@ -41,18 +41,20 @@ class Section:
     options: list[Option]
 
 
-def sections(cls: type = Recipe, path: str = "", help: str = "") -> list[Section]:
-    """Every section of `cls`, depth first, each with its own leaf fields."""
+def sections(cls: type = Recipe, path: str = "", help: str = "", base: Any = None) -> list[Section]:
+    """Every section of `cls`, depth first, each with its own leaf fields; `base` is the section's
+    default in its parent, whose values are the defaults a recipe gets (`bilevel.policy_step`'s Adam)."""
     hints = typing.get_type_hints(cls)
     own, nested = [], []
     for f in dataclasses.fields(cls):
         where = f"{path}.{f.name}" if path else f.name
         if "help" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name}: no help text; declare it as field(..., metadata={{'help': ...}})")
+        default = default_of(f) if base is None else getattr(base, f.name)
         if dataclasses.is_dataclass(hints[f.name]):
-            nested += sections(hints[f.name], where, f.metadata["help"])
+            nested += sections(hints[f.name], where, f.metadata["help"], default if dataclasses.is_dataclass(default) else None)
         else:
-            own.append(Option(where, hints[f.name], default_of(f), f.metadata["help"]))
+            own.append(Option(where, hints[f.name], default, f.metadata["help"]))
     return ([Section(path, help, own)] if own else []) + nested
 
 
@@ -139,7 +141,7 @@ def markdown() -> str:
 def field_schema(hint: Any, help: str, default: Any) -> dict[str, Any]:
     base, optional = split_optional(hint)
     if dataclasses.is_dataclass(base):
-        schema = object_schema(base)
+        schema = object_schema(base, default if dataclasses.is_dataclass(default) else None)
     elif typing.get_origin(base) is Literal:
         schema = {"enum": [*typing.get_args(base), *([None] if optional else [])]}
     elif typing.get_origin(base) is tuple:
@@ -158,13 +160,14 @@ def field_schema(hint: Any, help: str, default: Any) -> dict[str, Any]:
     return schema
 
 
-def object_schema(cls: type) -> dict[str, Any]:
+def object_schema(cls: type, base: Any = None) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
+    defaults = {f.name: default_of(f) if base is None else getattr(base, f.name) for f in fields}
     schema: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
-        "properties": {f.name: field_schema(hints[f.name], f.metadata["help"], default_of(f)) for f in fields},
+        "properties": {f.name: field_schema(hints[f.name], f.metadata["help"], defaults[f.name]) for f in fields},
     }
     required = [f.name for f in fields if default_of(f) is dataclasses.MISSING]
     if required:

@@ -44,7 +44,7 @@ from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
 from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
-from rlhf_bilevel.preflight import Estimate, preflight
+from rlhf_bilevel.preflight import Estimate, check_output_dir, preflight
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, parse_recipe, read_yaml, recipe_dict
 from rlhf_bilevel.sampling import SampledRollouts, consecutive_pairs
@@ -350,10 +350,11 @@ def check(recipe: Recipe, run_dir: Path, base_dir: Path, world: World | None = N
     """Everything that can refuse a fresh run of `recipe` in `run_dir` short of loading a model:
     the folder, the batch shards, the model's context, the memory estimate (returned) and the prompts."""
     world = world or launched_world(recipe.train.device)
+    check_output_dir(run_dir, "--output-dir")
     if (run_dir / RECIPE_FILE).exists():
         raise ConfigError(f"--output-dir: {run_dir} already holds a run; continue it with --resume {run_dir}, or pick another folder")
     check_shards(recipe, world)
-    estimate = preflight(recipe, run_dir, world.device)
+    estimate = preflight(recipe, world.device)
     load_prompts(recipe.prompts, base_dir)
     return estimate
 
@@ -369,6 +370,7 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary | None:
 def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] = lambda message: None) -> Summary | None:
     """Continues the run in `run_dir` from its newest sound checkpoint (from the start if it has
     none), with as many processes as it is started with now."""
+    check_output_dir(run_dir, "--resume")
     if not (run_dir / RECIPE_FILE).is_file():
         raise ConfigError(f"--resume: {run_dir} holds no run ({RECIPE_FILE} missing)")
     recipe = parse_recipe(read_yaml(run_dir / RECIPE_FILE), overrides)
@@ -378,7 +380,7 @@ def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] 
         base_dir = Path(json.loads(text)["base_dir"])
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"--resume: {run_dir / RUN_FILE} is damaged; it should read {{\"base_dir\": \"<the recipe's folder>\"}}") from None
-    preflight(recipe, run_dir, world.device, option="--resume")
+    preflight(recipe, world.device)
     trainer = Trainer(recipe, run_dir, base_dir, world)
     report = log if world.is_main else (lambda message: None)
     checkpoint = latest_checkpoint(run_dir, on_skip=lambda message: report(f"warning: {message}"))
