@@ -25,6 +25,8 @@ of one backward pass, and 4-byte floats elsewhere:
     critic replay       replay_capacity·2d·4
     critic batch        batch_size·V·4·3 (π, Q and their product over the vocabulary)
     reward heads        heads·max(hidden, 1)·(d + R·(H+1))·4
+    oracle model        P_o·w_o, for the llm-judge and reward-model oracles (the judge's shape, read alike)
+    oracle batch        batch_size·2T·(L_o·d_o·w_o + V_o·4): a batch of prompts with both responses
 
 It is a rough guide, not a bound: keys and values are counted at the full width d (most models
 keep fewer heads for them), while what the libraries keep besides is left out. It is there to
@@ -41,11 +43,14 @@ from pathlib import Path
 import torch
 
 from rlhf_bilevel.config import ConfigError, shown
-from rlhf_bilevel.lm.model import Shape, model_shape, resolve_dtype
+from rlhf_bilevel.lm.model import EMBEDDED, ModelConfig, Shape, model_shape, resolve_dtype
+from rlhf_bilevel.oracles.base import as_oracle_model
 from rlhf_bilevel.recipe import Recipe
 
 FLOAT = 4
 GIB = 2**30
+MODEL_ORACLES = ("llm-judge", "reward-model")
+"""The oracle kinds that load a model named by `oracle.model`."""
 
 
 @dataclass(frozen=True)
@@ -161,6 +166,26 @@ def estimate(recipe: Recipe, shape: Shape, device: torch.device) -> list[Term]:
     ]
 
 
+def oracle_terms(recipe: Recipe, device: torch.device) -> list[Term]:
+    """The judging model's weights and one batch through it, for an oracle that loads a model."""
+    oracle = recipe.oracle
+    if oracle.kind not in MODEL_ORACLES or (oracle.model is None and oracle.kind == "reward-model"):
+        return []  # a reward-model oracle without a model is refused as it is made, with its own message
+    with as_oracle_model():
+        shape = model_shape(ModelConfig(name=oracle.model or EMBEDDED, dtype=oracle.dtype))
+    if shape is None:
+        return []
+    w = torch.finfo(resolve_dtype(oracle.dtype, device)).bits // 8
+    tokens = 2 * (recipe.rollout.max_prompt_tokens + recipe.rollout.max_new_tokens)
+    return [
+        Term("oracle model", shape.parameters * w, {"oracle.model": 1}),
+        Term(
+            "oracle batch", oracle.batch_size * tokens * (shape.layers * shape.hidden * w + shape.vocab * FLOAT),
+            {"oracle.batch_size": oracle.batch_size},
+        ),
+    ]
+
+
 def available_memory(device: torch.device) -> int | None:
     """Bytes free for this process: the GPU's free memory on CUDA, else the kernel's MemAvailable."""
     if device.type == "cuda":
@@ -186,7 +211,7 @@ def preflight(recipe: Recipe, device: torch.device) -> Estimate | None:
         return None
     check_context(recipe, shape)
     check_reward_layer(recipe, shape)
-    result = Estimate(estimate(recipe, shape, device), available_memory(device), str(device))
+    result = Estimate(estimate(recipe, shape, device) + oracle_terms(recipe, device), available_memory(device), str(device))
     if result.available is not None and result.total > result.available:
         worst = max(result.terms, key=lambda term: term.bytes)
         raise ConfigError(

@@ -31,9 +31,9 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 @dataclass(frozen=True)
 class PromptConfig:
     train: str = dataclasses.field(
-        metadata={"help": "a .jsonl/.json/.parquet/.csv file (relative to the recipe's folder) or a hub dataset id (required)"}
+        metadata={"help": "a .jsonl/.json/.parquet/.csv file (relative to the recipe's folder) or a hub dataset id (required)", "path": True}
     )
-    eval: str | None = dataclasses.field(default=None, metadata={"help": "held-out prompts, same forms as train; null: no evaluation prompts"})
+    eval: str | None = dataclasses.field(default=None, metadata={"help": "held-out prompts, same forms as train; null: no evaluation prompts", "path": True})
     field: str = dataclasses.field(default="prompt", metadata={"help": "the column that holds the prompt text"})
     train_split: str = dataclasses.field(default="train", metadata={"help": "split of a hub dataset named by train"})
     eval_split: str = dataclasses.field(default="test", metadata={"help": "split of a hub dataset named by eval"})

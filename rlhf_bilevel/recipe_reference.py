@@ -2,7 +2,8 @@
 type, default, allowed values and help (`docs/recipe.md`), and a JSON Schema of a recipe
 (`docs/recipe.schema.json`) that YAML editors use to complete and check a recipe.
 
-The help text lives beside each field, in `field(metadata={"help": ...})`; nothing here repeats it.
+The help text lives beside each field, in `field(metadata={"help": ...})`, with `"path": True` on a
+field that names a file or folder; nothing here repeats them.
 `scripts/recipe_reference.py` writes both files, and a test fails when they drift from the code.
 """
 
@@ -30,6 +31,7 @@ class Option:
     hint: Any
     default: Any  # dataclasses.MISSING when the field is required
     help: str
+    path_like: bool  # names a file or folder (or, where the help says so, a hub id)
 
 
 @dataclass(frozen=True)
@@ -54,7 +56,7 @@ def sections(cls: type = Recipe, path: str = "", help: str = "", base: Any = Non
         if dataclasses.is_dataclass(hints[f.name]):
             nested += sections(hints[f.name], where, f.metadata["help"], default if dataclasses.is_dataclass(default) else None)
         else:
-            own.append(Option(where, hints[f.name], default, f.metadata["help"]))
+            own.append(Option(where, hints[f.name], default, f.metadata["help"], f.metadata.get("path", False)))
     return ([Section(path, help, own)] if own else []) + nested
 
 
@@ -94,8 +96,10 @@ def type_name(hint: Any) -> str:
     return f"{name} or null" if optional else name
 
 
-def allowed(hint: Any) -> str:
+def allowed(hint: Any, path_like: bool = False) -> str:
     base, optional = split_optional(hint)
+    if path_like:
+        return "a path or a name \\| null" if optional else "a path or a name"
     if typing.get_origin(base) is Literal:
         text = " \\| ".join(yaml_value(choice) for choice in typing.get_args(base))
     else:
@@ -132,7 +136,7 @@ def markdown() -> str:
         lines += ["| field | type | default | allowed | help |", "|---|---|---|---|---|"]
         for option in section.options:
             default = "required" if option.default is dataclasses.MISSING else f"`{yaml_value(option.default)}`"
-            cells = [f"`{option.path}`", type_name(option.hint), default, allowed(option.hint), option.help.replace("|", "\\|")]
+            cells = [f"`{option.path}`", type_name(option.hint), default, allowed(option.hint, option.path_like), option.help.replace("|", "\\|")]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

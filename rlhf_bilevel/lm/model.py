@@ -37,7 +37,7 @@ Dtype = Literal["auto", "float32", "bfloat16"]
 @dataclass(frozen=True)
 class ModelConfig:
     name: str = field(
-        default=EMBEDDED, metadata={"help": "smollm2 (embedded), tiny (built in code), a .gguf file, a local folder or a hub id"}
+        default=EMBEDDED, metadata={"help": "smollm2 (embedded), tiny (built in code), a .gguf file, a local folder or a hub id", "path": True}
     )
     dtype: Dtype = field(
         default="float32",

@@ -49,7 +49,7 @@ class OracleConfig:
     )
     model: str | None = field(
         default=None,
-        metadata={"help": "llm-judge: the judge, as model.name (default smollm2); reward-model: a folder or hub id; http: the endpoint's model"},
+        metadata={"help": "llm-judge: the judge, as model.name (default smollm2); reward-model: a folder or hub id; http: the endpoint's model", "path": True},
     )
     dtype: Literal["auto", "float32", "bfloat16"] = field(
         default="float32", metadata={"help": "llm-judge, reward-model: dtype of the judging model's weights (auto as model.dtype)"}
