@@ -12,7 +12,7 @@ The memory estimate, in bytes, with d, L, V, W the model's width, layers, vocabu
 P its parameters, w the bytes of a base weight (2 in bf16, else 4), H = max_new_tokens,
 T = max_prompt_tokens + H, n = trajectories_per_step, B = pairs_per_step, c the responses drawn
 per prompt (query.candidates with select: uncertain, else 2), K = inner_steps, E = eval_pairs,
-R = max(n, B·c, 2E) the largest batch sampled at once, m = micro_batch (else max(n, B·c)) the rows
+R = max(n, B·c, 2E) the largest batch sampled at once, m = min(micro_batch, max(n, B·c)) the rows
 of one backward pass, and 4-byte floats elsewhere:
 
     base model          P·w
@@ -25,7 +25,7 @@ of one backward pass, and 4-byte floats elsewhere:
     critic replay       replay_capacity·2d·4
     critic batch        batch_size·V·4·3 (π, Q and their product over the vocabulary)
     reward heads        heads·max(hidden, 1)·(d + R·(H+1))·4
-    oracle model        P_o·w_o, for the llm-judge and reward-model oracles (the judge's shape, read alike)
+    oracle model        P_o·w_o, for the llm-judge and reward-model oracles, whose shape is read as the base's is
     oracle batch        batch_size·2T·(L_o·d_o·w_o + V_o·4): a batch of prompts with both responses
 
 It is a rough guide, not a bound: keys and values are counted at the full width d (most models
@@ -68,7 +68,7 @@ class Term:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class MemoryEstimate:
     terms: list[Term]
     available: int | None  # bytes free on the device; None where it cannot be read
     device: str
@@ -203,7 +203,7 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def preflight(recipe: Recipe, device: torch.device) -> Estimate | None:
+def preflight(recipe: Recipe, device: torch.device) -> MemoryEstimate | None:
     """Refuses a run that overflows its model's context or would not fit in memory; returns the
     memory estimate (None where the model's shape is unknown)."""
     shape = model_shape(recipe.model)
@@ -211,7 +211,7 @@ def preflight(recipe: Recipe, device: torch.device) -> Estimate | None:
         return None
     check_context(recipe, shape)
     check_reward_layer(recipe, shape)
-    result = Estimate(estimate(recipe, shape, device) + oracle_terms(recipe, device), available_memory(device), str(device))
+    result = MemoryEstimate(estimate(recipe, shape, device) + oracle_terms(recipe, device), available_memory(device), str(device))
     if result.available is not None and result.total > result.available:
         worst = max(result.terms, key=lambda term: term.bytes)
         raise ConfigError(

@@ -44,7 +44,7 @@ from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
 from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
-from rlhf_bilevel.preflight import Estimate, check_output_dir, preflight
+from rlhf_bilevel.preflight import MemoryEstimate, check_output_dir, preflight
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, parse_recipe, read_yaml, recipe_dict
 from rlhf_bilevel.sampling import SampledRollouts, consecutive_pairs
@@ -346,7 +346,7 @@ def check_shards(recipe: Recipe, world: World) -> None:
             raise ConfigError(f"{name}: {n} does not split evenly over {world.size} processes; use a multiple of {world.size}")
 
 
-def check(recipe: Recipe, run_dir: Path, base_dir: Path, world: World | None = None) -> Estimate | None:
+def check(recipe: Recipe, run_dir: Path, base_dir: Path, world: World | None = None) -> MemoryEstimate | None:
     """Everything that can refuse a fresh run of `recipe` in `run_dir` short of loading a model:
     the folder, the batch shards, the model's context, the memory estimate (returned) and the prompts."""
     world = world or launched_world(recipe.train.device)

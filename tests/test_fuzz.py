@@ -433,3 +433,17 @@ def test_a_dry_run_reports_the_estimate_and_writes_nothing(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "ready to run" in result.stdout and "estimated memory" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["compare", "--quick"], ["eval", "--run", "RUN"]], ids=["compare", "eval"])
+@pytest.mark.parametrize("case", ["proc", "a-file", "under-a-file"])
+def test_other_commands_refuse_an_unusable_out_folder(tmp_path, command, case):
+    (tmp_path / "file").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in command]
+    result = CliRunner().invoke(app, [*args, "--recipe", str(TINY), "--out", str(OUTPUT_DIRS[case](tmp_path))] if command[0] == "compare"
+                                else [*args, "--out", str(OUTPUT_DIRS[case](tmp_path))])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"traceback for {args}") from result.exception
+    assert_one_line_error(result.exit_code, result.stderr, tmp_path / "nothing", "--out")
+    assert sorted(tmp_path.rglob("*")) == before
