@@ -161,3 +161,12 @@ def test_a_damaged_gguf_is_one_line(tmp_path, content):
 def test_a_folder_without_a_config_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^model\.name: cannot read the config of "):
         model_shape(ModelConfig(name=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_smollm2_context_is_read_from_its_gguf_header():
+    """The issue's 10⁸-token rollout on the default model: refused from the GGUF metadata, no weights read."""
+    recipe = parse_recipe({"prompts": {"train": "p.jsonl"}}, ["rollout.max_new_tokens=100000000"])
+    assert model_shape(recipe.model).context == 8192
+    with pytest.raises(ConfigError, match=r"^rollout\.max_new_tokens: .* exceed the 8192 positions of smollm2; set rollout\.max_new_tokens ≤ 7936"):
+        pf.preflight(recipe, CPU)
