@@ -23,7 +23,7 @@ from rlhf_bilevel.types import TRANSITION_FIELDS, Rollout, Transitions
 @dataclass(frozen=True)
 class CriticConfig:
     kind: Literal["td", "mc"] = field(default="td", metadata={"help": "td: Algorithm 2; mc: Monte-Carlo returns (no learned weights)"})
-    hidden: int = field(default=64, metadata={"help": "width of the Q head's hidden layer; 0 for a linear head"})
+    hidden: int = field(default=64, metadata={"help": "the exact lab's Q head: width of its hidden layer, 0 for a linear one (a language model's Q reads its output embeddings instead)"})
     lr: float = field(default=0.05, metadata={"help": "β′, the TD step size (> 0)"})
     optimizer: str = field(default="adam", metadata={"help": "adam or sgd: sgd is the paper's plain step; adam converges in fewer steps"})
     blocks: int = field(default=4, metadata={"help": "J: target refreshes per fit (> 0)"})
