@@ -61,12 +61,16 @@ def train(
     model: Optional[str] = typer.Option(None, "--model", help="Shorthand for --set model.name=…: smollm2, tiny, a .gguf, a folder or a hub id."),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Run folder (default: runs/<recipe name>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue the run in this folder from its newest checkpoint."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Check the recipe, the output folder, the model's context, the memory estimate and the prompts; load no model, write nothing."
+    ),
 ) -> None:
     """Align a causal LM online with Algorithm 1 (or the alternating baseline) as a recipe says."""
     from rlhf_bilevel.bilevel import NonFiniteError
     from rlhf_bilevel.checkpoint import CheckpointError
     from rlhf_bilevel.oracles.base import OracleError
     from rlhf_bilevel.recipe import load_recipe
+    from rlhf_bilevel.train import check
     from rlhf_bilevel.train import resume as resume_run
     from rlhf_bilevel.train import train as train_run
 
@@ -78,12 +82,19 @@ def train(
         if resume is not None:
             if recipe is not None or output_dir is not None:
                 fail("--resume: the run folder holds its recipe; drop --recipe/--output-dir (use --set to change a field)")
+            if dry_run:
+                fail("--dry-run: checks a fresh run; drop --resume")
             summary = resume_run(resume, overrides, log=lambda message: typer.echo(message, err=True))
         elif recipe is None:
             fail("--recipe: required, e.g. --recipe recipes/smollm2-sentiment.yaml (or --resume RUN_DIR)")
         else:
             run_dir = output_dir or Path("runs") / recipe.stem
-            summary = train_run(load_recipe(recipe, overrides), run_dir, recipe.resolve().parent)
+            parsed = load_recipe(recipe, overrides)
+            if dry_run:
+                estimate = check(parsed, run_dir, recipe.resolve().parent)
+                typer.echo(f"{recipe}: ready to run in {run_dir}; " + (estimate.describe() if estimate else "the model's size is unknown until it loads"))
+                return
+            summary = train_run(parsed, run_dir, recipe.resolve().parent)
     except (ConfigError, CheckpointError, NonFiniteError) as error:
         fail(str(error))
     except OracleError as error:

@@ -49,6 +49,7 @@ from rlhf_bilevel.checkpoint import checkpoints
 from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, gold_score, held_out_prompts, load_policy, load_run
 from rlhf_bilevel.oracles.registry import make_oracle
+from rlhf_bilevel.preflight import check_output_dir
 from rlhf_bilevel.report import plain, write_eval
 from rlhf_bilevel.types import LAMBDA
 
@@ -346,6 +347,7 @@ def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path) -> None:
 
 def compare(recipe_file: Path, out: Path, cfg: CompareConfig, overrides: Sequence[str] = (), quick: bool = False) -> dict:
     """Runs every chosen method for every seed on `recipe_file`, evaluates them alike, and writes the tables and plots."""
+    check_output_dir(out, "--out")
     if (out / "comparison.json").exists():
         raise ConfigError(f"--out: {out} already holds a comparison; pick another folder")
     overrides = [*(QUICK if quick else []), *overrides]

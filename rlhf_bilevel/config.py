@@ -42,31 +42,53 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class BilevelConfig:
-    method: Literal["bilevel", "alternating"] = "bilevel"  # alternating: standard online RLHF, no λ′
-    pseudocode: Literal["corrected", "printed"] = "corrected"  # printed: errata 1–3 as the paper prints them
-    sigma: float = 0.1  # penalty σ: bias O(σ), noise amplified by 1/σ
-    outer_steps: int = 10  # T
-    inner_steps: int = 4  # K
-    pairs_per_step: int = 8  # B: oracle pairs per inner step; B·(K+1) per outer step
-    trajectories_per_step: int = 8  # n: trajectories of π_λ per inner step, for the critic and eq. 12
-    gamma: float = 1.0  # discount γ
-    beta: float = 0.1  # KL weight β of eq. 2
-    upper_loss: Literal["bt_nll", "disagreement"] = "bt_nll"
-    f_at: Literal["lambda_prime", "lambda"] = "lambda_prime"  # where ∇_φ f is taken (erratum 4)
-    labels: Literal["sample", "expected"] = "sample"  # expected: use P(first ≻ second) as a soft label
+    method: Literal["bilevel", "alternating"] = field(
+        default="bilevel", metadata={"help": "alternating: standard online RLHF, the policy and the reward model in turn, no λ′"}
+    )
+    pseudocode: Literal["corrected", "printed"] = field(
+        default="corrected", metadata={"help": "printed: errata 1–3 as the paper prints them (docs/algorithm.md)"}
+    )
+    sigma: float = field(default=0.1, metadata={"help": "penalty σ (> 0): bias O(σ), noise amplified by 1/σ"})
+    outer_steps: int = field(default=10, metadata={"help": "T, outer iterations (> 0)"})
+    inner_steps: int = field(default=4, metadata={"help": "K, inner steps of λ and λ′ per outer iteration (> 0)"})
+    pairs_per_step: int = field(default=8, metadata={"help": "B, oracle pairs per inner step (> 0); B·(K+1) per outer step"})
+    trajectories_per_step: int = field(
+        default=8, metadata={"help": "n, trajectories of π_λ per inner step, for the critic and eq. 12 (> 0)"}
+    )
+    gamma: float = field(default=1.0, metadata={"help": "discount γ, in (0, 1]"})
+    beta: float = field(default=0.1, metadata={"help": "KL weight β of eq. 2 (≥ 0)"})
+    upper_loss: Literal["bt_nll", "disagreement"] = field(
+        default="bt_nll", metadata={"help": "the upper-level loss f of φ: Bradley–Terry negative log-likelihood, or disagreement"}
+    )
+    f_at: Literal["lambda_prime", "lambda"] = field(
+        default="lambda_prime", metadata={"help": "the policy whose pairs ∇_φ f is taken on (erratum 4)"}
+    )
+    labels: Literal["sample", "expected"] = field(
+        default="sample", metadata={"help": "sample: a Bernoulli label per pair; expected: P(first ≻ second) as a soft label"}
+    )
     # common random numbers: d_t's ∇φĴ(λ) and ∇φĴ(λ′) on n trajectories each, drawn on the same
     # prompts and uniforms, so their difference (÷σ) loses most of its noise once λ′ ≈ λ while each
-    # stays unbiased; costs one more rollout of n (off: ∇φĴ(λ′) is taken on the f-pairs' rollout)
-    common_random_numbers: bool = False
-    # rows per forward+backward of log π in the λ and λ′ steps (None: the whole batch at once): the
-    # trunk's activations are those of `micro_batch` rows, for one more no-grad forward of the batch
-    micro_batch: int | None = None
-    policy_step: StepConfig = field(default_factory=lambda: StepConfig(rule="adam", lr=0.05, schedule="constant"))
-    reward_step: StepConfig = field(default_factory=lambda: StepConfig(rule="normalized", lr=0.1, schedule="inverse"))
-    # how φ learns from the labels: the whole preference store, several steps, a prior (store.py)
-    reward_fit: RewardFitConfig = field(default_factory=RewardFitConfig)
-    query: QueryConfig = field(default_factory=QueryConfig)  # which pairs the oracle is asked about (queries.py)
-    critic: CriticConfig = field(default_factory=CriticConfig)
+    # stays unbiased; costs one more rollout of n
+    common_random_numbers: bool = field(
+        default=False,
+        metadata={"help": "draw ∇φĴ(λ) and ∇φĴ(λ′) on the same prompts and uniforms, one more rollout of n "
+                          "(false: ∇φĴ(λ′) is taken on the f-pairs' rollout)"},
+    )
+    # the trunk's activations are those of `micro_batch` rows, for one more no-grad forward of the batch
+    micro_batch: int | None = field(
+        default=None, metadata={"help": "rows per forward+backward of log π in the λ and λ′ steps (> 0); null: the whole batch at once"}
+    )
+    policy_step: StepConfig = field(
+        default_factory=lambda: StepConfig(rule="adam", lr=0.05, schedule="constant"), metadata={"help": "the steps of λ and λ′"}
+    )
+    reward_step: StepConfig = field(
+        default_factory=lambda: StepConfig(rule="normalized", lr=0.1, schedule="inverse"), metadata={"help": "the steps of φ"}
+    )
+    reward_fit: RewardFitConfig = field(
+        default_factory=RewardFitConfig, metadata={"help": "how φ learns from the labels: the preference store, several steps, a prior"}
+    )
+    query: QueryConfig = field(default_factory=QueryConfig, metadata={"help": "which pairs the oracle is asked about"})
+    critic: CriticConfig = field(default_factory=CriticConfig, metadata={"help": "the critic Q of Algorithm 2"})
 
     def __post_init__(self) -> None:
         positive(self, "sigma", "outer_steps", "inner_steps", "pairs_per_step", "trajectories_per_step")
@@ -132,8 +154,10 @@ def shown(value: Any) -> str:
     return text if len(text) <= SHOWN_CHARS else f"{text[:SHOWN_CHARS]}… ({len(text)} characters)"
 
 
-def build(cls: type, data: Any, where: str = "") -> Any:
-    """A frozen dataclass from a dict, checking every key and every type."""
+def build(cls: type, data: Any, where: str = "", base: Any = None) -> Any:
+    """A frozen dataclass from a dict, checking every key and every type. A key left out keeps its
+    value in `base` (a section's default in its parent, e.g. `bilevel.policy_step`'s Adam), else
+    the class's default."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -145,21 +169,30 @@ def build(cls: type, data: Any, where: str = "") -> Any:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"{path}: unknown key{hint}")
-        values[key] = convert(hints[key], value, path)
+        inner = getattr(base, key) if base is not None else section_default(fields[key])
+        values[key] = convert(hints[key], value, path, inner)
     for name, f in fields.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}.{name}: required" if where else f"{name}: required")
     try:
-        return cls(**values)
+        return cls(**values) if base is None else dataclasses.replace(base, **values)
     except ConfigError as error:
         raise ConfigError(f"{where}.{error}" if where else str(error)) from None
 
 
-def convert(hint: Any, value: Any, path: str) -> Any:
+def section_default(f: dataclasses.Field) -> Any:
+    """The default of a field whose default is a config section, else None."""
+    if f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+        return default if dataclasses.is_dataclass(default) else None
+    return None
+
+
+def convert(hint: Any, value: Any, path: str, base: Any = None) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
-        return build(hint, value, path)
+        return build(hint, value, path, base)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -9,7 +9,7 @@ baseline V(s) = Σ_a π(a|s) Q(s, a) used by eq. 12 is exact rather than learned
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 import torch
@@ -22,21 +22,28 @@ from rlhf_bilevel.types import TRANSITION_FIELDS, Rollout, Transitions
 
 @dataclass(frozen=True)
 class CriticConfig:
-    kind: Literal["td", "mc"] = "td"  # td: Algorithm 2; mc: Monte-Carlo returns (no learned weights)
-    hidden: int = 64  # width of the Q head's hidden layer; 0 for a linear head
-    lr: float = 0.05  # β′, the TD step size
-    optimizer: str = "adam"  # sgd is the paper's plain step; adam converges in fewer steps
-    blocks: int = 4  # J: target refreshes per fit
-    target_every: int = 50  # L: TD steps between target refreshes
-    batch_size: int = 64  # transitions replayed per TD step
-    radius: float | None = None  # R of the projection ‖θ − θ0‖ ≤ R; None: 1/(1−γ) if γ < 1, else off
-    replay_capacity: int = 1024  # transitions kept, newest first: older ones were sampled by older
-    # policies, and their a′ biases the on-policy target towards those policies' Q. Whenever φ changes
-    # the replay's rewards are recomputed (`relabel`), so it never teaches the Q of an older r_φ
-    # the bootstrap of TD(0): expected, y = r + γ Σ_a′ π(a′|s′) Q(s′, a′), which the vocabulary head gives
-    # exactly; sampled, y = r + γ Q(s′, a′) at the token drawn next (Algorithm 2 line 6 as printed)
-    target: Literal["expected", "sampled"] = "expected"
-    warmup_blocks: int = 0  # extra blocks of the first fit: a critic starting from zero would steer λ's first step by noise
+    kind: Literal["td", "mc"] = field(default="td", metadata={"help": "td: Algorithm 2; mc: Monte-Carlo returns (no learned weights)"})
+    hidden: int = field(default=64, metadata={"help": "the exact lab's Q head: width of its hidden layer, 0 for a linear one (a language model's Q reads its output embeddings instead)"})
+    lr: float = field(default=0.05, metadata={"help": "β′, the TD step size (> 0)"})
+    optimizer: str = field(default="adam", metadata={"help": "adam or sgd: sgd is the paper's plain step; adam converges in fewer steps"})
+    blocks: int = field(default=4, metadata={"help": "J: target refreshes per fit (> 0)"})
+    target_every: int = field(default=50, metadata={"help": "L: TD steps between target refreshes (> 0)"})
+    batch_size: int = field(default=64, metadata={"help": "transitions replayed per TD step (> 0)"})
+    radius: float | None = field(
+        default=None, metadata={"help": "R of the projection ‖θ − θ0‖ ≤ R (> 0); null: 1/(1−γ) if γ < 1, else off"}
+    )
+    # older transitions were sampled by older policies, and their a′ biases the on-policy target towards
+    # those policies' Q. Whenever φ changes the replay's rewards are recomputed (`relabel`), so it never
+    # teaches the Q of an older r_φ
+    replay_capacity: int = field(default=1024, metadata={"help": "transitions kept, newest first (> 0)"})
+    target: Literal["expected", "sampled"] = field(
+        default="expected",
+        metadata={"help": "the bootstrap of TD(0): expected, y = r + γ Σ_a′ π(a′|s′) Q(s′, a′) over the vocabulary; "
+                          "sampled, y = r + γ Q(s′, a′) at the token drawn next (Algorithm 2 line 6 as printed)"},
+    )
+    warmup_blocks: int = field(
+        default=0, metadata={"help": "extra blocks of the first fit: a critic starting from zero would steer λ's first step by noise"}
+    )
 
 
 class QHead(nn.Module):

@@ -356,8 +356,10 @@ def eval_checkpoint(folder: RunFolder, checkpoint: Path, cfg: EvalConfig, overri
 
 def eval_run(run_dir: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Evaluates the newest checkpoint of the run in `run_dir` and writes the report to `out` (default RUN/eval)."""
+    from rlhf_bilevel.preflight import check_output_dir
     from rlhf_bilevel.report import write_eval
 
+    check_output_dir(out or run_dir / "eval", "--out")
     folder = RunFolder(run_dir)
     folder.read_recipe("--run", overrides)  # a folder without a run is named before its checkpoints are looked for
     checkpoint = folder.latest_checkpoint()
@@ -371,9 +373,11 @@ def eval_run(run_dir: Path, cfg: EvalConfig, out: Path | None = None, overrides:
 def eval_adapter(adapter: Path, recipe_file: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Evaluates a peft adapter trained by any tool on the recipe's model, oracle and held-out prompts."""
     from rlhf_bilevel.oracles.registry import make_oracle
+    from rlhf_bilevel.preflight import check_output_dir
     from rlhf_bilevel.recipe import load_recipe
     from rlhf_bilevel.report import write_eval
 
+    check_output_dir(out or adapter / "eval", "--out")
     recipe = load_recipe(recipe_file, list(overrides))
     oracle = make_oracle(recipe.oracle)
     prompts = held_out_prompts(recipe, recipe_file.resolve().parent)

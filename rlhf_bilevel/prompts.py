@@ -8,6 +8,7 @@ names the recipe field, since it is the user's file, not our code, that needs fi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Iterator
@@ -29,12 +30,14 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "c
 
 @dataclass(frozen=True)
 class PromptConfig:
-    train: str  # a .jsonl/.json/.parquet/.csv file (relative to the recipe's folder) or a hub dataset id
-    eval: str | None = None  # held-out prompts, same forms as train; None: no evaluation prompts
-    field: str = "prompt"  # the column that holds the prompt text
-    train_split: str = "train"  # split of a hub dataset named by train
-    eval_split: str = "test"  # split of a hub dataset named by eval
-    limit: int | None = None  # keep only the first `limit` prompts of each set (a quick run)
+    train: str = dataclasses.field(
+        metadata={"help": "a .jsonl/.json/.parquet/.csv file (relative to the recipe's folder) or a hub dataset id (required)", "path": True}
+    )
+    eval: str | None = dataclasses.field(default=None, metadata={"help": "held-out prompts, same forms as train; null: no evaluation prompts", "path": True})
+    field: str = dataclasses.field(default="prompt", metadata={"help": "the column that holds the prompt text"})
+    train_split: str = dataclasses.field(default="train", metadata={"help": "split of a hub dataset named by train"})
+    eval_split: str = dataclasses.field(default="test", metadata={"help": "split of a hub dataset named by eval"})
+    limit: int | None = dataclasses.field(default=None, metadata={"help": "keep only the first `limit` prompts of each set (> 0), for a quick run"})
 
     def __post_init__(self) -> None:
         if self.limit is not None:

@@ -13,7 +13,7 @@ A selected pair is no longer two independent draws of π_λ′: the score-functi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -24,8 +24,11 @@ from rlhf_bilevel.types import PreferencePairs, Rollout
 
 @dataclass(frozen=True)
 class QueryConfig:
-    select: Literal["random", "uncertain"] = "random"  # uncertain: the pair the ensemble disagrees on most
-    candidates: int = 2  # responses drawn per prompt when `select` is uncertain (≥ 2)
+    select: Literal["random", "uncertain"] = field(
+        default="random", metadata={"help": "random: two responses per prompt; uncertain: the pair the ensemble disagrees on most"}
+    )
+    candidates: int = field(default=2, metadata={"help": "responses drawn per prompt when `select` is uncertain (≥ 2)"})
+
 
 
 def most_uncertain_pairs(member_rewards: Tensor, rollout: Rollout, candidates: int) -> PreferencePairs:

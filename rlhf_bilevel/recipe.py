@@ -28,18 +28,27 @@ from rlhf_bilevel.prompts import PromptConfig
 
 @dataclass(frozen=True)
 class TrainConfig:
-    seed: int = 0
-    save_every: int = 5  # outer steps between checkpoints; the last step always saves one
-    keep: int | None = 2  # newest checkpoints kept; None keeps all
-    eval_every: int = 1  # outer steps between evaluations (the first and last always run)
-    eval_pairs: int = 16  # held-out prompts, two responses each: reward-model agreement and gold score
-    tensorboard: bool = True
-    max_bad_steps: int = 10  # the run stops once one block (λ, λ′, φ, a critic) skips this many non-finite updates in a row
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: each process's own GPU (cuda:LOCAL_RANK) when there is one, else the CPU
-    # give freed tensors back to the OS at once (glibc: a fixed mmap threshold, allocator.py): peak
-    # memory then is one phase's, not the high-water of every phase before it, for page faults
-    # on every large tensor (a few % to ~15 % of a step's time, measured on SmolLM2)
-    return_freed_memory: bool = False
+    seed: int = field(default=0, metadata={"help": "seed of the adapters' and heads' initialisation and of every draw"})
+    save_every: int = field(default=5, metadata={"help": "outer steps between checkpoints (> 0); the last step always saves one"})
+    keep: int | None = field(default=2, metadata={"help": "newest checkpoints kept (> 0); null keeps all"})
+    eval_every: int = field(default=1, metadata={"help": "outer steps between evaluations (> 0); the first and last always run"})
+    eval_pairs: int = field(
+        default=16, metadata={"help": "held-out prompts, two responses each (> 0): reward-model agreement and gold score"}
+    )
+    tensorboard: bool = field(default=True, metadata={"help": "write TensorBoard events beside metrics.jsonl"})
+    max_bad_steps: int = field(
+        default=10,
+        metadata={"help": "the run stops once one block (λ, λ′, φ, a critic) skips this many non-finite updates in a row (> 0)"},
+    )
+    device: Literal["auto", "cpu", "cuda"] = field(
+        default="auto", metadata={"help": "auto: each process's own GPU (cuda:LOCAL_RANK) when there is one, else the CPU"}
+    )
+    # glibc: a fixed mmap threshold (allocator.py); page faults on every large tensor cost a few % to
+    # ~15 % of a step's time, measured on SmolLM2
+    return_freed_memory: bool = field(
+        default=False,
+        metadata={"help": "give freed tensors back to the OS at once: peak memory is one phase's, not the high-water of every phase before it"},
+    )
 
     def __post_init__(self) -> None:
         positive(self, "save_every", "eval_every", "eval_pairs", "max_bad_steps")
@@ -49,14 +58,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class Recipe:
-    prompts: PromptConfig
-    model: ModelConfig = field(default_factory=ModelConfig)
-    adapters: AdapterConfig = field(default_factory=AdapterConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
-    oracle: OracleConfig = field(default_factory=OracleConfig)
-    bilevel: BilevelConfig = field(default_factory=BilevelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    prompts: PromptConfig = field(metadata={"help": "the prompts to train and evaluate on (required)"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "the frozen base model"})
+    adapters: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "the LoRA adapters of λ, λ′ (and of φ with reward.lora)"})
+    rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "how responses are sampled and scored"})
+    reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "the learned reward r_φ"})
+    oracle: OracleConfig = field(default_factory=OracleConfig, metadata={"help": "who labels the pairs"})
+    bilevel: BilevelConfig = field(default_factory=BilevelConfig, metadata={"help": "the algorithm: Algorithm 1 or the alternating baseline"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "seed, checkpoints, evaluation and the device"})
 
     def __post_init__(self) -> None:
         # lm/policy.py's config has no checks of its own; 0 would fail inside sampling with a traceback

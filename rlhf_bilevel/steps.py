@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -11,11 +11,18 @@ from torch import Tensor
 
 @dataclass(frozen=True)
 class StepConfig:
-    rule: Literal["normalized", "adam"] = "normalized"  # normalized: x ± lr_k d/‖d‖ (eq. lines 9, 10, 14); adam: Adam on d
-    lr: float = 0.1  # lr_0
-    schedule: Literal["inverse", "inverse_sqrt", "constant"] = "inverse"  # inverse: lr_0/(k+1) (Theorem 1); inverse_sqrt: lr_0/√(k+1); constant: lr_0
-    max_norm: float | None = None  # adam only: clip d to this norm first
-    weight_decay: float = 0.0  # ρ: the step follows d ∓ ρx, i.e. it optimises the objective ∓ ρ/2 ‖x‖²
+    rule: Literal["normalized", "adam"] = field(
+        default="normalized", metadata={"help": "normalized: x ± lr_k d/‖d‖ (eq. lines 9, 10, 14); adam: Adam on d"}
+    )
+    lr: float = field(default=0.1, metadata={"help": "lr_0, the first step size (> 0)"})
+    schedule: Literal["inverse", "inverse_sqrt", "constant"] = field(
+        default="inverse", metadata={"help": "inverse: lr_0/(k+1) (Theorem 1); inverse_sqrt: lr_0/√(k+1); constant: lr_0"}
+    )
+    max_norm: float | None = field(default=None, metadata={"help": "adam only: clip d to this norm first (> 0); null: no clipping"})
+    weight_decay: float = field(
+        default=0.0, metadata={"help": "ρ (≥ 0): the step follows d ∓ ρx, i.e. it optimises the objective ∓ ρ/2 ‖x‖²"}
+    )
+
 
 
 def norm(direction: list[Tensor]) -> Tensor:

@@ -13,7 +13,7 @@ any φ. It is saved with each checkpoint and restored on resume.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -26,24 +26,28 @@ PAIR_TENSORS = ("first", "second", "weight", "prob", "label")
 
 @dataclass(frozen=True)
 class RewardFitConfig:
-    # replay every labelled pair of the run at every step of φ's fit; false: the theorem's update,
-    # the last B pairs only (docs/algorithm.md step 6)
-    replay: bool = True
-    steps: int = 1  # steps of φ per outer iteration (each along d_t recomputed at the current φ)
-    # c of the prior (c/N)‖φ − φ₀‖², N the labels in the store: it anchors φ while labels are few and
-    # fades as they grow, the role the 1/t schedule plays for a single step (0: no prior)
-    prior: float = 0.0
-    # a batch labelled `half_life` outer steps ago counts half as much as a fresh one: the store leans
-    # towards the pairs of the current π_λ′, whose distribution f(φ, λ′) is an expectation over
-    # (None: every label counts the same)
-    half_life: float | None = None
-    # the penalty's ∇φĴ(λ) and ∇φĴ(λ′) from every trajectory the outer step drew of each policy
-    # (`all`: the critic's rollouts and the pairs too, more samples, some from before the last inner
-    # step) or from the hypergradient's own draws only (`final`)
-    penalty_from: Literal["all", "final"] = "all"
-    # stored batches replayed per step (None: all): bounds a step's cost when r_φ runs a trunk of its
-    # own (reward.lora), where every batch costs a forward and backward pass
-    minibatch: int | None = None
+    replay: bool = field(
+        default=True,
+        metadata={"help": "replay every labelled pair of the run at every step of φ's fit; false: the theorem's update, the last B pairs only"},
+    )
+    steps: int = field(default=1, metadata={"help": "steps of φ per outer iteration (> 0), each along d_t recomputed at the current φ"})
+    # it anchors φ while labels are few and fades as they grow, the role the 1/t schedule plays for a single step
+    prior: float = field(
+        default=0.0, metadata={"help": "c of the prior (c/N)‖φ − φ₀‖², N the labels in the store (≥ 0; 0: no prior)"}
+    )
+    # the store leans towards the pairs of the current π_λ′, whose distribution f(φ, λ′) is an expectation over
+    half_life: float | None = field(
+        default=None,
+        metadata={"help": "a batch labelled `half_life` outer steps ago counts half as much as a fresh one (> 0); null: every label counts the same"},
+    )
+    penalty_from: Literal["all", "final"] = field(
+        default="all",
+        metadata={"help": "the penalty's ∇φĴ(λ) and ∇φĴ(λ′) from every trajectory the outer step drew of each policy (all), "
+                          "or from the hypergradient's own draws only (final)"},
+    )
+    # bounds a step's cost when r_φ runs a trunk of its own (reward.lora), where every batch costs a
+    # forward and backward pass
+    minibatch: int | None = field(default=None, metadata={"help": "stored batches replayed per step (> 0); null: all"})
 
 
 class PreferenceStore:

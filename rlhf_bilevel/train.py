@@ -24,6 +24,7 @@ from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
 from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog
+from rlhf_bilevel.preflight import MemoryEstimate, check_output_dir, preflight
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe
 from rlhf_bilevel.run_folder import RunFolder, run_record
@@ -95,21 +96,35 @@ def run(trainer: Trainer, base_dir: Path) -> Summary | None:
     return trainer.fit()
 
 
+def check(recipe: Recipe, run_dir: Path, base_dir: Path, world: Collectives | None = None) -> MemoryEstimate | None:
+    """Everything that can refuse a fresh run of `recipe` in `run_dir` short of loading a model:
+    the folder, the batch shards, the model's context, the memory estimate (returned) and the prompts."""
+    world = world or launched_world(recipe.train.device)
+    check_output_dir(run_dir, "--output-dir")
+    RunFolder(run_dir).check_new()
+    check_shards(recipe, world)
+    estimate = preflight(recipe, world.device)
+    load_prompts(recipe.prompts, base_dir)
+    return estimate
+
+
 def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary | None:
     """A fresh run of `recipe` in `run_dir`; refuses a folder that already holds a run. Under
     `accelerate launch` every process calls it; the main one returns the summary, the others None."""
     world = launched_world(recipe.train.device)
-    RunFolder(run_dir).check_new()
+    check(recipe, run_dir, base_dir, world)
     return run(build(recipe, run_dir, base_dir, world), base_dir)
 
 
 def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] = lambda message: None) -> Summary | None:
     """Continues the run in `run_dir` from its newest sound checkpoint (from the start if it has
     none), with as many processes as it is started with now."""
+    check_output_dir(run_dir, "--resume")
     folder = RunFolder(run_dir)
     recipe = folder.read_recipe("--resume", overrides)
     world = launched_world(recipe.train.device)
     base_dir = folder.base_dir("--resume")
+    preflight(recipe, world.device)
     trainer = build(recipe, run_dir, base_dir, world)
     report = log if world.is_main else (lambda message: None)
     checkpoint = folder.latest_checkpoint(on_skip=lambda message: report(f"warning: {message}"))

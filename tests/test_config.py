@@ -42,3 +42,10 @@ def test_exponent_floats_read_as_numbers_and_out_of_range_numbers_are_refused():
         build(BilevelConfig, {"critic": {"batch_size": 0}})
     with pytest.raises(ConfigError, match=r"… \(\d+ characters\)$"):
         build(BilevelConfig, {"sigma": "x" * 10_000})  # a quoted value is cut: the error stays one readable line
+
+
+def test_a_partial_section_keeps_its_default_in_the_parent():
+    """`policy_step: {lr: 0.2}` changes lr only: the rule stays the parent's Adam, not StepConfig's own default."""
+    cfg = build(BilevelConfig, {"policy_step": {"lr": 0.2}, "critic": {"lr": 0.5}})
+    assert (cfg.policy_step.rule, cfg.policy_step.schedule, cfg.policy_step.lr) == ("adam", "constant", 0.2)
+    assert cfg.reward_step == BilevelConfig().reward_step and cfg.critic.lr == 0.5

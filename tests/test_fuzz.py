@@ -1,5 +1,7 @@
 """Untrusted input: malformed recipes, overrides and prompt files, generated from a fixed seed, each
 end in one `error:` line that names the field at fault, never in a traceback, and write nothing.
+Every numeric and every path field of a recipe is fuzzed, found from the dataclasses, so a new
+field is fuzzed as soon as it exists; those cases stop at `train --dry-run`, which loads no model.
 
 Most cases run the Typer app in this interpreter (the same parsing and error handling as the
 installed command, without paying ~6 s of imports per case); a few run the real command in
@@ -8,6 +10,8 @@ a fresh interpreter, where a traceback would reach the user's terminal.
 
 import dataclasses
 import http.server
+import json
+import math
 import os
 import random
 import threading
@@ -103,9 +107,9 @@ def set_path(data: dict, path: str, value: typing.Any) -> dict:
     return data
 
 
-def invoke(tmp_path: Path, *args: str) -> tuple[int, str, Path]:
+def invoke(tmp_path: Path, *args: str, out: Path | None = None) -> tuple[int, str, Path]:
     """The command in this interpreter: (exit code, stderr, run folder); an escaped exception fails the test."""
-    out = tmp_path / "run"
+    out = out or tmp_path / "run"
     result = CliRunner().invoke(app, ["train", *args, "--output-dir", str(out)])
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise AssertionError(f"traceback for {args}") from result.exception
@@ -272,3 +276,174 @@ def test_a_pickled_model_is_refused(tmp_path):
     code, stderr, out = invoke(tmp_path, "--recipe", str(TINY), "--model", str(folder))
     assert_one_line_error(code, stderr, out, "model.name")
     assert "model.safetensors" in stderr
+
+
+NUMERIC = {
+    int: [0, -1, 10**15, 2**63, math.nan, math.inf, "seven", [1]],
+    float: [0, -1.0, 1e30, 1e300, math.nan, math.inf, -math.inf, "fast", [1.0]],
+}
+
+
+def base_type(hint: typing.Any) -> typing.Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    return args[0] if typing.get_origin(hint) in (typing.Union, types.UnionType) else hint
+
+
+def yaml_text(value: typing.Any) -> str:
+    """`value` as `--set` reads it (YAML): .nan and .inf for the floats JSON cannot write."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return ".nan" if math.isnan(value) else ("-.inf" if value < 0 else ".inf")
+    return json.dumps(value)
+
+
+def assert_checked(code: int, stderr: str, out: Path, field: str) -> None:
+    """A value a field allows passes every check (exit 0); any other ends in one line naming the field."""
+    if code == 0:
+        assert "error" not in stderr and "Traceback" not in stderr, stderr
+        assert not out.exists(), "a dry run wrote files"
+    else:
+        assert_one_line_error(code, stderr, out, field)
+
+
+def numeric_cases() -> list[tuple[str, typing.Any]]:
+    return [(path, value) for path, hint in leaf_fields(Recipe) if base_type(hint) in NUMERIC for value in NUMERIC[base_type(hint)]]
+
+
+def test_every_numeric_field_is_fuzzed():
+    fuzzed = {path for path, _ in numeric_cases()}
+    assert {"bilevel.reward_fit.steps", "rollout.max_new_tokens", "bilevel.critic.replay_capacity", "train.eval_pairs"} <= fuzzed
+    assert len(fuzzed) > 40
+
+
+@pytest.mark.parametrize("path, value", numeric_cases(), ids=lambda v: str(v)[:40])
+def test_numeric_field(tmp_path, path, value):
+    code, stderr, out = invoke(tmp_path, "--recipe", str(TINY), "--set", f"{path}={yaml_text(value)}", "--dry-run")
+    assert_checked(code, stderr, out, path)
+    if refused_by_every_field(value):
+        assert code == 2, f"{path}={value!r} passed"
+
+
+def refused_by_every_field(value: typing.Any) -> bool:
+    """The wrong kind, a negative int, or a number beyond int64 or float32: no field takes it."""
+    if isinstance(value, (str, list)) or (type(value) is int and not 0 <= value < 2**63):
+        return True
+    return isinstance(value, float) and not abs(value) < 1e39
+
+
+def path_fields() -> list[str]:
+    found = []
+
+    def walk(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+            elif f.metadata.get("path"):
+                found.append(f"{prefix}{f.name}")
+
+    walk(Recipe, "")
+    return found
+
+
+def hostile_paths(tmp_path: Path) -> dict[str, Path]:
+    """Paths no field can use: missing, a folder, garbage in a file of each kind a field reads, a
+    special file (open() succeeds, and it reads as nothing, even for root)."""
+    (tmp_path / "a-folder.jsonl").mkdir()
+    for suffix in ("jsonl", "gguf", "parquet", "yaml"):
+        (tmp_path / f"binary.{suffix}").write_bytes(garbage(700))
+    (tmp_path / "special.jsonl").symlink_to("/proc/self/mem")
+    return {
+        "missing": tmp_path / "missing" / "prompts.jsonl",
+        "a-folder": tmp_path / "a-folder.jsonl",
+        "binary-jsonl": tmp_path / "binary.jsonl",
+        "binary-gguf": tmp_path / "binary.gguf",
+        "binary-parquet": tmp_path / "binary.parquet",
+        "special-file": tmp_path / "special.jsonl",
+    }
+
+
+def test_the_path_fields_are_found():
+    assert {"prompts.train", "prompts.eval", "model.name", "oracle.model"} <= set(path_fields())
+
+
+READ_WITH = {"oracle.model": ["oracle.kind=reward-model", "oracle.kind=llm-judge"]}
+"""Path fields that only some settings read, with those settings; the others are read by every run."""
+
+
+def path_cases() -> list[tuple[str, str, list[str]]]:
+    cases = ["missing", "a-folder", "binary-jsonl", "binary-gguf", "binary-parquet", "special-file"]
+    return [(path, case, [setting]) for path in path_fields() for setting in READ_WITH.get(path, [None]) for case in cases]
+
+
+@pytest.mark.parametrize("path, case, settings", path_cases(), ids=lambda v: str(v))
+def test_path_field(tmp_path, path, case, settings):
+    target = hostile_paths(tmp_path)[case]
+    extra = [a for setting in settings if setting for a in ("--set", setting)]
+    code, stderr, out = invoke(tmp_path, "--recipe", str(TINY), "--set", f"{path}={target}", *extra, "--dry-run")
+    assert_one_line_error(code, stderr, out, path)
+
+
+@pytest.mark.parametrize("case", ["missing", "a-folder", "binary-yaml", "special-file"])
+def test_recipe_path(tmp_path, case):
+    paths = {**hostile_paths(tmp_path), "binary-yaml": tmp_path / "binary.yaml"}
+    assert_one_line_error(*invoke(tmp_path, "--recipe", str(paths[case]), "--dry-run"), "--recipe")
+
+
+OUTPUT_DIRS = {
+    "proc": lambda tmp: Path("/proc/x"),
+    "a-file": lambda tmp: tmp / "file",
+    "under-a-file": lambda tmp: tmp / "file" / "run",
+    "name-too-long": lambda tmp: tmp / ("x" * 300),
+    "holds-a-run": lambda tmp: tmp / "done",
+}
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "train"])
+@pytest.mark.parametrize("case", OUTPUT_DIRS)
+def test_output_dir(tmp_path, case, dry_run):
+    """Refused before the model loads: the real command, not only the dry run, writes nothing."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "recipe.yaml").write_text("{}")
+    before = sorted(tmp_path.rglob("*"))
+    code, stderr, _ = invoke(tmp_path, "--recipe", str(TINY), *(["--dry-run"] if dry_run else []), out=OUTPUT_DIRS[case](tmp_path))
+    assert_one_line_error(code, stderr, tmp_path / "nothing", "--output-dir")
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_read_only_output_dir_is_refused(tmp_path):
+    if os.geteuid() == 0:
+        pytest.skip("root writes in any folder")
+    tmp_path.chmod(0o500)
+    try:
+        assert_one_line_error(*invoke(tmp_path, "--recipe", str(TINY)), "--output-dir")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "train"])
+def test_a_rollout_beyond_the_context_is_refused_before_the_model_loads(tmp_path, dry_run):
+    code, stderr, out = invoke(tmp_path, "--recipe", str(TINY), "--set", "rollout.max_new_tokens=100000000", *(["--dry-run"] if dry_run else []))
+    assert_one_line_error(code, stderr, out, "rollout.max_new_tokens")
+    assert "set rollout.max_new_tokens ≤ 256" in stderr
+
+
+def test_a_dry_run_reports_the_estimate_and_writes_nothing(tmp_path):
+    result = CliRunner().invoke(app, ["train", "--recipe", str(TINY), "--output-dir", str(tmp_path / "run"), "--dry-run"])
+    assert result.exit_code == 0, result.stderr
+    assert "ready to run" in result.stdout and "estimated memory" in result.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["compare", "--quick"], ["eval", "--run", "RUN"]], ids=["compare", "eval"])
+@pytest.mark.parametrize("case", ["proc", "a-file", "under-a-file"])
+def test_other_commands_refuse_an_unusable_out_folder(tmp_path, command, case):
+    (tmp_path / "file").write_text("x")
+    before = sorted(tmp_path.rglob("*"))
+    args = [str(tmp_path / "run") if a == "RUN" else a for a in command]
+    result = CliRunner().invoke(app, [*args, "--recipe", str(TINY), "--out", str(OUTPUT_DIRS[case](tmp_path))] if command[0] == "compare"
+                                else [*args, "--out", str(OUTPUT_DIRS[case](tmp_path))])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise AssertionError(f"traceback for {args}") from result.exception
+    assert_one_line_error(result.exit_code, result.stderr, tmp_path / "nothing", "--out")
+    assert sorted(tmp_path.rglob("*")) == before

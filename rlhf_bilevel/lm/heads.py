@@ -9,7 +9,7 @@ docs/reward-model.md measures the reward head's forms against the sentiment orac
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Literal, Sequence
 
 import torch
@@ -27,23 +27,28 @@ REWARD_ADAPTER = "reward"
 
 @dataclass(frozen=True)
 class RewardConfig:
-    hidden: int = 0  # width of the head's hidden layer; 0: a linear head (logistic per token)
-    # φ also trains a LoRA adapter of its own on the trunk (the `adapters` settings), so the reward can
-    # see what the frozen features miss; it costs a forward and backward pass of the trunk per evaluation
-    lora: bool = False
-    # r_φ = sigmoid(z) − 1/2, so a zero-initialised head gives reward 0; false: sigmoid(z) ∈ [0, 1], whose
-    # 1/2 a token at the start is a length bonus before any label (docs/algorithm.md, "A reward that starts neutral")
-    center: bool = True
-    # sum: R_φ(τ) = Σ_h r_φ(s_h, a_h); mean: each token's reward is divided by the response's length, so
-    # R_φ(τ) is a mean over its tokens (then r_φ at step h depends on where the response ends)
-    pool: Literal["sum", "mean"] = "sum"
-    # the frozen base's hidden layer the head reads, numbered as transformers numbers `hidden_states`:
-    # 0 the embeddings, k the output of decoder layer k; None (or the model's number of layers, 30 on
-    # SmolLM2) the last hidden state, after the final norm, which the critic reads too
-    layer: int | None = None
-    # an ensemble of E heads from different random starts, in one matmul: r_φ is their mean, and
-    # `member_rewards` gives each one's, whose spread measures how unsure the reward model is
-    heads: int = 1
+    hidden: int = field(default=0, metadata={"help": "width of the head's hidden layer; 0: a linear head (logistic per token)"})
+    # it costs a forward and backward pass of the trunk per evaluation
+    lora: bool = field(
+        default=False, metadata={"help": "φ also trains a LoRA adapter of its own on the trunk (the `adapters` settings), to see what the frozen features miss"}
+    )
+    # sigmoid(z) ∈ [0, 1] would make the 1/2 of each token a length bonus before any label
+    # (docs/algorithm.md, "A reward that starts neutral")
+    center: bool = field(
+        default=True, metadata={"help": "r_φ = sigmoid(z) − 1/2, so a zero-initialised head gives reward 0; false: sigmoid(z) ∈ [0, 1]"}
+    )
+    pool: Literal["sum", "mean"] = field(
+        default="sum",
+        metadata={"help": "sum: R_φ(τ) = Σ_h r_φ(s_h, a_h); mean: each token's reward is divided by the response's length"},
+    )
+    layer: int | None = field(
+        default=None,
+        metadata={"help": "the base's hidden layer the head reads: 0 the embeddings, k the output of decoder layer k; "
+                          "null (or the number of layers) the last hidden state, after the final norm"},
+    )
+    heads: int = field(
+        default=1, metadata={"help": "an ensemble of E heads from different random starts (> 0): r_φ is their mean, their spread the model's uncertainty"}
+    )
 
     def __post_init__(self) -> None:
         positive(self, "heads")  # `layer` depends on the model: TokenReward.on checks it

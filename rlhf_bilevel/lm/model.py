@@ -13,13 +13,14 @@ import importlib.util
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
+from gguf import GGUFReader
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from rlhf_bilevel.config import ConfigError, positive
@@ -35,18 +36,27 @@ Dtype = Literal["auto", "float32", "bfloat16"]
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = EMBEDDED  # smollm2 | tiny | path/to/model.gguf | local folder | hub id
-    dtype: Dtype = "float32"  # of the frozen base (auto: bf16 where the hardware has it); adapters and heads stay float32
-    trust_remote_code: bool = False  # only for hub models that need their own code; off unless asked
-    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
+    name: str = field(
+        default=EMBEDDED, metadata={"help": "smollm2 (embedded), tiny (built in code), a .gguf file, a local folder or a hub id", "path": True}
+    )
+    dtype: Dtype = field(
+        default="float32",
+        metadata={"help": "dtype of the frozen base (auto: bf16 where the hardware has it); adapters and heads stay float32"},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "only for hub models that need their own code; off unless asked"})
+    chat_template: bool = field(default=True, metadata={"help": "wrap prompts in the tokenizer's chat template when it has one"})
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    r: int = 16  # LoRA rank
-    alpha: int = 32
-    dropout: float = 0.0  # dropout makes log π stochastic; keep 0 for exact score-function gradients
-    target_modules: tuple[str, ...] = ("all-linear",)
+    r: int = field(default=16, metadata={"help": "LoRA rank (> 0)"})
+    alpha: int = field(default=32, metadata={"help": "LoRA scale α (> 0): the update is (α/r)·BA"})
+    dropout: float = field(
+        default=0.0, metadata={"help": "LoRA dropout, in [0, 1); it makes log π stochastic: keep 0 for exact score-function gradients"}
+    )
+    target_modules: tuple[str, ...] = field(
+        default=("all-linear",), metadata={"help": "the modules that get adapters, as peft names them (all-linear: every linear layer but the output)"}
+    )
 
     def __post_init__(self) -> None:
         positive(self, "r", "alpha")
@@ -139,11 +149,16 @@ def load_base(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[Pre
             source, dtype=dtype, local_files_only=local, trust_remote_code=cfg.trust_remote_code, use_safetensors=True
         )
     except (OSError, ValueError) as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"model.name: cannot load {cfg.name!r}: {first}") from None
+        raise ConfigError(f"model.name: cannot load {cfg.name!r}: {first_line(error)}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return freeze(model.to(device)), tokenizer
+
+
+def first_line(error: Exception) -> str:
+    """An exception's message cut to its first line: a ConfigError stays one line."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def resolve(name: str) -> tuple[str, bool]:
@@ -160,6 +175,77 @@ def resolve(name: str) -> tuple[str, bool]:
     if path.exists() or name.startswith((".", "/", "~")):
         raise ConfigError(f"model.name: {name} is not a model folder or a .gguf file")
     return name, False
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the checks before a run need to know of a model, read from its config, never its weights."""
+
+    context: int | None  # positions a sequence may hold; None where the config does not say
+    hidden: int  # d
+    layers: int  # L
+    vocab: int  # V
+    intermediate: int  # the MLP's width
+    tied: bool  # the output layer shares the embeddings
+
+    @property
+    def parameters(self) -> int:
+        """The embeddings (and an untied output layer), then per layer the attention's 4d² and the
+        MLP's 3·d·width: a Llama-like count (SmolLM2-135M: 148M for its 135M)."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied else 2)
+        return embeddings + self.layers * (4 * self.hidden**2 + 3 * self.hidden * self.intermediate)
+
+
+def model_shape(cfg: ModelConfig) -> Shape | None:
+    """The shape of the model `cfg` names, from its config.json or GGUF metadata alone; None for a
+    hub id that is not in the local cache (loading it then says what is wrong)."""
+    if cfg.name == "tiny":
+        return config_shape(tiny.config())
+    path = embedded_gguf() if cfg.name == EMBEDDED else Path(cfg.name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ConfigError(f"model.name: no such GGUF file: {path}")
+        return gguf_shape(path)
+    source, local = resolve(cfg.name)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as error:
+        if not local:
+            return None
+        raise ConfigError(f"model.name: cannot read the config of {cfg.name!r}: {first_line(error)}") from None
+    return config_shape(config)
+
+
+def config_shape(config: PretrainedConfig) -> Shape | None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        hidden, layers, vocab = int(text.hidden_size), int(text.num_hidden_layers), int(text.vocab_size)
+    except (AttributeError, TypeError):  # not a decoder we can size: its own loading decides
+        return None
+    context = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+    intermediate = getattr(text, "intermediate_size", None) or 4 * hidden
+    tied = bool(getattr(text, "tie_word_embeddings", True))
+    return Shape(int(context) if context else None, hidden, layers, vocab, int(intermediate), tied)
+
+
+def gguf_shape(path: Path) -> Shape:
+    """The shape in a GGUF file's header; its tensors are mapped, not read."""
+    try:
+        reader = GGUFReader(path)
+        arch = reader.fields["general.architecture"].contents()
+
+        def number(key: str) -> int | None:
+            found = reader.fields.get(f"{arch}.{key}")
+            return None if found is None else int(found.contents())
+
+        vocab = number("vocab_size") or len(reader.fields["tokenizer.ggml.tokens"].data)
+        hidden, layers = number("embedding_length"), number("block_count")
+        if hidden is None or layers is None:
+            raise KeyError(f"{arch}.embedding_length or {arch}.block_count")
+        tied = not any(tensor.name == "output.weight" for tensor in reader.tensors)
+        return Shape(number("context_length"), hidden, layers, vocab, number("feed_forward_length") or 4 * hidden, tied)
+    except (OSError, ValueError, KeyError, IndexError) as error:
+        raise ConfigError(f"model.name: {path} is not a readable GGUF model ({first_line(error)})") from None
 
 
 def freeze(model: PreTrainedModel) -> PreTrainedModel:

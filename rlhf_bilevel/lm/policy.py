@@ -12,7 +12,7 @@ and applies the output layer by chunks (`lm/logits.py`).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
 
 import torch
@@ -31,18 +31,26 @@ from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout, rollout_context
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    max_new_tokens: int = 32  # the horizon H
-    max_prompt_tokens: int = 256  # longer prompts are cut from the left, keeping their end
-    # bf16 autocast of every forward, adapters included; auto: where the base's weights are bf16, whose
-    # adapters then compute in bf16 off the activations as they are, where peft would keep a float32
-    # copy of every adapted layer's input for the backward pass (measured on SmolLM2: 966 → 692 MB
-    # saved by log π of 8 rows). The adapters' weights, their gradients and Adam stay float32
-    autocast: Literal["auto", True, False] = "auto"
-    gradient_checkpointing: bool = False  # recompute the trunk's activations in the backward of log π: memory for time
-    # torch.compile the scoring forwards (the reference pass, log π of the λ and λ′ steps, the reward
-    # adapter's features) with dynamic shapes; sampling stays eager. Each adapter, and the reference,
-    # compiles once on first use (seconds on a CPU, which needs a C++ compiler), then every call reuses it
-    compile: bool = False
+    max_new_tokens: int = field(default=32, metadata={"help": "the horizon H: tokens generated per response (> 0)"})
+    max_prompt_tokens: int = field(
+        default=256, metadata={"help": "longer prompts are cut from the left, keeping their end (> 0); with max_new_tokens within the model's context"}
+    )
+    # auto: where the base's weights are bf16, whose adapters then compute in bf16 off the activations
+    # as they are, where peft would keep a float32 copy of every adapted layer's input for the backward
+    # pass (measured on SmolLM2: 966 → 692 MB saved by log π of 8 rows). The adapters' weights, their
+    # gradients and Adam stay float32
+    autocast: Literal["auto", True, False] = field(
+        default="auto", metadata={"help": "bf16 autocast of every forward, adapters included; auto: where the base's weights are bf16"}
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute the trunk's activations in the backward of log π: memory for time"}
+    )
+    # each adapter, and the reference, compiles once on first use (seconds on a CPU, which needs a C++
+    # compiler), then every call reuses it
+    compile: bool = field(
+        default=False,
+        metadata={"help": "torch.compile the scoring forwards with dynamic shapes (the reference pass, log π, the reward adapter's features); sampling stays eager"},
+    )
 
 
 @rollout_context

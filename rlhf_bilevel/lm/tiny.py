@@ -39,22 +39,27 @@ def tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def build(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
-    tok = tokenizer()
-    config = LlamaConfig(
+def config(tok: PreTrainedTokenizerFast | None = None) -> LlamaConfig:
+    """The tiny model's shape, without its weights."""
+    tok = tokenizer() if tok is None else tok
+    return LlamaConfig(
         vocab_size=len(tok),
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=256,
+        max_position_embeddings=512,  # the default rollout's 256 prompt and 32 new tokens, with room
         tie_word_embeddings=True,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
         bos_token_id=None,
     )
+
+
+def build(seed: int = 0) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    tok = tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config(tok))
     return model, tok

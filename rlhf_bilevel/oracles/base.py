@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -31,22 +31,51 @@ class OracleError(RuntimeError):
 
 @dataclass(frozen=True)
 class OracleConfig:
-    kind: str = "sentiment"  # a registered name (sentiment, length, keyword) or python:module:callable
-    labels: Literal["bradley_terry", "deterministic"] = "bradley_terry"  # how a score difference becomes P(first ≻ second)
-    temperature: float = 0.1  # Bradley–Terry temperature on gold-score differences; smaller is closer to deterministic
-    keywords: tuple[str, ...] = ()  # keyword: the words whose occurrences are counted (case-insensitive, whole words)
-    target_words: int | None = None  # length: None rewards longer responses, else closeness to this word count
-    pairwise: bool = False  # python: the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring
-    model: str | None = None  # llm-judge: the judge, as model.name (default smollm2); reward-model: a folder or hub id; http: the endpoint's model
-    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # llm-judge, reward-model: dtype of the judging model's weights (auto as model.dtype)
-    batch_size: int = 8  # llm-judge, reward-model: texts per forward pass; http: requests in flight at once
-    question: str = DEFAULT_QUESTION  # llm-judge, http: what the judge is asked about the two responses
-    choices: tuple[str, ...] = ("A", "B")  # llm-judge, http: the judge's names for the response shown first and second
-    url: str | None = None  # http: the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1/chat/completions
-    api_key_env: str | None = None  # http: the environment variable holding the API key; the key never goes in a recipe
-    timeout: float = 60.0  # seconds an http request (or a python: call) may take before that attempt has failed
-    retries: int = 3  # every kind: attempts after a failed one (exception, timeout, invalid label) before the run stops
-    backoff: float = 1.0  # seconds before the first retry, doubled before each next one
+    kind: str = field(default="sentiment", metadata={"help": "a registered name (sentiment, length, keyword, llm-judge, reward-model, http) or python:module:callable"})
+    labels: Literal["bradley_terry", "deterministic"] = field(
+        default="bradley_terry", metadata={"help": "how a score difference becomes P(first ≻ second)"}
+    )
+    temperature: float = field(
+        default=0.1, metadata={"help": "Bradley–Terry temperature on gold-score differences (> 0); smaller is closer to deterministic"}
+    )
+    keywords: tuple[str, ...] = field(
+        default=(), metadata={"help": "keyword: the words whose occurrences are counted (case-insensitive, whole words)"}
+    )
+    target_words: int | None = field(
+        default=None, metadata={"help": "length: null rewards longer responses, else closeness to this word count"}
+    )
+    pairwise: bool = field(
+        default=False, metadata={"help": "python: the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring"}
+    )
+    model: str | None = field(
+        default=None,
+        metadata={"help": "llm-judge: the judge, as model.name (default smollm2); reward-model: a folder or hub id; http: the endpoint's model", "path": True},
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "llm-judge, reward-model: dtype of the judging model's weights (auto as model.dtype)"}
+    )
+    batch_size: int = field(
+        default=8, metadata={"help": "llm-judge, reward-model: texts per forward pass; http: requests in flight at once (> 0)"}
+    )
+    question: str = field(
+        default=DEFAULT_QUESTION, metadata={"help": "llm-judge, http: what the judge is asked about the two responses"}
+    )
+    choices: tuple[str, ...] = field(
+        default=("A", "B"), metadata={"help": "llm-judge, http: the judge's names for the response shown first and second"}
+    )
+    url: str | None = field(
+        default=None, metadata={"help": "http: the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1/chat/completions"}
+    )
+    api_key_env: str | None = field(
+        default=None, metadata={"help": "http: the environment variable holding the API key; the key never goes in a recipe"}
+    )
+    timeout: float = field(
+        default=60.0, metadata={"help": "seconds an http request (or a python: call) may take before that attempt has failed (> 0)"}
+    )
+    retries: int = field(
+        default=3, metadata={"help": "every kind: attempts after a failed one (exception, timeout, invalid label) before the run stops"}
+    )
+    backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry (≥ 0), doubled before each next one"})
 
     def __post_init__(self) -> None:
         positive(self, "temperature", "batch_size", "timeout")
