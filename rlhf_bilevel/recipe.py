@@ -26,6 +26,10 @@ from rlhf_bilevel.oracles.base import OracleConfig
 from rlhf_bilevel.prompts import PromptConfig
 
 
+MAX_THREADS = 1024
+"""More CPU threads than any machine has cores: each one is an OS thread, made at once."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
@@ -40,9 +44,15 @@ class TrainConfig:
     # memory then is one phase's, not the high-water of every phase before it, for page faults
     # on every large tensor (a few % to ~15 % of a step's time, measured on SmolLM2)
     return_freed_memory: bool = False
+    # torch's CPU threads: their number decides how sums are split, so the same seed gives the same
+    # numbers only at the same count. null: the cores this process may use (its share of them when a
+    # launch starts several processes on one machine), whatever OMP_NUM_THREADS says; run.json records it
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         positive(self, "save_every", "eval_every", "eval_pairs", "max_bad_steps")
+        if self.threads is not None and not 0 < self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads: from 1 to {MAX_THREADS} (or null: this process's cores), got {self.threads}")
         if self.keep is not None:
             positive(self, "keep")
 

@@ -3,9 +3,10 @@
 A run directory holds:
 
     recipe.yaml          the resolved recipe (after --set), what --resume reads back
-    run.json             where relative paths of the recipe were read from, and the number of
+    run.json             where relative paths of the recipe were read from, the number of
                          processes (`world_size`) it was last started with and each one's share
-                         of the (global) batch sizes
+                         of the (global) batch sizes, and what decides its numbers (`environment`:
+                         CPU and its instruction sets, device, dtype, threads, library versions)
     metrics.jsonl        one record per inner step ("inner") and per outer step ("outer")
     tensorboard/         the same numbers for TensorBoard
     preferences.jsonl    every pair the oracle labelled, as it arrived (TRL preference format)
@@ -38,6 +39,7 @@ from rlhf_bilevel.checkpoint import CheckpointError, latest_checkpoint, load_che
 from rlhf_bilevel.config import ConfigError, read_text
 from rlhf_bilevel.critic import MCCritic, TDCritic
 from rlhf_bilevel.distributed import World, launched_world
+from rlhf_bilevel.environment import describe, reproducible, run_threads
 from rlhf_bilevel.evaluate import agreement
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward, VocabQHead
 from rlhf_bilevel.lm.model import load_base, with_adapters
@@ -47,6 +49,7 @@ from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, parse_recipe, read_yaml, recipe_dict
 from rlhf_bilevel.sampling import SampledRollouts, consecutive_pairs
+from rlhf_bilevel.seeding import GlobalRNG
 from rlhf_bilevel.tracking import Tracker
 from rlhf_bilevel.types import ADAPTERS, LAMBDA, Critic, PreferencePairs, Rollout
 
@@ -96,12 +99,13 @@ class Trainer:
         self.eval_prompts = held_out or self.train_prompts
         self.oracle = make_oracle(recipe.oracle)
         seed = recipe.train.seed
-        torch.manual_seed(seed)  # LoRA and head initialisation
-        base, tokenizer = load_base(recipe.model, world.device)
-        self.adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
-        self.model = with_adapters(base, recipe.adapters, extra=self.adapters[len(ADAPTERS):])
-        self.policy = LMPolicy(self.model, tokenizer, recipe.rollout, recipe.model.chat_template)
-        self.reward = TokenReward.on(self.policy, recipe.reward).to(world.device)
+        self.init_rng = GlobalRNG(seed)  # LoRA and head initialisation: peft and torch draw from the global streams
+        with self.init_rng:
+            base, tokenizer = load_base(recipe.model, world.device)
+            self.adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
+            self.model = with_adapters(base, recipe.adapters, extra=self.adapters[len(ADAPTERS):])
+            self.policy = LMPolicy(self.model, tokenizer, recipe.rollout, recipe.model.chat_template)
+            self.reward = TokenReward.on(self.policy, recipe.reward).to(world.device)
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
         source = SampledRollouts(self.policy, self.train_prompts, self.generator, world)
         self.bilevel = Bilevel(
@@ -122,7 +126,8 @@ class Trainer:
         cfg = self.recipe.bilevel
         if cfg.critic.kind == "mc":
             return MCCritic(cfg.gamma, self.world)
-        head = VocabQHead(self.model.get_output_embeddings().weight, self.policy.feature_dim).to(self.world.device)
+        with self.init_rng:
+            head = VocabQHead(self.model.get_output_embeddings().weight, self.policy.feature_dim).to(self.world.device)
         return TDCritic(self.policy.state_features, head, cfg.gamma, cfg.critic, self.generator, self.world)
 
     # -- what arrives during a step ------------------------------------------------------------------
@@ -276,6 +281,7 @@ class Trainer:
             "eval_pairs": self.recipe.train.eval_pairs // n,
         }
         run = {"base_dir": str(self.base_dir.resolve()), "world_size": n, "per_process": shard}
+        run["environment"] = describe(self.world.device, self.policy.head.weight.dtype, self.policy.autocasting)
         (self.run_dir / RUN_FILE).write_text(json.dumps(run), encoding="utf-8")
 
     def adapter_tensors(self, adapter: str) -> dict[str, torch.Tensor]:
@@ -351,7 +357,8 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary | None:
     world = launched_world(recipe.train.device)
     if (run_dir / RECIPE_FILE).exists():
         raise ConfigError(f"--output-dir: {run_dir} already holds a run; continue it with --resume {run_dir}, or pick another folder")
-    return Trainer(recipe, run_dir, base_dir, world).fit()
+    with reproducible(run_threads(recipe.train.threads), world.device):
+        return Trainer(recipe, run_dir, base_dir, world).fit()
 
 
 def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] = lambda message: None) -> Summary | None:
@@ -366,7 +373,13 @@ def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] 
         base_dir = Path(json.loads(text)["base_dir"])
     except (ValueError, KeyError, TypeError):
         raise ConfigError(f"--resume: {run_dir / RUN_FILE} is damaged; it should read {{\"base_dir\": \"<the recipe's folder>\"}}") from None
-    trainer = Trainer(recipe, run_dir, base_dir, world)
+    with reproducible(run_threads(recipe.train.threads), world.device):
+        return resumed(Trainer(recipe, run_dir, base_dir, world), log)
+
+
+def resumed(trainer: Trainer, log: Callable[[str], None]) -> Summary | None:
+    """`trainer` from the newest sound checkpoint of its run (from the start if it has none), run to its end."""
+    run_dir, recipe, world = trainer.run_dir, trainer.recipe, trainer.world
     report = log if world.is_main else (lambda message: None)
     checkpoint = latest_checkpoint(run_dir, on_skip=lambda message: report(f"warning: {message}"))
     if checkpoint is not None:

@@ -97,6 +97,20 @@ def test_checkpoint_adapters_load_in_plain_peft(finished_run):
         assert (last / "adapters" / name / "adapter_config.json").is_file()
 
 
+def test_a_seeded_run_repeats_exactly_whatever_omp_num_threads_says(tmp_path, monkeypatch, finished_run):
+    # the recipe's train.threads (1) decides, not the environment: a run in a fresh process told to use
+    # 2 threads gives every number of the run in this one, to the last bit
+    reference_dir, _ = finished_run
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    sets = [arg for setting in SETTINGS for arg in ("--set", setting)]
+    result = run_cli("train", "--recipe", str(TINY), "--output-dir", str(tmp_path / "run"), *sets, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert comparable(records(tmp_path / "run", "metrics.jsonl")) == comparable(records(reference_dir, "metrics.jsonl"))
+    for run_dir in (reference_dir, tmp_path / "run"):
+        numerics = json.loads((run_dir / "run.json").read_text())["environment"]
+        assert numerics["threads"] == 1 and numerics["dtype"] == "float32" and numerics["device"] == "cpu"
+
+
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, finished_run):
     reference_dir, _ = finished_run
     run_dir = tmp_path / "killed"
