@@ -14,9 +14,11 @@ import os
 import platform
 from contextlib import contextmanager
 from importlib import metadata
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 LIBRARIES = ("torch", "transformers", "peft", "trl", "accelerate", "tokenizers")
 CPU_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
@@ -43,25 +45,24 @@ def run_threads(requested: int | None) -> int:
 
 
 @contextmanager
-def threads(count: int) -> Iterator[None]:
+def changed(get: Callable[[], T], put: Callable[[T], object], value: T) -> Iterator[None]:
+    """A process-wide setting, read by `get` and written by `put`, set to `value` for the block."""
+    previous = get()
+    put(value)
+    try:
+        yield
+    finally:
+        put(previous)
+
+
+def threads(count: int) -> ContextManager[None]:
     """torch's intra-op threads set to `count` for the block."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return changed(torch.get_num_threads, torch.set_num_threads, count)
 
 
-@contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> ContextManager[None]:
     """torch's default floating dtype set to `dtype` for the block."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
+    return changed(torch.get_default_dtype, torch.set_default_dtype, dtype)
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import torch
 from conftest import run_cli
 from peft import PeftModel
 
-from rlhf_bilevel import tracking
+from rlhf_bilevel import environment, tracking
 from rlhf_bilevel.checkpoint import load_checkpoint
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER
@@ -109,6 +109,18 @@ def test_a_seeded_run_repeats_exactly_whatever_omp_num_threads_says(tmp_path, mo
     for run_dir in (reference_dir, tmp_path / "run"):
         numerics = json.loads((run_dir / "run.json").read_text())["environment"]
         assert numerics["threads"] == 1 and numerics["dtype"] == "float32" and numerics["device"] == "cpu"
+
+
+def test_a_run_leaves_the_process_as_it_found_it(tmp_path):
+    # its thread count and the random streams its initialisations draw from are its own
+    from transformers.utils import logging as hf_logging
+
+    rng, verbosity = torch.get_rng_state(), hf_logging.get_verbosity()
+    with environment.threads(2):  # the recipe's count is 1
+        train(tiny_recipe("bilevel.outer_steps=1"), tmp_path, RECIPES)
+        assert torch.get_num_threads() == 2
+    assert torch.equal(torch.get_rng_state(), rng) and hf_logging.get_verbosity() == verbosity
+    assert json.loads((tmp_path / "run.json").read_text())["environment"]["threads"] == 1
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, finished_run):

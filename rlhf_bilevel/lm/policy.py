@@ -11,6 +11,7 @@ and applies the output layer by chunks (`lm/logits.py`).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Literal, Sequence
@@ -68,7 +69,11 @@ class LMPolicy(AdapterSwitch):
     estimators see the distribution they differentiate."""
 
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, cfg: RolloutConfig, chat_template: bool):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        # a copy that pads and cuts prompts on the left (their end is what the response follows); the
+        # caller's tokenizer keeps its own sides
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.tokenizer.padding_side = self.tokenizer.truncation_side = "left"
+        self.model, self.cfg = model, cfg
         self.chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -140,8 +145,6 @@ class LMPolicy(AdapterSwitch):
             ]
         else:
             texts = list(prompts)
-        self.tokenizer.padding_side = "left"
-        self.tokenizer.truncation_side = "left"
         batch = self.tokenizer(
             texts, return_tensors="pt", padding=True, truncation=True,
             max_length=self.cfg.max_prompt_tokens, add_special_tokens=not self.chat_template,
