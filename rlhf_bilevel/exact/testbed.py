@@ -68,8 +68,8 @@ class Testbed:
         return Bilevel(policy, reward, source, self.gold, make_critic, cfg, generator)
 
     def new_policy(self, generator: torch.Generator | None = None) -> ExactPolicy:
-        """λ = λ′ = π_ref on this problem's base, drawn from `generator` (default: one seeded with the
-        testbed's seed), which must be at its seed's start: the base is then the same each time."""
+        """λ = λ′ = π_ref on this problem's base, its weights drawn from `generator`: by default a fresh one
+        seeded with the testbed's seed, as the problem's reference was, so that every policy has its base."""
         generator = generator or torch.Generator().manual_seed(self.cfg.seed)
         return ExactPolicy(self.tree, generator, hidden=self.cfg.policy_hidden)
 
