@@ -23,6 +23,14 @@ def root() -> None:
     """Online alignment of language models by the first-order penalty bilevel method."""
 
 
+def quiet() -> None:
+    """The libraries' deprecation notices and loading messages are for us, not for the user of the command."""
+    from rlhf_bilevel.environment import quiet_libraries
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    quiet_libraries()
+
+
 def fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
@@ -74,8 +82,7 @@ def train(
     from rlhf_bilevel.train import resume as resume_run
     from rlhf_bilevel.train import train as train_run
 
-    # deprecation notices of the libraries we call are for us, not for the user of the command
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    quiet()
     if model is not None:
         overrides = [*overrides, f"model.name={model}"]
     try:
@@ -123,7 +130,7 @@ def evaluate(
     from rlhf_bilevel.evaluate import EvalConfig, describe, eval_adapter, eval_run
     from rlhf_bilevel.oracles.base import OracleError
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    quiet()
     try:
         cfg = EvalConfig(prompts=prompts, seed=seed, resamples=resamples, samples=pairs_per_prompt)
         if (run is None) == (adapter is None):
@@ -176,7 +183,7 @@ def compare(
     from rlhf_bilevel.evaluate import EvalConfig
     from rlhf_bilevel.oracles.base import OracleError
 
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+    quiet()
     try:
         cfg = CompareConfig(
             seeds=tuple(seeds), methods=tuple(methods) or METHODS, jobs=jobs, snapshots=snapshots, dpo_beta=dpo_beta,

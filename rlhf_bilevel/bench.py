@@ -49,7 +49,8 @@ from rlhf_bilevel.allocator import heap_reuse, return_freed_memory
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.collectives import World
 from rlhf_bilevel.distributed import resolve_device
-from rlhf_bilevel.lm.model import DTYPES, adapter_settings, load_base, native_bf16, resolve
+from rlhf_bilevel.environment import quiet_libraries
+from rlhf_bilevel.lm.model import DTYPES, adapter_settings, load_base, native_bf16, resolve, resolve_dtype
 from rlhf_bilevel.online_dpo import rendered, single_adapter, train_online_dpo
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, load_recipe
@@ -500,6 +501,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    quiet_libraries()
     recipe = args.recipe or (QUICK_RECIPE if args.quick else DEFAULT_RECIPE)
     try:
         if args.worker:

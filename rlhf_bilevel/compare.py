@@ -33,7 +33,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import sys
 import time
 import warnings
@@ -47,6 +46,7 @@ import torch
 
 from rlhf_bilevel.checkpoint import checkpoints
 from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.environment import available_cores
 from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, gold_score, held_out_prompts, load_policy, load_run
 from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preflight import check_output_dir
@@ -122,11 +122,17 @@ class PrefixedLines(io.TextIOBase):
         super().close()
 
 
-def start_worker(workers: int, warning_filters: list) -> None:
-    """A worker process takes its share of the cores (`workers` runs each on all of them would
-    oversubscribe) and the warning filters of the process that started it, which spawning loses."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+def start_worker(threads: int, warning_filters: list, library_logging: tuple[int, bool]) -> None:
+    """A worker process takes its share of the cores, `threads` (`workers` runs each on all of them would
+    oversubscribe), and the warning filters and Hugging Face logging of the process that started it,
+    which spawning loses."""
+    from transformers.utils import logging as hf_logging
+
+    torch.set_num_threads(threads)
     warnings.filters[:] = warning_filters
+    verbosity, bars = library_logging
+    hf_logging.set_verbosity(verbosity)
+    (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
 def outer_seconds(metrics_file: Path) -> dict[int, float]:
@@ -149,6 +155,10 @@ class Comparison:
         self.recipe_file, self.out, self.cfg, self.overrides = recipe_file, out, cfg, overrides
         self.base_dir = recipe_file.resolve().parent
         recipe = load_recipe(recipe_file, overrides)  # every bad input is reported before anything runs
+        self.workers = min(cfg.jobs, len(self.runs()))
+        # each of the runs side by side on its share of the cores, unless the recipe names a count
+        self.threads = max(1, available_cores() // self.workers)
+        self.recipe_threads = recipe.train.threads
         self.every = snapshot_every(recipe, cfg.snapshots)
         self.prompts = held_out_prompts(recipe, self.base_dir)
         if cfg.eval.prompts:
@@ -160,6 +170,8 @@ class Comparison:
         settings = [*self.overrides, f"train.seed={seed}", "train.keep=null", f"train.save_every={self.every}"]
         if method != "online-dpo":
             settings.append(f"bilevel.method={method}")
+        if self.recipe_threads is None:
+            settings.append(f"train.threads={self.threads}")
         return load_recipe(self.recipe_file, settings)
 
     # -- one method, one seed --------------------------------------------------------------------------
@@ -208,16 +220,22 @@ class Comparison:
         return {"method": method, "seed": seed, "oracle_pairs": pairs, "seconds": wall, "eval": result, "curve": curve}
 
     # -- every method, every seed --------------------------------------------------------------------
+    def runs(self) -> list[tuple[str, int]]:
+        return [(method, seed) for seed in self.cfg.seeds for method in METHODS if method in self.cfg.methods]
+
     def all(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        runs = [(method, seed) for seed in self.cfg.seeds for method in METHODS if method in self.cfg.methods]
-        workers = min(self.cfg.jobs, len(runs))
-        if workers == 1:
+        runs = self.runs()
+        if self.workers == 1:
             rows = [self.run(method, seed) for method, seed in runs]
         else:
             # spawned, not forked: a forked child inherits torch's thread pool and OpenMP state mid-use
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(workers, mp_context=context, initializer=start_worker, initargs=(workers, warnings.filters)) as pool:
+            from transformers.utils import logging as hf_logging
+
+            logging = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+            initargs = (self.threads, warnings.filters, logging)
+            with ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker, initargs=initargs) as pool:
                 futures = [pool.submit(self.run, method, seed) for method, seed in runs]
                 try:
                     rows = [future.result() for future in futures]  # in submission order, whatever finishes first

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.collectives import Collectives, World
+from rlhf_bilevel.seeding import linear
 from rlhf_bilevel.types import TRANSITION_FIELDS, Rollout, Transitions
 
 
@@ -47,12 +48,14 @@ class CriticConfig:
 
 
 class QHead(nn.Module):
-    def __init__(self, features: int, actions: int, hidden: int):
+    def __init__(self, features: int, actions: int, hidden: int, generator: torch.Generator):
+        """Q(s, ·) from `features` to `actions` values, through a `hidden`-wide tanh layer (none when 0),
+        its weights drawn from `generator`."""
         super().__init__()
         if hidden:
-            self.net = nn.Sequential(nn.Linear(features, hidden), nn.Tanh(), nn.Linear(hidden, actions))
+            self.net = nn.Sequential(linear(features, hidden, generator), nn.Tanh(), linear(hidden, actions, generator))
         else:
-            self.net = nn.Linear(features, actions)
+            self.net = linear(features, actions, generator)
 
     def forward(self, features: Tensor, actions: Tensor | None = None) -> Tensor:
         """Q(s, ·); with `actions`, Q(s, a) of one action per state."""

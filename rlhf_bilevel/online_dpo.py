@@ -46,6 +46,7 @@ from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe
+from rlhf_bilevel.seeding import GlobalRNG
 from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME, Oracle, PreferencePairs
 
 RESULT_FILE = "online_dpo.json"
@@ -167,14 +168,14 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
     train_prompts, _ = load_prompts(recipe.prompts, base_dir)
     oracle = make_oracle(recipe.oracle)
     seed = recipe.train.seed
-    torch.manual_seed(seed)  # LoRA initialisation, as in `train`
     device = resolve_device(recipe.train.device)
-    base, tokenizer = load_base(recipe.model, device)
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    # the model's own generation defaults would change the sampled distribution (see LMPolicy)
-    base.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
-    model = single_adapter(base, recipe.adapters)
+    with GlobalRNG(seed):  # LoRA initialisation, as in `train`
+        base, tokenizer = load_base(recipe.model, device)
+        eos = tokenizer.eos_token_id
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+        # the model's own generation defaults would change the sampled distribution (see LMPolicy)
+        base.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad)
+        model = single_adapter(base, recipe.adapters)
 
     output_dir.mkdir(parents=True, exist_ok=True)
     log = PreferenceLog(output_dir / "preferences.jsonl")

@@ -26,6 +26,10 @@ from rlhf_bilevel.oracles.base import OracleConfig
 from rlhf_bilevel.prompts import PromptConfig
 
 
+MAX_THREADS = 1024
+"""More CPU threads than any machine has cores: each one is an OS thread, made at once."""
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = field(default=0, metadata={"help": "seed of the adapters' and heads' initialisation and of every draw"})
@@ -49,9 +53,17 @@ class TrainConfig:
         default=False,
         metadata={"help": "give freed tensors back to the OS at once: peak memory is one phase's, not the high-water of every phase before it"},
     )
+    # their number decides how sums are split, so the same seed gives the same numbers only at the same count
+    threads: int | None = field(
+        default=None,
+        metadata={"help": "torch's CPU threads (1–1024); null: the cores this process may use (its share when a launch "
+                          "starts several processes on one machine), whatever OMP_NUM_THREADS says; run.json records it"},
+    )
 
     def __post_init__(self) -> None:
         positive(self, "save_every", "eval_every", "eval_pairs", "max_bad_steps")
+        if self.threads is not None and not 0 < self.threads <= MAX_THREADS:
+            raise ConfigError(f"threads: from 1 to {MAX_THREADS} (or null: this process's cores), got {self.threads}")
         if self.keep is not None:
             positive(self, "keep")
 

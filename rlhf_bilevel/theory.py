@@ -32,6 +32,7 @@ from rlhf_bilevel import estimators as est
 from rlhf_bilevel.bilevel import Bilevel
 from rlhf_bilevel.config import BilevelConfig, ConfigError, positive
 from rlhf_bilevel.critic import CriticConfig
+from rlhf_bilevel.environment import default_dtype, threads
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.exact.models import ExactReward
 from rlhf_bilevel.exact.testbed import Testbed, TestbedConfig
@@ -296,7 +297,6 @@ class Lab:
 
     def all(self) -> dict:
         cfg = self.cfg
-        torch.manual_seed(cfg.seed)
         star = self.phi_star()
         phi_star = star["phi_star"]
         self.log(f"Φ* = {phi_star:.6f} ({star['reached']}/{cfg.starts} starts reached it; ρ = {cfg.reward_decay:g})")
@@ -383,10 +383,11 @@ def plot(result: dict, path: Path) -> None:
 
 
 def run_lab(cfg: TheoryConfig, out: Path, log: Callable[[str], None] = print) -> dict:
-    """Runs every experiment and writes theory.json and theory.png under `out`."""
-    torch.set_default_dtype(torch.float64)  # gaps reach 1e-10; float32 would be the floor
-    torch.set_num_threads(1)  # tensors this small only pay for thread hand-offs
-    result = Lab(cfg, log).all()
+    """Runs every experiment and writes theory.json and theory.png under `out`. The caller's default
+    dtype and thread count are back when it returns."""
+    # gaps reach 1e-10, where float32 would be the floor; tensors this small only pay for thread hand-offs
+    with default_dtype(torch.float64), threads(1):
+        result = Lab(cfg, log).all()
     out.mkdir(parents=True, exist_ok=True)
     (out / "theory.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "theory.png")

@@ -18,6 +18,7 @@ from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.critic import MCCritic, TDCritic
 from rlhf_bilevel.distributed import launched_world
+from rlhf_bilevel.environment import describe, reproducible, run_threads
 from rlhf_bilevel.evaluate import PeriodicEval
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward, VocabQHead
 from rlhf_bilevel.lm.model import load_base, with_adapters
@@ -29,6 +30,7 @@ from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe
 from rlhf_bilevel.run_folder import RunFolder, run_record
 from rlhf_bilevel.sampling import SampledRollouts
+from rlhf_bilevel.seeding import GlobalRNG
 from rlhf_bilevel.tracking import Tracker
 from rlhf_bilevel.trainer import Summary, Trainer
 from rlhf_bilevel.types import ADAPTERS, Critic
@@ -44,19 +46,21 @@ def build(recipe: Recipe, run_dir: Path, base_dir: Path, world: Collectives = Wo
     train_prompts, held_out = load_prompts(recipe.prompts, base_dir)
     oracle = make_oracle(recipe.oracle)
     seed = recipe.train.seed
-    torch.manual_seed(seed)  # LoRA and head initialisation
-    base, tokenizer = load_base(recipe.model, world.device)
-    adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
-    model = with_adapters(base, recipe.adapters, extra=adapters[len(ADAPTERS):])
-    policy = LMPolicy(model, tokenizer, recipe.rollout, recipe.model.chat_template)
-    reward = TokenReward.on(policy, recipe.reward).to(world.device)
+    init_rng = GlobalRNG(seed)  # LoRA and head initialisation: peft and torch draw from the global streams
+    with init_rng:
+        base, tokenizer = load_base(recipe.model, world.device)
+        adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
+        model = with_adapters(base, recipe.adapters, extra=adapters[len(ADAPTERS):])
+        policy = LMPolicy(model, tokenizer, recipe.rollout, recipe.model.chat_template)
+        reward = TokenReward.on(policy, recipe.reward).to(world.device)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
     cfg = recipe.bilevel
 
     def make_critic(adapter: str) -> Critic:
         if cfg.critic.kind == "mc":
             return MCCritic(cfg.gamma, world)
-        head = VocabQHead(model.get_output_embeddings().weight, policy.feature_dim).to(world.device)
+        with init_rng:
+            head = VocabQHead(model.get_output_embeddings().weight, policy.feature_dim).to(world.device)
         return TDCritic(policy.state_features, head, cfg.gamma, cfg.critic, generator, world)
 
     source = SampledRollouts(policy, train_prompts, generator, world)
@@ -92,7 +96,9 @@ def run(trainer: Trainer, base_dir: Path) -> Summary | None:
     # recipe and checkpoint) before the main process writes into it
     trainer.world.barrier()
     if trainer.world.is_main:
-        trainer.folder.write_start(trainer.recipe, run_record(trainer.recipe, base_dir, trainer.world.size))
+        record = run_record(trainer.recipe, base_dir, trainer.world.size)
+        record["environment"] = describe(trainer.world.device, trainer.policy.head.weight.dtype, trainer.policy.autocasting)
+        trainer.folder.write_start(trainer.recipe, record)
     return trainer.fit()
 
 
@@ -113,7 +119,8 @@ def train(recipe: Recipe, run_dir: Path, base_dir: Path) -> Summary | None:
     `accelerate launch` every process calls it; the main one returns the summary, the others None."""
     world = launched_world(recipe.train.device)
     check(recipe, run_dir, base_dir, world)
-    return run(build(recipe, run_dir, base_dir, world), base_dir)
+    with reproducible(run_threads(recipe.train.threads), world.device):
+        return run(build(recipe, run_dir, base_dir, world), base_dir)
 
 
 def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] = lambda message: None) -> Summary | None:
@@ -125,7 +132,13 @@ def resume(run_dir: Path, overrides: list[str] = (), log: Callable[[str], None] 
     world = launched_world(recipe.train.device)
     base_dir = folder.base_dir("--resume")
     preflight(recipe, world.device)
-    trainer = build(recipe, run_dir, base_dir, world)
+    with reproducible(run_threads(recipe.train.threads), world.device):
+        return resumed(build(recipe, run_dir, base_dir, world), folder, base_dir, log)
+
+
+def resumed(trainer: Trainer, folder: RunFolder, base_dir: Path, log: Callable[[str], None]) -> Summary | None:
+    """`trainer` from the newest sound checkpoint of its run (from the start if it has none), run to its end."""
+    run_dir, recipe, world = folder.path, trainer.recipe, trainer.world
     report = log if world.is_main else (lambda message: None)
     checkpoint = folder.latest_checkpoint(on_skip=lambda message: report(f"warning: {message}"))
     if checkpoint is not None:

@@ -178,13 +178,10 @@ def saved_for_backward(policy, rollout):
 
 
 def test_a_bf16_base_runs_its_adapters_in_bf16_on_the_inputs_as_they_are():
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
     auto, off, copying = tiny_policy(dtype="bfloat16"), tiny_policy(dtype="bfloat16", autocast=False), tiny_policy(dtype="bfloat16")
     assert auto.autocasting and not off.autocasting
-    for module in copying.model.modules():  # autocast, with peft casting each adapter's input to the weights' float32
-        if isinstance(module, BaseTunerLayer):
-            module.cast_input_dtype_enabled = True
+    # autocast alone, with peft casting each adapter's input to the weights' float32
+    copying.autocast = lambda: torch.autocast("cpu", torch.bfloat16)
     rollout = auto.sample(["a good day", "the dog"], torch.Generator().manual_seed(0))
     saved = {name: saved_for_backward(policy, rollout) for name, policy in [("auto", auto), ("off", off), ("copying", copying)]}
     width = auto.model.config.intermediate_size  # down_proj's input: no norm or attention tensor has it
@@ -324,7 +321,7 @@ def test_the_outer_step_is_measured_on_the_device_of_the_recipe(monkeypatch):
 
     asked = []
     monkeypatch.setattr(bench, "resolve_device", lambda name: asked.append(name) or torch.device("meta"))
-    monkeypatch.setattr(bench, "Trainer", capture)
+    monkeypatch.setattr(bench, "build", capture)
     with pytest.raises(Placed) as placed:
         bench.measure_outer_step(load_recipe(RECIPES / "tiny-debug.yaml", ["train.device=cuda"]), RECIPES, warmup=0)
     assert asked == ["cuda"] and placed.value.args[0] == torch.device("meta")

@@ -21,7 +21,7 @@ def test_td_critic_matches_exact_q(testbed):
     generator = torch.Generator().manual_seed(0)
     source = SampledRollouts(policy, [0, 1, 2], generator)
     cfg = CriticConfig(hidden=0, lr=0.05, blocks=8, target_every=100, batch_size=128, replay_capacity=20000)
-    head = QHead(policy.inputs.shape[1], testbed.tree.vocab, cfg.hidden)
+    head = QHead(policy.inputs.shape[1], testbed.tree.vocab, cfg.hidden, torch.Generator().manual_seed(0))
     critic = TDCritic(policy.state_features, head, testbed.problem.gamma, cfg, generator)
     for _ in range(6):
         rollout = source.rollouts(LAMBDA, 512)
@@ -85,7 +85,7 @@ def test_a_critic_relabels_its_replay_and_warms_up_once(testbed, tmp_path):
     generator = torch.Generator().manual_seed(0)
     source = SampledRollouts(policy, [0, 1, 2], generator)
     cfg = CriticConfig(hidden=0, blocks=1, target_every=3, batch_size=8, warmup_blocks=2, replay_capacity=40)
-    critic = TDCritic(policy.state_features, QHead(policy.inputs.shape[1], testbed.tree.vocab, 0), 0.9, cfg, generator)
+    critic = TDCritic(policy.state_features, QHead(policy.inputs.shape[1], testbed.tree.vocab, 0, torch.Generator().manual_seed(0)), 0.9, cfg, generator)
     steps = []
     original = critic.optimizer.step
 
@@ -109,7 +109,7 @@ def test_a_critic_relabels_its_replay_and_warms_up_once(testbed, tmp_path):
     assert torch.equal(critic.replay.reward, torch.full((cfg.replay_capacity,), 2.0)) and torch.equal(critic.replay.state, states)
 
     save_checkpoint(tmp_path, 1, {"critic": critic.state_dict()})
-    resumed = TDCritic(policy.state_features, QHead(policy.inputs.shape[1], testbed.tree.vocab, 0), 0.9, cfg, generator)
+    resumed = TDCritic(policy.state_features, QHead(policy.inputs.shape[1], testbed.tree.vocab, 0, torch.Generator().manual_seed(0)), 0.9, cfg, generator)
     resumed.load_state_dict(load_checkpoint(tmp_path / "checkpoint-000001")["critic"])
     assert resumed.fits == 3 and torch.equal(resumed.replay.reward, critic.replay.reward)
     resumed.relabel(lambda rollout: 3 * rollout.mask)

@@ -270,9 +270,7 @@ def rows_of(rollout: Rollout, rows: slice) -> Rollout:
 
 
 def td_critic(world: World) -> TDCritic:
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        head = QHead(4, 8, hidden=6)
+    head = QHead(4, 8, 6, torch.Generator().manual_seed(0))
     cfg = CriticConfig(hidden=6, blocks=2, target_every=5, batch_size=8, radius=1.0)
     return TDCritic(lambda rollout: rollout.context, head, 0.9, cfg, torch.Generator().manual_seed(2), world)
 

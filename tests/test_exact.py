@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import flat
+from rlhf_bilevel.config import BilevelConfig
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
 from rlhf_bilevel.types import LAMBDA
@@ -57,3 +58,13 @@ def test_penalty_value_tends_to_phi(testbed):
     phi = solve.phi(testbed.problem, reward).item()
     gaps = [abs(solve.penalty_value(testbed.problem, reward, s).item() - phi) for s in (0.2, 0.1, 0.05)]
     assert gaps[0] > gaps[1] > gaps[2]
+
+
+def test_building_the_testbed_and_its_models_leaves_the_global_random_stream_alone(testbed):
+    before = torch.get_rng_state()
+    policy, again = testbed.new_policy(), testbed.new_policy()
+    reward = testbed.reward(seed=3)
+    testbed.algorithm(BilevelConfig(inner_steps=1, trajectories_per_step=4, pairs_per_step=2), reward, exact=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert all(torch.equal(a, b) for a, b in zip(policy.parameters(), again.parameters(), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(reward.parameters(), testbed.reward(seed=3).parameters(), strict=True))

@@ -697,3 +697,13 @@ def test_an_adapter_on_the_output_layer_is_a_config_error():
     peft_model = with_adapters(model, AdapterConfig(r=2, alpha=4, target_modules=("q_proj", "lm_head")))
     with pytest.raises(ConfigError, match="adapters.target_modules.*lm_head"):
         LMPolicy(peft_model, tokenizer, RolloutConfig(), chat_template=False)
+
+
+def test_the_policy_cuts_and_pads_prompts_on_the_left_of_its_own_tokenizer():
+    lm = make_lm()
+    lm.tokenizer.padding_side = lm.tokenizer.truncation_side = "right"
+    policy = LMPolicy(lm.model, lm.tokenizer, RolloutConfig(max_new_tokens=2, max_prompt_tokens=3), chat_template=False)
+    ids, mask = policy.encode(["the dog is very happy", "tell me"])
+    assert lm.tokenizer.padding_side == lm.tokenizer.truncation_side == "right"  # the caller's, as it was
+    words = lm.tokenizer(["is very happy", "tell me"])["input_ids"]
+    assert ids[0].tolist() == words[0] and ids[1, 1:].tolist() == words[1] and mask[1].tolist() == [0, 1, 1]

@@ -4,10 +4,12 @@ import math
 import statistics
 
 import pytest
+import torch
 
+from rlhf_bilevel import environment
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.exact.testbed import TestbedConfig
-from rlhf_bilevel.theory import Lab, TheoryConfig, fit_slope
+from rlhf_bilevel.theory import Lab, TheoryConfig, fit_slope, run_lab
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +108,16 @@ def test_fit_slope_recovers_a_power_law():
 def test_bad_lab_settings_name_their_field(changes, field):
     with pytest.raises(ConfigError, match=field):
         TheoryConfig(**changes)
+
+
+def test_the_lab_gives_back_the_callers_dtype_threads_and_random_stream(tmp_path):
+    # it computes in float64 on one thread, and draws from generators of its own
+    cfg = TheoryConfig(
+        testbed=TestbedConfig(prompts=2, vocab=3, horizon=2, reward_hidden=0), outer_steps=4, inner_steps=2, sampled_outer_steps=2,
+        replay_outer_steps=2, replay_steps=2, pairs=4, trajectories=8, sigmas=(0.8, 0.4), batch_sizes=(2, 4), starts=1,
+    )
+    count, rng = torch.get_num_threads() + 1, torch.get_rng_state()  # a count the lab does not use
+    with environment.threads(count), environment.default_dtype(torch.float32):
+        run_lab(cfg, tmp_path, log=lambda line: None)
+        assert torch.get_num_threads() == count and torch.get_default_dtype() == torch.float32
+    assert torch.equal(torch.get_rng_state(), rng) and (tmp_path / "theory.json").is_file()

@@ -10,7 +10,7 @@ from conftest import run_cli
 from peft import PeftModel
 from safetensors.torch import load_file
 
-from rlhf_bilevel import tracking
+from rlhf_bilevel import environment, tracking
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER
 from rlhf_bilevel.recipe import load_recipe
@@ -99,6 +99,32 @@ def test_checkpoint_keeps_each_adapter_once_in_plain_peft(finished_run, tmp_path
     params = dict(trainer.model.named_parameters())
     for key, value in trained.items():
         assert torch.equal(params[key.replace(".default.", f".{LAMBDA}.")], value), key
+
+
+def test_a_seeded_run_repeats_exactly_whatever_omp_num_threads_says(tmp_path, monkeypatch, finished_run):
+    # the recipe's train.threads (1) decides, not the environment: a run in a fresh process told to use
+    # 2 threads gives every number of the run in this one, to the last bit
+    reference_dir, _ = finished_run
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    sets = [arg for setting in SETTINGS for arg in ("--set", setting)]
+    result = run_cli("train", "--recipe", str(TINY), "--output-dir", str(tmp_path / "run"), *sets, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert comparable(records(tmp_path / "run", "metrics.jsonl")) == comparable(records(reference_dir, "metrics.jsonl"))
+    for run_dir in (reference_dir, tmp_path / "run"):
+        numerics = json.loads((run_dir / "run.json").read_text())["environment"]
+        assert numerics["threads"] == 1 and numerics["dtype"] == "float32" and numerics["device"] == "cpu"
+
+
+def test_a_run_leaves_the_process_as_it_found_it(tmp_path):
+    # its thread count and the random streams its initialisations draw from are its own
+    from transformers.utils import logging as hf_logging
+
+    rng, verbosity = torch.get_rng_state(), hf_logging.get_verbosity()
+    with environment.threads(2):  # the recipe's count is 1
+        train(tiny_recipe("bilevel.outer_steps=1"), tmp_path, RECIPES)
+        assert torch.get_num_threads() == 2
+    assert torch.equal(torch.get_rng_state(), rng) and hf_logging.get_verbosity() == verbosity
+    assert json.loads((tmp_path / "run.json").read_text())["environment"]["threads"] == 1
 
 
 def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, finished_run):

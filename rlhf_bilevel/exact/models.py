@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlhf_bilevel.exact.tree import TokenTree
+from rlhf_bilevel.seeding import linear
 from rlhf_bilevel.types import ADAPTERS, AdapterSwitch, Rollout
 
 
-def mlp(inputs: int, hidden: int, outputs: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, outputs))
+def mlp(inputs: int, hidden: int, outputs: int, generator: torch.Generator) -> nn.Sequential:
+    return nn.Sequential(linear(inputs, hidden, generator), nn.Tanh(), linear(hidden, outputs, generator))
 
 
 class ExactPolicy(AdapterSwitch, nn.Module):
@@ -26,18 +27,18 @@ class ExactPolicy(AdapterSwitch, nn.Module):
 
     The adapter reads the prefix encoding and a one-hot of the node, so it can represent
     any policy (the over-parameterised regime of the paper's assumptions); its output
-    layer starts at zero, as a LoRA adapter does, so λ and λ′ start at π_ref.
+    layer starts at zero, as a LoRA adapter does, so λ and λ′ start at π_ref. Its weights are drawn
+    from `generator`: the base, then each adapter.
     """
 
-    def __init__(self, tree: TokenTree, hidden: int = 32, ref_scale: float = 1.0, seed: int = 0):
+    def __init__(self, tree: TokenTree, generator: torch.Generator, hidden: int = 32, ref_scale: float = 1.0):
         super().__init__()
         self.tree = tree
-        torch.manual_seed(seed)
         self.inputs = torch.cat([tree.features, torch.eye(tree.num_nodes)], dim=1)
-        self.base = mlp(tree.features.shape[1], hidden, tree.vocab).requires_grad_(False)
+        self.base = mlp(tree.features.shape[1], hidden, tree.vocab, generator).requires_grad_(False)
         with torch.no_grad():
             self.base[-1].weight.mul_(ref_scale * 4)
-        self.adapters = nn.ModuleDict({name: mlp(self.inputs.shape[1], hidden, tree.vocab) for name in ADAPTERS})
+        self.adapters = nn.ModuleDict({name: mlp(self.inputs.shape[1], hidden, tree.vocab, generator) for name in ADAPTERS})
         nn.init.zeros_(self.adapters[ADAPTERS[0]][-1].weight)
         nn.init.zeros_(self.adapters[ADAPTERS[0]][-1].bias)
         for name in ADAPTERS[1:]:  # λ′_0 = λ_0: both start from the same point
@@ -123,9 +124,9 @@ class ExactReward(nn.Module):
     def __init__(self, tree: TokenTree, hidden: int = 4, seed: int = 0):
         super().__init__()
         self.tree = tree
-        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)
         inputs = tree.last_token_features.shape[1]
-        self.net = mlp(inputs, hidden, 1) if hidden else nn.Linear(inputs, 1)
+        self.net = mlp(inputs, hidden, 1, generator) if hidden else linear(inputs, 1, generator)
 
     def parameters(self, recurse: bool = True) -> list[Tensor]:  # the protocol wants a list
         return list(super().parameters(recurse))

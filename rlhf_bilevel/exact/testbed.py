@@ -51,7 +51,8 @@ class Testbed:
     def algorithm(self, cfg: BilevelConfig, reward: ExactReward, exact: bool, seed: int = 0) -> Bilevel:
         """Algorithm 1 on this testbed: enumerated rollouts and exact Q, or samples and the TD critic."""
         generator = torch.Generator().manual_seed(seed)
-        policy = self.new_policy()
+        init = torch.Generator().manual_seed(self.cfg.seed)  # the policy's weights, then the critics' heads
+        policy = self.new_policy(init)
         if exact:
             source = solve.ExactRollouts(policy)
 
@@ -61,12 +62,14 @@ class Testbed:
             source = SampledRollouts(policy, list(range(self.tree.prompts)), generator)
 
             def make_critic(adapter: str) -> TDCritic:
-                head = QHead(policy.inputs.shape[1], self.tree.vocab, cfg.critic.hidden)
+                head = QHead(policy.inputs.shape[1], self.tree.vocab, cfg.critic.hidden, init)
                 return TDCritic(policy.state_features, head, cfg.gamma, cfg.critic, generator)
 
         return Bilevel(policy, reward, source, self.gold, make_critic, cfg, generator)
 
-    def new_policy(self) -> ExactPolicy:
-        """λ = λ′ = π_ref on this problem's base (the base is seeded, so it is the same each time)."""
-        return ExactPolicy(self.tree, hidden=self.cfg.policy_hidden, seed=self.cfg.seed)
+    def new_policy(self, generator: torch.Generator | None = None) -> ExactPolicy:
+        """λ = λ′ = π_ref on this problem's base, its weights drawn from `generator`: by default a fresh one
+        seeded with the testbed's seed, as the problem's reference was, so that every policy has its base."""
+        generator = generator or torch.Generator().manual_seed(self.cfg.seed)
+        return ExactPolicy(self.tree, generator, hidden=self.cfg.policy_hidden)
 

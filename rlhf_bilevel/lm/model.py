@@ -21,7 +21,6 @@ import torch
 from gguf import GGUFReader
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.utils import logging as hf_logging
 
 from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.lm import tiny
@@ -133,10 +132,7 @@ def resolve_dtype(name: str, device: torch.device | str) -> torch.dtype:
 
 def load_base(cfg: ModelConfig, device: torch.device | str = "cpu") -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The frozen base model (eval mode, no gradients) on `device`, and its tokenizer, from local
-    files only unless `name` is a hub id. Loading is quiet: the command's own progress bar is the
-    one to watch."""
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    files only unless `name` is a hub id."""
     dtype = resolve_dtype(cfg.dtype, device)
     if cfg.name == "tiny":
         model, tokenizer = tiny.build()

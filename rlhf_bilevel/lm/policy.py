@@ -11,6 +11,7 @@ and applies the output layer by chunks (`lm/logits.py`).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator, Literal, Sequence
@@ -18,12 +19,12 @@ from typing import Iterator, Literal, Sequence
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.helpers import disable_input_dtype_casting
 from torch import Tensor
 from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
-from transformers.modeling_layers import GradientCheckpointingLayer
 
 from rlhf_bilevel.allocator import heap_reuse
+from rlhf_bilevel.compat import keep_cache_under_checkpointing
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.lm.logits import chosen_log_probs, log_softmax_head
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout, rollout_context
@@ -76,7 +77,11 @@ class LMPolicy(AdapterSwitch):
     estimators see the distribution they differentiate."""
 
     def __init__(self, model: PeftModel, tokenizer: PreTrainedTokenizerBase, cfg: RolloutConfig, chat_template: bool):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        # a copy that pads and cuts prompts on the left (their end is what the response follows); the
+        # caller's tokenizer keeps its own sides
+        self.tokenizer = copy.deepcopy(tokenizer)
+        self.tokenizer.padding_side = self.tokenizer.truncation_side = "left"
+        self.model, self.cfg = model, cfg
         self.chat_template = chat_template and bool(getattr(tokenizer, "chat_template", None))
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
@@ -87,17 +92,9 @@ class LMPolicy(AdapterSwitch):
         self.reward_layer: int | None = None
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            # transformers drops the cache of a checkpointed layer, whose replay would extend it twice;
-            # every cache read with gradients here is a PrefixCache, which replays as it first ran
-            for module in model.modules():
-                if isinstance(module, GradientCheckpointingLayer):
-                    module._can_checkpoint_with_cache = True
+            keep_cache_under_checkpointing(model)
         self.head: torch.nn.Linear = model.get_output_embeddings()
         self.autocasting = autocasts(cfg, self.head.weight.dtype)
-        if self.autocasting:  # autocast casts the adapters' float32 weights instead
-            for module in model.modules():
-                if isinstance(module, BaseTunerLayer):
-                    module.cast_input_dtype_enabled = False
         if any(p.requires_grad for p in self.head.parameters()):
             raise ConfigError("adapters.target_modules: the output layer (lm_head) cannot carry an adapter; leave it out")
         self.decoder = model.get_base_model().get_decoder()
@@ -148,16 +145,19 @@ class LMPolicy(AdapterSwitch):
             ]
         else:
             texts = list(prompts)
-        self.tokenizer.padding_side = "left"
-        self.tokenizer.truncation_side = "left"
         batch = self.tokenizer(
             texts, return_tensors="pt", padding=True, truncation=True,
             max_length=self.cfg.max_prompt_tokens, add_special_tokens=not self.chat_template,
         )
         return batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
 
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocasting)
+    @contextmanager
+    def autocast(self) -> Iterator[None]:
+        """bf16 autocast of the block where `rollout.autocast` asks for it; autocast then casts the adapters'
+        float32 weights, and peft leaves their inputs as they are."""
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.autocasting):
+            with disable_input_dtype_casting(self.model, active=self.autocasting):
+                yield
 
     def trunk(self, input_ids: Tensor, attention_mask: Tensor, past: Cache | None = None) -> Tensor:
         """[N, T, d] the last hidden state (after the final norm) at each of `input_ids` under the active
