@@ -48,7 +48,7 @@ import torch
 from rlhf_bilevel.checkpoint import checkpoints
 from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, gold_score, held_out_prompts, load_policy, load_run
-from rlhf_bilevel.oracles.registry import make_oracle
+from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.report import plain, write_eval
 from rlhf_bilevel.types import LAMBDA
 
@@ -173,7 +173,7 @@ class Comparison:
         from rlhf_bilevel.train import train
 
         recipe = self.recipe(seed, method)
-        oracle = make_oracle(recipe.oracle)
+        labeller = make_labeller(recipe.oracle, seed)
         folder = self.out / f"{method}-seed{seed}"
         per_outer_step = recipe.bilevel.pairs_per_outer_step
         budget = recipe.bilevel.outer_steps * per_outer_step
@@ -186,7 +186,7 @@ class Comparison:
             wall, pairs = trained.seconds, trained.oracle_pairs
             snapshots = {p: (Path(a), trained.snapshot_seconds[p]) for p, a in trained.snapshots.items()}
             final = load_policy(recipe, Path(trained.adapter_dir))
-            result = evaluate(final, oracle, self.prompts, self.cfg.eval)
+            result = evaluate(final, labeller, self.prompts, self.cfg.eval)
             write_eval(result, folder / "eval", name=folder.name)
         else:
             summary = train(recipe, folder, self.base_dir)
@@ -194,14 +194,14 @@ class Comparison:
             elapsed = outer_seconds(folder / "metrics.jsonl")
             snapshots = {step * per_outer_step: (path / "adapters" / LAMBDA, elapsed[step]) for step, path in checkpoints(folder)}
             _, _, final, reward = load_run(folder)
-            result = evaluate(final, oracle, self.prompts, self.cfg.eval, reward)
+            result = evaluate(final, labeller, self.prompts, self.cfg.eval, reward)
             write_eval(result, folder / "eval", name=folder.name, metrics_file=folder / "metrics.jsonl")
         print(f"{time.perf_counter() - start:.0f} s, win rate {result['win_rate']}")
         curve = []
         if "gold" in result:  # the oracle has a gold score
             curve = [{"oracle_pairs": 0, "seconds": 0.0, "gold": result["gold"]["reference"].mean}]
             curve += [
-                {"oracle_pairs": p, "seconds": s, "gold": gold_score(load_policy(recipe, a), oracle, self.prompts, self.cfg.eval)}
+                {"oracle_pairs": p, "seconds": s, "gold": gold_score(load_policy(recipe, a), labeller, self.prompts, self.cfg.eval)}
                 for p, (a, s) in sorted(snapshots.items())
             ]
         return {"method": method, "seed": seed, "oracle_pairs": pairs, "seconds": wall, "eval": result, "curve": curve}

@@ -31,7 +31,8 @@ from torch import Tensor
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.sampling import consecutive_pairs
-from rlhf_bilevel.types import LAMBDA, Oracle, Rollout
+from rlhf_bilevel.labelling import Labeller, both_orders, make_labeller
+from rlhf_bilevel.types import LAMBDA, Rollout
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,6 @@ class Estimate:
 
     def __str__(self) -> str:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
-
-
-def both_orders(p_first: Tensor, p_swapped: Tensor) -> Tensor:
-    """P(a ≻ b) from a judge asked twice: p_first = P(a ≻ b) with a shown first, p_swapped = P(b ≻ a) with b first.
-
-    A judge that leans towards whichever response it reads first by δ gives p + δ and
-    1 − p + δ; their difference, halved and re-centred, cancels δ.
-    """
-    return (p_first + 1 - p_swapped) / 2
 
 
 def decided(prob: Tensor) -> Tensor:
@@ -128,13 +120,13 @@ def pairs_each(policy, adapter: str | None, prompts: Sequence[Any], seed: int, s
         return policy.sample([p for p in prompts for _ in range(2 * samples)], torch.Generator().manual_seed(seed))
 
 
-def gold_score(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, adapter: str | None = LAMBDA) -> float:
+def gold_score(policy, labeller: Labeller, prompts: Sequence[Any], cfg: EvalConfig, adapter: str | None = LAMBDA) -> float:
     """Mean gold score of the responses `evaluate` draws: the cheap measure for a curve along a run."""
     rollout = pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples)
-    return oracle.score(rollout.prompts, rollout.responses).mean().item()
+    return labeller.score(rollout.prompts, rollout.responses).mean().item()
 
 
-def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, reward=None) -> dict:
+def evaluate(policy, labeller: Labeller, prompts: Sequence[Any], cfg: EvalConfig, reward=None) -> dict:
     """The measures of the module docstring for π_λ (the policy's `lambda` adapter) on `prompts`.
 
     `reward` is the run's learned reward model (`token_rewards(rollout)`), or None when only a
@@ -150,11 +142,11 @@ def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, re
     def interval(values: Tensor, counts: Tensor | None = None) -> Estimate:
         return bootstrap(values, cfg.resamples, cfg.confidence, generator, counts)
 
+    asked = labeller.counts.evaluation
     wins = both_orders(
-        oracle.compare(repeated, ours.responses, ref.responses).double(),
-        oracle.compare(repeated, ref.responses, ours.responses).double(),
+        labeller.evaluation_labels(repeated, ours.responses, ref.responses).double(),
+        labeller.evaluation_labels(repeated, ref.responses, ours.responses).double(),
     )
-    oracle_pairs = 2 * n * per
     result: dict[str, Any] = {
         "prompts": n,
         "samples": cfg.samples,
@@ -164,16 +156,15 @@ def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, re
         "kl": est.kl_to_reference(ours).item(),
         "length": {name: response_lengths(r).mean().item() for name, r in rollouts.items()},
     }
-    if hasattr(oracle, "score"):
-        result["gold"] = {name: interval(per_prompt(oracle.score(repeated, r.responses).double(), n)) for name, r in rollouts.items()}
+    if labeller.offers_score:
+        result["gold"] = {name: interval(per_prompt(labeller.score(repeated, r.responses).double(), n)) for name, r in rollouts.items()}
     if reward is not None:
         result["agreement"] = {}
         # bookkeeping on the CPU, where the oracle's verdicts are
         prompt_of_pair = torch.arange(n, device="cpu").repeat_interleave(cfg.samples)
         for name, rollout in rollouts.items():
             pairs = consecutive_pairs(rollout)
-            prob = oracle.compare(repeated[0::2], rollout.responses[0::2], rollout.responses[1::2]).double()
-            oracle_pairs += n * cfg.samples
+            prob = labeller.evaluation_labels(repeated[0::2], rollout.responses[0::2], rollout.responses[1::2]).double()
             with torch.no_grad():
                 margins = est.pair_margins(reward.token_rewards(rollout), pairs)
             # the agreements of a prompt's pairs summed, over as many pairs as the oracle decided there
@@ -181,7 +172,7 @@ def evaluate(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, re
             hits = torch.zeros(n, dtype=torch.double, device="cpu").index_add_(0, prompt, agreement(margins.double(), prob).cpu())
             result["agreement"][name] = interval(hits, torch.bincount(prompt, minlength=n))
         result["agreement_shift"] = result["agreement"]["policy"].mean - result["agreement"]["reference"].mean
-    result["oracle_pairs"] = oracle_pairs
+    result["oracle_pairs"] = labeller.counts.evaluation - asked
     result["examples"] = [
         {"prompt": p, "reference": r, "policy": q} for p, r, q in list(zip(prompts, ref.responses[0::per], ours.responses[0::per]))[:3]
     ]
@@ -238,12 +229,10 @@ def held_out_prompts(recipe, base_dir: Path) -> list[str]:
 
 def eval_run(run_dir: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Evaluates the run in `run_dir` (policy and reward model) and writes the report to `out` (default RUN/eval)."""
-    from rlhf_bilevel.oracles.registry import make_oracle
     from rlhf_bilevel.report import write_eval
 
     recipe, base_dir, policy, reward = load_run(run_dir, overrides)
-    oracle = make_oracle(recipe.oracle)
-    result = evaluate(policy, oracle, held_out_prompts(recipe, base_dir), cfg, reward)
+    result = evaluate(policy, make_labeller(recipe.oracle), held_out_prompts(recipe, base_dir), cfg, reward)
     result["source"] = {"run": str(run_dir), "oracle": recipe.oracle.kind, "model": recipe.model.name}
     write_eval(result, out or run_dir / "eval", name=run_dir.name, metrics_file=run_dir / "metrics.jsonl")
     return result
@@ -251,14 +240,13 @@ def eval_run(run_dir: Path, cfg: EvalConfig, out: Path | None = None, overrides:
 
 def eval_adapter(adapter: Path, recipe_file: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Evaluates a peft adapter trained by any tool on the recipe's model, oracle and held-out prompts."""
-    from rlhf_bilevel.oracles.registry import make_oracle
     from rlhf_bilevel.recipe import load_recipe
     from rlhf_bilevel.report import write_eval
 
     recipe = load_recipe(recipe_file, list(overrides))
-    oracle = make_oracle(recipe.oracle)
+    labeller = make_labeller(recipe.oracle)
     prompts = held_out_prompts(recipe, recipe_file.resolve().parent)
-    result = evaluate(load_policy(recipe, adapter), oracle, prompts, cfg)
+    result = evaluate(load_policy(recipe, adapter), labeller, prompts, cfg)
     result["source"] = {"adapter": str(adapter), "oracle": recipe.oracle.kind, "model": recipe.model.name}
     write_eval(result, out or adapter / "eval", name=adapter.name)
     return result

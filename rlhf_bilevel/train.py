@@ -39,10 +39,10 @@ from rlhf_bilevel.config import ConfigError, read_text
 from rlhf_bilevel.critic import MCCritic, TDCritic
 from rlhf_bilevel.distributed import World, launched_world
 from rlhf_bilevel.evaluate import agreement
+from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward, VocabQHead
 from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
-from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, parse_recipe, read_yaml, recipe_dict
@@ -94,8 +94,8 @@ class Trainer:
             return_freed_memory()
         self.train_prompts, held_out = load_prompts(recipe.prompts, base_dir)
         self.eval_prompts = held_out or self.train_prompts
-        self.oracle = make_oracle(recipe.oracle)
         seed = recipe.train.seed
+        self.labeller = make_labeller(recipe.oracle, seed, world)
         torch.manual_seed(seed)  # LoRA and head initialisation
         base, tokenizer = load_base(recipe.model, world.device)
         self.adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
@@ -105,12 +105,11 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
         source = SampledRollouts(self.policy, self.train_prompts, self.generator, world)
         self.bilevel = Bilevel(
-            self.policy, self.reward, source, self.oracle, self.make_critic, recipe.bilevel, self.generator,
+            self.policy, self.reward, source, self.labeller, self.make_critic, recipe.bilevel, self.generator,
             on_pairs=self.record_pairs, on_inner=self.log_inner, world=world, max_bad_steps=recipe.train.max_bad_steps,
         )
         self.tracker = Tracker(run_dir, enabled=world.is_main, tensorboard=recipe.train.tensorboard)
         self.preferences = PreferenceLog(run_dir / "preferences.jsonl", enabled=world.is_main)
-        self.eval_oracle_pairs = 0
         self.elapsed = 0.0
         self.reference: dict | None = None  # the reference policy's evaluation, made once
         # the reference's held-out pairs and the oracle's verdicts on them: the reward model is scored on
@@ -156,9 +155,7 @@ class Trainer:
             rollout = self.policy.sample(doubled, generator, rows=self.world.shard(2 * n))
         (kl,) = self.world.mean([est.kl_to_reference(rollout)])
         responses = sum(self.world.gather(rollout.responses), [])
-        self.eval_oracle_pairs += n
-        prob = self.oracle.compare(prompts, responses[0::2], responses[1::2]).float() if self.world.is_main else None
-        prob = self.world.broadcast(prob)
+        prob = self.labeller.evaluation_labels(prompts, responses[0::2], responses[1::2]).float()
         if adapter is None:
             self.reference_pairs = (rollout, prob)
         agree = self.agreement(rollout, prob)
@@ -167,8 +164,8 @@ class Trainer:
         result = {"prompts": prompts, "responses": responses[0::2]}
         if agree is not None:
             result["eval/agreement"] = agree
-        if hasattr(self.oracle, "score"):
-            result["gold/score"] = self.oracle.score(doubled, responses).mean().item()
+        if self.labeller.offers_score:
+            result["gold/score"] = self.labeller.score(doubled, responses).mean().item()
         result["eval/kl"] = kl.item()
         return result
 
@@ -187,7 +184,7 @@ class Trainer:
             tokens = self.policy.tokens_generated
             self.evaluate(None)
             self.policy.tokens_generated = tokens
-            self.eval_oracle_pairs -= self.recipe.train.eval_pairs
+            self.labeller.counts.evaluation -= self.recipe.train.eval_pairs
         self.last_eval = self.evaluate(LAMBDA)
         metrics = {k: v for k, v in self.last_eval.items() if "/" in k}
         # the distribution-shift signal: the same reward model on the reference's pairs and on π_λ's
@@ -196,7 +193,7 @@ class Trainer:
             metrics["eval/agreement_reference"] = on_reference
         if "gold/score" in self.reference:
             metrics["gold/reference"] = self.reference["gold/score"]
-        metrics["oracle/eval_pairs"] = float(self.eval_oracle_pairs)
+        metrics["oracle/eval_pairs"] = float(self.labeller.counts.evaluation)
         return metrics
 
     # -- the loop ------------------------------------------------------------------------------------
@@ -290,7 +287,6 @@ class Trainer:
             "generator": self.generator.get_state(),
             "tokens_generated": self.tokens_generated(),
             "preferences": len(self.preferences),
-            "eval_oracle_pairs": self.eval_oracle_pairs,
             "elapsed": self.elapsed,
             "reference": self.reference,
             "last_eval": self.last_eval,
@@ -322,7 +318,6 @@ class Trainer:
         self.generator.set_state(state["generator"])
         # the processes' counters add up to the run's total
         self.policy.tokens_generated = state["tokens_generated"] if self.world.is_main else 0
-        self.eval_oracle_pairs = state["eval_oracle_pairs"]
         self.elapsed = state["elapsed"]
         self.reference, self.last_eval = state["reference"], state["last_eval"]
         self.tracker.truncate_after(self.bilevel.t * self.recipe.bilevel.inner_steps)

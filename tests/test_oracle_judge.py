@@ -5,9 +5,11 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.lm import tiny
+from rlhf_bilevel.labelling import Labeller, make_labeller
 from rlhf_bilevel.oracles import OracleConfig, make_oracle
+from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.oracles.judge import LLMJudge, llm_judge_oracle
-from rlhf_bilevel.oracles.pairwise import ask_both_orders, question_text
+from rlhf_bilevel.oracles.pairwise import ask_as_shown, question_text
 
 # the tiny model's vocabulary has no A or B: its judge names the responses with words it knows
 TINY = dict(kind="llm-judge", model="tiny", choices=("one", "two"))
@@ -29,6 +31,20 @@ def test_the_question_shows_both_responses_in_order_under_their_names():
     assert text.endswith("Reply with Left or Right only.")
 
 
+class ShownJudge:
+    """A positional judge from a function of the question texts: P(it names the response shown first)."""
+
+    name = "shown"
+    offers = Offers.COMPARISON
+    positional = True
+
+    def __init__(self, first_named):
+        self.first_named = first_named
+
+    def compare(self, prompts, first, second):
+        return ask_as_shown(self.first_named, OracleConfig(), prompts, first, second)
+
+
 def test_both_orders_average_the_two_verdicts():
     cfg = OracleConfig()
     # hand-made verdicts: P(the judge names the response shown first) for each question
@@ -39,13 +55,13 @@ def test_both_orders_average_the_two_verdicts():
         asked.append(len(texts))
         return torch.tensor([next(p for (a, b), p in verdicts.items() if t == question_text(cfg, "p", a, b)) for t in texts])
 
-    prob = ask_both_orders(first_named, cfg, ["p", "p"], ["x", "u"], ["y", "v"])
+    prob = Labeller(ShownJudge(first_named)).ask(["p", "p"], ["x", "u"], ["y", "v"])
     torch.testing.assert_close(prob, torch.tensor([(0.9 + 1 - 0.3) / 2, (0.2 + 1 - 0.6) / 2]))
     assert asked == [4]  # one batched call for both orders
 
 
 def test_a_pure_position_bias_cancels():
-    always_first = ask_both_orders(lambda texts: torch.full((len(texts),), 0.85), OracleConfig(), ["p"] * 3, FIRST, SECOND)
+    always_first = Labeller(ShownJudge(lambda texts: torch.full((len(texts),), 0.85))).ask(["p"] * 3, FIRST, SECOND)
     torch.testing.assert_close(always_first, torch.full((3,), 0.5))
 
 
@@ -62,17 +78,19 @@ def test_a_biased_judge_is_unbiased_after_the_swap(judge, monkeypatch):
         return torch.stack(out)
 
     monkeypatch.setattr(judge, "first_named", biased)
-    prob = judge.compare(PROMPTS, FIRST, SECOND)
-    swapped = judge.compare(PROMPTS, SECOND, FIRST)
+    labeller = Labeller(judge)
+    prob = labeller.ask(PROMPTS, FIRST, SECOND)
+    swapped = labeller.ask(PROMPTS, SECOND, FIRST)
     torch.testing.assert_close(prob + swapped, torch.ones(3))
-    torch.testing.assert_close(judge.compare(["p"], ["rain"], ["rain"]), torch.tensor([0.5]))
+    torch.testing.assert_close(labeller.ask(["p"], ["rain"], ["rain"]), torch.tensor([0.5]))
+    assert judge.compare(["p"], ["rain"], ["rain"]).item() > 0.8  # asked one way only, the bias decides a tie
     assert (prob[[0, 2]] > 0.5).all() and prob[1] < 0.5  # the longer response wins despite the bias
 
 
 def test_tiny_judge_gives_one_probability_per_pair_and_swapping_gives_one_minus(judge):
-    prob = judge.compare(PROMPTS, FIRST, SECOND)
+    prob = Labeller(judge).ask(PROMPTS, FIRST, SECOND)
     assert prob.shape == (3,) and ((prob > 0) & (prob < 1)).all()
-    torch.testing.assert_close(judge.compare(PROMPTS, SECOND, FIRST), 1 - prob, atol=1e-6, rtol=0)
+    torch.testing.assert_close(Labeller(judge).ask(PROMPTS, SECOND, FIRST), 1 - prob, atol=1e-6, rtol=0)
 
 
 def test_the_verdict_is_the_softmax_of_the_two_answer_logits(judge):
@@ -95,14 +113,14 @@ def test_a_chat_template_is_used_when_the_tokenizer_has_one():
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} reply"
     chat_judge = LLMJudge(model, tokenizer, OracleConfig(**TINY))
     assert chat_judge.chat and chat_judge.render("which") == "which reply"
-    prob = chat_judge.compare(PROMPTS, FIRST, SECOND)
-    torch.testing.assert_close(chat_judge.compare(PROMPTS, SECOND, FIRST), 1 - prob, atol=1e-6, rtol=0)
+    prob = Labeller(chat_judge).ask(PROMPTS, FIRST, SECOND)
+    torch.testing.assert_close(Labeller(chat_judge).ask(PROMPTS, SECOND, FIRST), 1 - prob, atol=1e-6, rtol=0)
 
 
-def test_make_oracle_gives_a_pairwise_judge_without_a_gold_score():
-    oracle = make_oracle(OracleConfig(**TINY))
-    assert not hasattr(oracle, "score")
-    assert oracle.compare(["p"], ["a"], ["b"]).shape == (1,)
+def test_make_oracle_gives_a_positional_judge_without_a_gold_score():
+    labeller = make_labeller(OracleConfig(**TINY))
+    assert labeller.oracle.positional and not labeller.offers_score
+    assert labeller.ask(["p"], ["a"], ["b"]).shape == (1,)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,7 @@ import torch
 
 from rlhf_bilevel.config import ConfigError, build
 from rlhf_bilevel.oracles import ORACLES, OracleConfig, OracleError, ScoredOracle, make_oracle
+from rlhf_bilevel.oracles.base import Offers
 
 USER_MODULE = '''
 import math
@@ -125,7 +126,7 @@ def test_python_pairwise_judge_returns_its_probabilities_and_has_no_score(user_m
     oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:judge", pairwise=True))
     prob = oracle.compare(["p", "q"], ["yes please", "no"], ["a", "b"])
     torch.testing.assert_close(prob, torch.tensor([0.9, 0.2]))
-    assert not hasattr(oracle, "score")
+    assert oracle.offers == Offers.COMPARISON
 
 
 @pytest.mark.parametrize(

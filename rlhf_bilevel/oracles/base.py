@@ -1,9 +1,11 @@
-"""What every oracle shares: its config, its error, and the step from a gold score to a preference.
+"""What every oracle shares: its protocol, its config, its error, and the step from a gold score to a preference.
 
-An oracle answers one question, P(first ≻ second) for a batch of prompt-matched pairs
-(the `Oracle` protocol of `rlhf_bilevel.types`), and knows nothing of the algorithm. Most
-oracles are a per-response gold score behind a Bradley–Terry link (`ScoredOracle`); those
-also expose `score`, so a run can log the gold reward of what its policy writes.
+An oracle answers P(first ≻ second) for a batch of prompt-matched pairs, and knows nothing of
+the algorithm. It says what it offers (`Offers`): every oracle compares; most are a
+per-response gold score behind a Bradley–Terry link (`ScoredOracle`) and offer that score
+too, so a run can log the gold reward of what its policy writes. A judge that reads the two
+responses one after the other declares itself `positional`, and is asked in both orders.
+Only `rlhf_bilevel.labelling` asks an oracle anything.
 
 A bad answer is never repaired: a wrong length, a NaN, a probability outside [0, 1] or an
 exception in user code is an `OracleError`, because a guessed label silently corrupts the
@@ -15,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from enum import Flag, auto
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import Tensor
@@ -27,6 +30,27 @@ DEFAULT_QUESTION = "Which response answers the prompt better: more helpful, more
 
 class OracleError(RuntimeError):
     """The oracle could not give a verdict; raised rather than a guessed label."""
+
+
+class Offers(Flag):
+    """What an oracle answers; nothing else is asked of it."""
+
+    COMPARISON = auto()  # compare(prompts, first, second) -> [N] P(first ≻ second)
+    SCORE = auto()  # score(prompts, responses) -> [N] a gold score per response: the run's gold metrics
+
+
+class Oracle(Protocol):
+    name: str  # what its errors are prefixed with
+    offers: Offers
+    # True: compare() answers for the order the two responses are shown in (a judge reading them
+    # one after the other prefers a position), so the labeller asks each pair both ways round
+    positional: bool
+
+    def compare(self, prompts: Sequence[Any], first: Sequence[Any], second: Sequence[Any]) -> Tensor:
+        """P(first ≻ second) for each pair, in [0, 1]; raises OracleError, never guesses."""
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> Tensor:
+        """[N] gold score of each response; asked only of an oracle that offers `Offers.SCORE`."""
 
 
 @dataclass(frozen=True)
@@ -47,6 +71,10 @@ class OracleConfig:
     timeout: float = 60.0  # seconds an http request (or a python: call) may take before that attempt has failed
     retries: int = 3  # every kind: attempts after a failed one (exception, timeout, invalid label) before the run stops
     backoff: float = 1.0  # seconds before the first retry, doubled before each next one
+    # every kind: the probability that a training label is flipped (a noisy annotator); evaluation is never
+    # flipped. Below 1/2, so a flipped label is still more often right than wrong: at 1/2 labels carry no
+    # information, above it they teach the opposite preference
+    flip: float = 0.0
 
     def __post_init__(self) -> None:
         positive(self, "temperature", "batch_size", "timeout")
@@ -54,6 +82,8 @@ class OracleConfig:
             raise ConfigError(f"retries: must be ≥ 0, got {self.retries}")
         if self.backoff < 0:
             raise ConfigError(f"backoff: must be ≥ 0 seconds, got {self.backoff}")
+        if not 0 <= self.flip < 0.5:
+            raise ConfigError(f"flip: must be in [0, 0.5), the probability a training label is flipped; got {self.flip}")
         if not self.question.strip():
             raise ConfigError("question: must not be blank")
         names = [c.strip().casefold() for c in self.choices]  # an http judge's reply is read ignoring case
@@ -71,6 +101,9 @@ class ScoredOracle:
     With `labels: deterministic` the preferred response gets probability 1 (0.5 on a tie),
     the noiseless oracle that the Bradley–Terry one tends to as the temperature goes to 0.
     """
+
+    offers = Offers.COMPARISON | Offers.SCORE
+    positional = False
 
     def __init__(self, name: str, scorer: Scorer, cfg: OracleConfig):
         self.name = name

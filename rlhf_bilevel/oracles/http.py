@@ -1,8 +1,8 @@
 """`http`: an OpenAI-compatible chat-completions endpoint as the pairwise judge.
 
 Any server that speaks the chat-completions protocol will do: the OpenAI API, vLLM,
-llama.cpp's server, Ollama, a gateway. Each pair is asked in both orders
-(`pairwise.ask_both_orders`), one request per question, `oracle.batch_size` requests in
+llama.cpp's server, Ollama, a gateway. The judge is `positional`: the labeller asks each pair
+in both orders, one request per question, `oracle.batch_size` requests in
 flight at once. The reply must name one of `oracle.choices` and nothing else ("A", "B.",
 "**Response B**" are read; "A is better than B" is not): an answer that is neither, or a
 body that is not chat-completions JSON, fails the attempt rather than becoming a label.
@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import OracleConfig, OracleError, check_batch, one_line
-from rlhf_bilevel.oracles.pairwise import ask_both_orders
+from rlhf_bilevel.oracles.base import Offers, OracleConfig, OracleError, check_batch, one_line
+from rlhf_bilevel.oracles.pairwise import ask_as_shown
 from rlhf_bilevel.oracles.retry import GaveUp, retrying
 
 EXAMPLE_URL = "http://127.0.0.1:8000/v1/chat/completions"
@@ -61,7 +61,10 @@ def http_oracle(cfg: OracleConfig) -> HttpJudge:
 
 
 class HttpJudge:
-    """A pairwise judge behind HTTP: it has no gold score, so it has no `score` method."""
+    """A pairwise judge behind HTTP: it offers no gold score, and answers for the order it is shown."""
+
+    offers = Offers.COMPARISON
+    positional = True
 
     def __init__(self, cfg: OracleConfig, key: str | None):
         self.cfg, self.key = cfg, key
@@ -70,10 +73,11 @@ class HttpJudge:
         if key is not None:
             self.headers["Authorization"] = f"Bearer {key}"
         self.where = f"http: {cfg.url}"
+        self.name = "http"
 
     def compare(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> Tensor:
         check_batch(prompts, first, second)
-        return ask_both_orders(self.first_named, self.cfg, prompts, first, second)
+        return ask_as_shown(self.first_named, self.cfg, prompts, first, second)
 
     def first_named(self, questions: list[str]) -> Tensor:
         """[N] 1 where the endpoint named the response shown first, 0 where it named the second."""

@@ -6,15 +6,13 @@ import difflib
 from collections.abc import Callable
 
 from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import OracleConfig
+from rlhf_bilevel.oracles.base import Oracle, OracleConfig
 from rlhf_bilevel.oracles.http import http_oracle
 from rlhf_bilevel.oracles.judge import llm_judge_oracle
 from rlhf_bilevel.oracles.python import PREFIX, python_oracle
-from rlhf_bilevel.oracles.retry import with_retries
 from rlhf_bilevel.oracles.reward_model import reward_model_oracle
 from rlhf_bilevel.oracles.rules import keyword_oracle, length_oracle
 from rlhf_bilevel.oracles.sentiment import sentiment_oracle
-from rlhf_bilevel.types import Oracle
 
 ORACLES: dict[str, Callable[[OracleConfig], Oracle]] = {
     "sentiment": sentiment_oracle,
@@ -27,15 +25,13 @@ ORACLES: dict[str, Callable[[OracleConfig], Oracle]] = {
 
 
 def make_oracle(cfg: OracleConfig) -> Oracle:
-    """The oracle `cfg.kind` names, behind retries with back-off (`retry.py`); an exact name, never a
-    substring match, so a typo cannot pick another oracle."""
+    """The oracle `cfg.kind` names: an exact name, never a substring match, so a typo cannot pick
+    another oracle. It is asked through a `labelling.Labeller`, which retries it."""
     if cfg.kind.startswith(PREFIX):
-        # user code may wait on a service with no deadline of its own: each attempt gets oracle.timeout
-        return with_retries(python_oracle(cfg), cfg, timeout=cfg.timeout)
+        return python_oracle(cfg)
     if cfg.kind not in ORACLES:
         close = difflib.get_close_matches(cfg.kind, ORACLES, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         known = ", ".join(sorted(ORACLES))
         raise ConfigError(f"oracle.kind: unknown oracle {cfg.kind!r}{hint}; known: {known}, or {PREFIX}module:callable")
-    # the built-in kinds cannot hang: http puts oracle.timeout on each request itself
-    return with_retries(ORACLES[cfg.kind](cfg), cfg)
+    return ORACLES[cfg.kind](cfg)
