@@ -40,6 +40,21 @@ class ConfigError(ValueError):
     """A user mistake in a recipe, an override or an option: one line, naming the field."""
 
 
+class Variants:
+    """A config section whose class depends on what it says, like an oracle's on its `kind`: `build`
+    reads it as the class `variant` picks, so each variant takes only its own keys."""
+
+    @classmethod
+    def variant(cls, data: dict) -> type:
+        """The class that reads `data` (a subclass of `cls`, or `cls` itself); a ConfigError names the deciding key."""
+        return cls
+
+    @classmethod
+    def chosen(cls, data: dict) -> str:
+        """What `data` chose, for an error about a key the variant does not take, e.g. "the http oracle"."""
+        return cls.__name__
+
+
 @dataclass(frozen=True)
 class BilevelConfig:
     method: Literal["bilevel", "alternating"] = "bilevel"  # alternating: standard online RLHF, no λ′
@@ -136,6 +151,14 @@ def build(cls: type, data: Any, where: str = "") -> Any:
     """A frozen dataclass from a dict, checking every key and every type."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {type(data).__name__}")
+    chosen = ""
+    if issubclass(cls, Variants):
+        try:
+            variant = cls.variant(data)
+        except ConfigError as error:
+            raise ConfigError(f"{where}.{error}" if where else str(error)) from None
+        chosen = f" for {cls.chosen(data)}"
+        cls = variant
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {}
@@ -144,7 +167,7 @@ def build(cls: type, data: Any, where: str = "") -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
-            raise ConfigError(f"{path}: unknown key{hint}")
+            raise ConfigError(f"{path}: unknown key{chosen}{hint}")
         values[key] = convert(hints[key], value, path)
     for name, f in fields.items():
         if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:

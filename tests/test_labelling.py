@@ -5,7 +5,7 @@ import torch
 
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.labelling import Labeller, make_labeller
-from rlhf_bilevel.oracles import OracleConfig
+from rlhf_bilevel.oracles import oracle_config
 from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.recipe import load_recipe
 from rlhf_bilevel.types import PreferencePairs, Rollout
@@ -119,6 +119,6 @@ def test_flip_outside_zero_to_one_half_is_a_one_line_error_naming_the_field(flip
 
 
 def test_make_labeller_takes_the_recipe_oracle_settings():
-    labeller = make_labeller(OracleConfig(kind="length", retries=2, backoff=0.5, flip=0.1), seed=7)
+    labeller = make_labeller(oracle_config(kind="length", retries=2, backoff=0.5, flip=0.1), seed=7)
     assert (labeller.retries, labeller.backoff, labeller.flip) == (2, 0.5, 0.1)
     assert labeller.offers_score and labeller.score(["p"], ["three short words"]).tolist() == [3.0]

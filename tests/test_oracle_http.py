@@ -11,7 +11,7 @@ import torch
 
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.labelling import make_labeller
-from rlhf_bilevel.oracles import OracleConfig, OracleError
+from rlhf_bilevel.oracles import OracleError, oracle_config
 from rlhf_bilevel.oracles.http import chosen
 
 KEY = "sk-test-9f8e7d6c5b4a"
@@ -82,7 +82,7 @@ def serve(monkeypatch):
 
 def judge(server, **cfg):
     settings = dict(kind="http", url=server.url, model="judge-1", api_key_env="JUDGE_KEY", timeout=5.0, backoff=0.0) | cfg
-    return make_labeller(OracleConfig(**settings))
+    return make_labeller(oracle_config(**settings))
 
 
 def test_a_good_judge_is_asked_in_both_orders_with_the_key(serve):
@@ -192,5 +192,5 @@ def test_http_settings_that_cannot_work_are_config_errors(changes, match, monkey
     monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
     settings = dict(kind="http", url="http://127.0.0.1:1/v1/chat/completions", model="m") | changes
     with pytest.raises(ConfigError, match=match):
-        make_labeller(OracleConfig(**settings))
+        make_labeller(oracle_config(**settings))
 

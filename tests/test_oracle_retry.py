@@ -8,8 +8,9 @@ import torch
 
 from rlhf_bilevel.config import ConfigError, build
 from rlhf_bilevel.labelling import Labeller, make_labeller
-from rlhf_bilevel.oracles import OracleConfig, OracleError
+from rlhf_bilevel.oracles import OracleConfig, OracleError, oracle_config
 from rlhf_bilevel.oracles.base import Offers
+from rlhf_bilevel.oracles.registry import config_class
 from rlhf_bilevel.oracles.retry import GaveUp, retrying
 
 USER_MODULE = '''
@@ -142,11 +143,11 @@ def test_score_is_retried_and_asked_only_of_oracles_that_offer_it():
     with pytest.raises(TypeError, match="offers no gold score"):
         judge.score(["p"], ["a"])
     assert judge.oracle.calls == 0
-    assert make_labeller(OracleConfig(kind="length")).offers_score  # the trainer logs gold scores by this
+    assert make_labeller(oracle_config(kind="length")).offers_score  # the trainer logs gold scores by this
 
 
 def test_make_oracle_retries_a_user_judge_that_raised(user_module):
-    labeller = make_labeller(OracleConfig(kind=f"python:{user_module}:flaky", pairwise=True, retries=2, backoff=0.0))
+    labeller = make_labeller(oracle_config(kind=f"python:{user_module}:flaky", pairwise=True, retries=2, backoff=0.0))
     torch.testing.assert_close(labeller.ask(["p", "q"], ["a", "b"], ["c", "d"]), torch.tensor([0.75, 0.75]))
     import flaky_judges
 
@@ -154,7 +155,7 @@ def test_make_oracle_retries_a_user_judge_that_raised(user_module):
 
 
 def test_a_user_call_that_hangs_times_out_and_is_retried(user_module):
-    labeller = make_labeller(OracleConfig(kind=f"python:{user_module}:hangs", timeout=0.05, retries=1, backoff=0.0))
+    labeller = make_labeller(oracle_config(kind=f"python:{user_module}:hangs", timeout=0.05, retries=1, backoff=0.0))
     pattern = r"^python:flaky_judges:hangs: no answer within 0\.05 s \(oracle\.timeout\) \(gave up after 2 attempts, oracle\.retries=1\)$"
     with pytest.raises(OracleError, match=pattern):
         labeller.score(["p"], ["a"])
@@ -169,12 +170,12 @@ def test_a_user_call_that_hangs_times_out_and_is_retried(user_module):
     [
         ({"retries": -1}, r"^retries: must be ≥ 0, got -1$"),
         ({"backoff": -0.5}, r"^backoff: must be ≥ 0 seconds, got -0\.5$"),
-        ({"timeout": 0.0}, r"^timeout: must be > 0, got 0\.0$"),
+        ({"kind": "http", "timeout": 0.0}, r"^timeout: must be > 0, got 0\.0$"),
     ],
 )
 def test_retry_fields_are_validated_and_named(data, match):
     with pytest.raises(ConfigError, match=match):
-        OracleConfig(**data)
+        config_class(data.get("kind", "sentiment"))(**data)
     with pytest.raises(ConfigError, match=r"^oracle\."):  # in a recipe, the section is named too
         build(OracleConfig, data, "oracle")
 

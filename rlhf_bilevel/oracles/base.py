@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.config import ConfigError, Variants, positive
 
 DEFAULT_QUESTION = "Which response answers the prompt better: more helpful, more correct and clearer?"
 
@@ -54,36 +54,59 @@ class Oracle(Protocol):
 
 
 @dataclass(frozen=True)
-class OracleConfig:
-    kind: str = "sentiment"  # a registered name (sentiment, length, keyword) or python:module:callable
-    labels: Literal["bradley_terry", "deterministic"] = "bradley_terry"  # how a score difference becomes P(first ≻ second)
-    temperature: float = 0.1  # Bradley–Terry temperature on gold-score differences; smaller is closer to deterministic
-    keywords: tuple[str, ...] = ()  # keyword: the words whose occurrences are counted (case-insensitive, whole words)
-    target_words: int | None = None  # length: None rewards longer responses, else closeness to this word count
-    pairwise: bool = False  # python: the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring
-    model: str | None = None  # llm-judge: the judge, as model.name (default smollm2); reward-model: a folder or hub id; http: the endpoint's model
-    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # llm-judge, reward-model: dtype of the judging model's weights (auto as model.dtype)
-    batch_size: int = 8  # llm-judge, reward-model: texts per forward pass; http: requests in flight at once
-    question: str = DEFAULT_QUESTION  # llm-judge, http: what the judge is asked about the two responses
-    choices: tuple[str, ...] = ("A", "B")  # llm-judge, http: the judge's names for the response shown first and second
-    url: str | None = None  # http: the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1/chat/completions
-    api_key_env: str | None = None  # http: the environment variable holding the API key; the key never goes in a recipe
-    timeout: float = 60.0  # seconds an http request (or a python: call) may take before that attempt has failed
-    retries: int = 3  # every kind: attempts after a failed one (exception, timeout, invalid label) before the run stops
+class OracleConfig(Variants):
+    """The settings every oracle kind takes: which kind, and how the labeller asks it. Each kind takes
+    its own subclass (the registry's `ORACLES`), chosen by `kind` when a recipe is read."""
+
+    kind: str = "sentiment"  # a registered name (sentiment, length, keyword, ...) or python:module:callable
+    retries: int = 3  # attempts after a failed one (exception, timeout, invalid label) before the run stops
     backoff: float = 1.0  # seconds before the first retry, doubled before each next one
-    # every kind: the probability that a training label is flipped (a noisy annotator); evaluation is never
-    # flipped. Below 1/2, so a flipped label is still more often right than wrong: at 1/2 labels carry no
+    # the probability that a training label is flipped (a noisy annotator); evaluation is never flipped.
+    # Below 1/2, so a flipped label is still more often right than wrong: at 1/2 labels carry no
     # information, above it they teach the opposite preference
     flip: float = 0.0
 
     def __post_init__(self) -> None:
-        positive(self, "temperature", "batch_size", "timeout")
         if self.retries < 0:
             raise ConfigError(f"retries: must be ≥ 0, got {self.retries}")
         if self.backoff < 0:
             raise ConfigError(f"backoff: must be ≥ 0 seconds, got {self.backoff}")
         if not 0 <= self.flip < 0.5:
             raise ConfigError(f"flip: must be in [0, 0.5), the probability a training label is flipped; got {self.flip}")
+
+    @classmethod
+    def variant(cls, data: dict) -> type:
+        # the registry imports every oracle module, each of which imports this one
+        from rlhf_bilevel.oracles.registry import config_class
+
+        return config_class(data.get("kind", OracleConfig.kind)) if cls is OracleConfig else cls
+
+    @classmethod
+    def chosen(cls, data: dict) -> str:
+        return f"the {data.get('kind', OracleConfig.kind)} oracle"
+
+
+@dataclass(frozen=True)
+class ScoredConfig(OracleConfig):
+    """An oracle behind a gold score (`ScoredOracle`): sentiment, and the base of every scored kind."""
+
+    labels: Literal["bradley_terry", "deterministic"] = "bradley_terry"  # how a score difference becomes P(first ≻ second)
+    temperature: float = 0.1  # Bradley–Terry temperature on gold-score differences; smaller is closer to deterministic
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "temperature")
+
+
+@dataclass(frozen=True)
+class JudgeConfig(OracleConfig):
+    """What a judge shown two responses is asked (llm-judge, http)."""
+
+    question: str = DEFAULT_QUESTION  # what the judge is asked about the two responses
+    choices: tuple[str, ...] = ("A", "B")  # the judge's names for the response shown first and second
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.question.strip():
             raise ConfigError("question: must not be blank")
         names = [c.strip().casefold() for c in self.choices]  # an http judge's reply is read ignoring case
@@ -105,7 +128,7 @@ class ScoredOracle:
     offers = Offers.COMPARISON | Offers.SCORE
     positional = False
 
-    def __init__(self, name: str, scorer: Scorer, cfg: OracleConfig):
+    def __init__(self, name: str, scorer: Scorer, cfg: ScoredConfig):
         self.name = name
         self.scorer = scorer
         self.labels = cfg.labels

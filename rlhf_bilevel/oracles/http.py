@@ -27,12 +27,13 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import Offers, OracleConfig, OracleError, check_batch, one_line
+from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.oracles.base import JudgeConfig, Offers, OracleError, check_batch, one_line
 from rlhf_bilevel.oracles.pairwise import ask_as_shown
 from rlhf_bilevel.oracles.retry import GaveUp, retrying
 
@@ -41,7 +42,20 @@ RETRYABLE = {408, 409, 429}  # 4xx codes that mean "later", not "never"
 QUOTE = 120  # characters of a server's answer quoted in an error message
 
 
-def http_oracle(cfg: OracleConfig) -> HttpJudge:
+@dataclass(frozen=True)
+class HttpConfig(JudgeConfig):
+    url: str | None = None  # the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1/chat/completions (required)
+    model: str | None = None  # the model the endpoint serves, e.g. gpt-4o-mini (required)
+    api_key_env: str | None = None  # the environment variable holding the API key; the key never goes in a recipe
+    batch_size: int = 8  # requests in flight at once
+    timeout: float = 60.0  # seconds a request may take before that attempt has failed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "batch_size", "timeout")
+
+
+def http_oracle(cfg: HttpConfig) -> HttpJudge:
     if cfg.url is None:
         raise ConfigError(f"oracle.url: the http oracle needs the chat-completions endpoint, e.g. oracle.url={EXAMPLE_URL}")
     parts = urllib.parse.urlsplit(cfg.url)
@@ -66,7 +80,7 @@ class HttpJudge:
     offers = Offers.COMPARISON
     positional = True
 
-    def __init__(self, cfg: OracleConfig, key: str | None):
+    def __init__(self, cfg: HttpConfig, key: str | None):
         self.cfg, self.key = cfg, key
         # urllib's own User-Agent is turned away by some gateways in front of hosted APIs
         self.headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "rlhf-bilevel"}

@@ -12,20 +12,32 @@ and a weak judge; point `oracle.model` at a bigger instruct model for labels wor
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import Offers, OracleConfig, as_oracle_model, check_batch
+from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.oracles.base import JudgeConfig, Offers, as_oracle_model, check_batch
 from rlhf_bilevel.oracles.pairwise import ask_as_shown
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def llm_judge_oracle(cfg: OracleConfig) -> LLMJudge:
+@dataclass(frozen=True)
+class LLMJudgeConfig(JudgeConfig):
+    model: str | None = None  # the judge, as model.name (smollm2, tiny, a .gguf, a folder, a hub id); None: smollm2
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"  # of the judge's weights (auto as model.dtype)
+    batch_size: int = 8  # questions per forward pass
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "batch_size")
+
+
+def llm_judge_oracle(cfg: LLMJudgeConfig) -> LLMJudge:
     """The judge `oracle.model` names (any `model.name`: smollm2, tiny, a .gguf, a folder, a hub id)."""
     # transformers takes seconds to import: paid only by runs that use a model as their oracle
     from rlhf_bilevel.distributed import resolve_device
@@ -43,7 +55,7 @@ class LLMJudge:
     offers = Offers.COMPARISON
     positional = True
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: OracleConfig):
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: LLMJudgeConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         # an instruct model answers in its chat format: the reply then starts right after the
         # assistant header, so the names are looked up without a leading space

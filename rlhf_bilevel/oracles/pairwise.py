@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor
 
-from rlhf_bilevel.oracles.base import OracleConfig
+from rlhf_bilevel.oracles.base import JudgeConfig
 
 FirstNamed = Callable[[list[str]], Tensor]
 """[N] the probability that the judge names the response shown first, for each of N questions."""
 
 
-def question_text(cfg: OracleConfig, prompt: str, shown_first: str, shown_second: str) -> str:
+def question_text(cfg: JudgeConfig, prompt: str, shown_first: str, shown_second: str) -> str:
     a, b = cfg.choices
     return (
         f"{cfg.question}\n\nPrompt:\n{prompt}\n\nResponse {a}:\n{shown_first}\n\n"
@@ -26,7 +26,7 @@ def question_text(cfg: OracleConfig, prompt: str, shown_first: str, shown_second
     )
 
 
-def ask_as_shown(first_named: FirstNamed, cfg: OracleConfig, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> Tensor:
+def ask_as_shown(first_named: FirstNamed, cfg: JudgeConfig, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> Tensor:
     """P(the judge names `first`) with `first` shown first, from one call of `first_named` on all N
     questions, so that a batched judge pays its overhead once."""
     return first_named([question_text(cfg, p, a, b) for p, a, b in zip(prompts, first, second)])

@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import Offers, OracleConfig, OracleError, ScoredOracle, check_batch, check_probabilities, one_line
+from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.oracles.base import Offers, OracleError, ScoredConfig, ScoredOracle, check_batch, check_probabilities, one_line
 from rlhf_bilevel.oracles.retry import within
 
 PREFIX = "python:"
 
 
-def python_oracle(cfg: OracleConfig) -> ScoredOracle | PairwiseOracle:
+@dataclass(frozen=True)
+class PythonConfig(ScoredConfig):
+    pairwise: bool = False  # the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring responses
+    timeout: float = 60.0  # seconds a call may take before that attempt has failed
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "timeout")
+
+
+def python_oracle(cfg: PythonConfig) -> ScoredOracle | PairwiseOracle:
     """A scorer, fn(prompts, responses) -> floats, behind Bradley–Terry; or, with `pairwise`, a judge."""
     fn = load_callable(cfg.kind)
     if cfg.pairwise:
