@@ -186,6 +186,8 @@ def test_each_kind_reads_its_own_config_and_refuses_another_kinds_key():
         build(OracleConfig, {"kind": "llm-judge", "temperature": 0.1}, "oracle")
     for kind, entry in ORACLES.items():
         assert type(oracle_config(kind=kind)) is entry.config
+    with pytest.raises(ConfigError, match=r"^oracle\.kind: expected str, got 5$"):
+        load_recipe(TINY, ["oracle.kind=5"])
 
 
 def test_overriding_the_kind_drops_the_settings_of_the_kind_before():

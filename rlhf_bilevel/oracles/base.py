@@ -79,7 +79,9 @@ class OracleConfig(Variants):
         # the registry imports every oracle module, each of which imports this one
         from rlhf_bilevel.oracles.registry import config_class
 
-        return config_class(data.get("kind", OracleConfig.kind)) if cls is OracleConfig else cls
+        kind = data.get("kind", OracleConfig.kind)
+        # a kind that is not text is left to `build`, which names the type it expected
+        return config_class(kind) if cls is OracleConfig and isinstance(kind, str) else cls
 
     @classmethod
     def chosen(cls, data: dict) -> str:
