@@ -188,8 +188,7 @@ def test_reward_model_refuses_what_is_not_a_reward_model(tmp_path):
 
 @pytest.mark.slow
 def test_smollm2_judge_prefers_the_answer_over_a_non_answer():
-    oracle = make_oracle(oracle_config(kind="llm-judge"))
-    prob = oracle.compare(
+    prob = make_labeller(oracle_config(kind="llm-judge")).ask(
         ["What is the capital of France?", "How many legs does a spider have?"],
         ["The capital of France is Paris.", "A spider has eight legs."],
         ["I don't like talking about that.", "Bananas are yellow."],
