@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError, Variants, positive
+from rlhf_bilevel.config import ConfigError, Variants, positive, shown
 
 DEFAULT_QUESTION = "Which response answers the prompt better: more helpful, more correct and clearer?"
 
@@ -79,9 +79,12 @@ class OracleConfig(Variants):
         # the registry imports every oracle module, each of which imports this one
         from rlhf_bilevel.oracles.registry import config_class
 
+        if cls is not OracleConfig:
+            return cls
         kind = data.get("kind", OracleConfig.kind)
-        # a kind that is not text is left to `build`, which names the type it expected
-        return config_class(kind) if cls is OracleConfig and isinstance(kind, str) else cls
+        if not isinstance(kind, str):  # before any other key: which keys are known depends on it
+            raise ConfigError(f"kind: expected str, got {shown(kind)}")
+        return config_class(kind)
 
     @classmethod
     def chosen(cls, data: dict) -> str:
