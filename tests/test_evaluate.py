@@ -173,7 +173,7 @@ def test_eval_of_the_last_checkpoint_reproduces_what_the_run_logged(tiny_run):
     """The run's periodic evaluation and `eval` are one function: given the run's evaluation
     prompts and seed, evaluating the saved checkpoint gives the numbers the run logged at its end."""
     from rlhf_bilevel.evaluate import EVAL_SEED_OFFSET, held_out_prompts, load_run
-    from rlhf_bilevel.oracles.registry import make_oracle
+    from rlhf_bilevel.labelling import make_labeller
 
     recipe, _, policy, reward = load_run(tiny_run)
     metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -182,7 +182,7 @@ def test_eval_of_the_last_checkpoint_reproduces_what_the_run_logged(tiny_run):
     prompts = held_out_prompts(recipe, RECIPES)
     prompts = [prompts[i % len(prompts)] for i in range(recipe.train.eval_pairs)]
     cfg = EvalConfig(seed=recipe.train.seed + EVAL_SEED_OFFSET, win_rate=False)
-    result = evaluate(policy, make_oracle(recipe.oracle), prompts, cfg, reward)
+    result = evaluate(policy, make_labeller(recipe.oracle), prompts, cfg, reward)
     assert result["gold"]["policy"].mean == pytest.approx(last["gold/score"], abs=1e-6)
     assert result["gold"]["reference"].mean == pytest.approx(last["gold/reference"], abs=1e-6)
     assert result["kl"] == pytest.approx(last["eval/kl"], abs=1e-6)

@@ -4,7 +4,6 @@ line in `ORACLES`."""
 from __future__ import annotations
 
 import difflib
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -53,8 +52,9 @@ def config_class(name: str) -> type[OracleConfig]:
 
 def kinds() -> list[Variant]:
     """Every kind with its config class: the named ones, then the python: family."""
-    named = [Variant(name, kind.config, f"^{re.escape(name)}$") for name, kind in ORACLES.items()]
-    return [*named, Variant(f"{PREFIX}module:callable", PYTHON.config, f"^{re.escape(PREFIX)}")]
+    # the names are words and hyphens, the same in Python's and in JSON Schema's regular expressions
+    named = [Variant(name, kind.config, f"^{name}$") for name, kind in ORACLES.items()]
+    return [*named, Variant(f"{PREFIX}module:callable", PYTHON.config, f"^{PREFIX}")]
 
 
 OracleConfig.config_class, OracleConfig.kinds = staticmethod(config_class), staticmethod(kinds)
