@@ -192,16 +192,19 @@ def build(cls: type, data: Any, where: str = "", base: Any = None) -> Any:
         raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {type(data).__name__}")
     chosen = ""
     if issubclass(cls, Variants):
+        # left out, the key that picks the variant is the base's too
+        picked = data if base is None or cls.key in data else {cls.key: getattr(base, cls.key), **data}
         try:
-            variant = cls.variant(data)
+            variant = cls.variant(picked)
         except ConfigError as error:
             raise ConfigError(f"{where}.{error}" if where else str(error)) from None
-        chosen = f" for {cls.chosen(data)}"
+        chosen = f" for {cls.chosen(picked)}"
         cls = variant
         if base is not None and type(base) is not cls:
             # another variant's default (the recipe's sentiment oracle when the file asks for http):
-            # its values are for keys this variant may not take, so the class's own defaults apply
-            base = None
+            # only its values of the keys this variant takes carry over
+            takes = {f.name for f in dataclasses.fields(cls) if f.init}
+            base = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name in takes})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {}

@@ -65,7 +65,7 @@ class Recipe:
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "how responses are sampled and scored"})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "the learned reward r_φ"})
     oracle: OracleConfig = field(
-        default_factory=ScoredConfig, metadata={"help": "who labels the pairs: the keys each oracle kind takes are listed below"}
+        default_factory=ScoredConfig, metadata={"help": "who labels the pairs; each kind takes these fields and those of its own table"}
     )
     bilevel: BilevelConfig = field(default_factory=BilevelConfig, metadata={"help": "the algorithm: Algorithm 1 or the alternating baseline"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "seed, checkpoints, evaluation and the device"})
