@@ -193,7 +193,7 @@ def build(cls: type, data: Any, where: str = "", base: Any = None) -> Any:
     chosen = ""
     if issubclass(cls, Variants):
         # left out, the key that picks the variant is the base's too
-        picked = data if base is None or cls.key in data else {cls.key: getattr(base, cls.key), **data}
+        picked = data if base is None or not cls.key or cls.key in data else {cls.key: getattr(base, cls.key), **data}
         try:
             variant = cls.variant(picked)
         except ConfigError as error:

@@ -33,9 +33,9 @@ from rlhf_bilevel import estimators as est
 from rlhf_bilevel.checkpoint import load_checkpoint
 from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.labelling import Labeller, both_orders, make_labeller
 from rlhf_bilevel.run_folder import RunFolder, adapter_folder
 from rlhf_bilevel.sampling import consecutive_pairs
-from rlhf_bilevel.labelling import Labeller, both_orders, make_labeller
 from rlhf_bilevel.types import LAMBDA, Rollout
 
 
