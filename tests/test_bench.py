@@ -324,7 +324,7 @@ def test_the_outer_step_is_measured_on_the_device_of_the_recipe(monkeypatch):
 
     asked = []
     monkeypatch.setattr(bench, "resolve_device", lambda name: asked.append(name) or torch.device("meta"))
-    monkeypatch.setattr(bench, "Trainer", capture)
+    monkeypatch.setattr(bench, "build", capture)
     with pytest.raises(Placed) as placed:
         bench.measure_outer_step(load_recipe(RECIPES / "tiny-debug.yaml", ["train.device=cuda"]), RECIPES, warmup=0)
     assert asked == ["cuda"] and placed.value.args[0] == torch.device("meta")
