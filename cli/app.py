@@ -176,9 +176,12 @@ def compare(
     pairs_per_prompt: int = typer.Option(1, "--pairs-per-prompt", help="Response pairs per held-out prompt in the final evaluation."),
     snapshots: int = typer.Option(4, "--snapshots", help="Points along each run on the gold-score curve."),
     dpo_beta: float = typer.Option(0.1, "--dpo-beta", help="β of TRL's Online DPO."),
+    sweep: Optional[str] = typer.Option(
+        None, "--sweep", help="Repeat the comparison for each value of one recipe field, each a separate set of runs: --sweep oracle.flip=0,0.25."
+    ),
 ) -> None:
     """Bilevel vs alternating vs TRL Online DPO at one oracle budget, over seeds: tables and plots."""
-    from rlhf_bilevel.compare import METHODS, CompareConfig
+    from rlhf_bilevel.compare import METHODS, CompareConfig, Sweep
     from rlhf_bilevel.compare import compare as run_comparison
     from rlhf_bilevel.evaluate import EvalConfig
     from rlhf_bilevel.oracles.base import OracleError
@@ -187,7 +190,7 @@ def compare(
     try:
         cfg = CompareConfig(
             seeds=tuple(seeds), methods=tuple(methods) or METHODS, jobs=jobs, snapshots=snapshots, dpo_beta=dpo_beta,
-            eval=EvalConfig(prompts=prompts, samples=pairs_per_prompt),
+            eval=EvalConfig(prompts=prompts, samples=pairs_per_prompt), sweep=Sweep.parse(sweep) if sweep else None,
         )
         run_comparison(recipe, out, cfg, list(overrides), quick=quick)
     except ConfigError as error:

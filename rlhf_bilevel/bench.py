@@ -212,7 +212,7 @@ def instrument(trainer: Trainer, timer: PhaseTimer) -> None:
     policy, bilevel = trainer.policy, trainer.bilevel
     timer.instrument(policy, "sample", "rollouts")
     timer.instrument(policy, "reference", "reference")
-    timer.instrument(trainer.oracle, "compare", "oracle")
+    timer.instrument(trainer.labeller, "ask", "oracle")
     timer.instrument(trainer.reward, "token_rewards", "reward")
     for critic in bilevel.critics.values():
         timer.instrument(critic, "fit", "critic")

@@ -16,7 +16,7 @@ import copy
 import math
 import time
 from collections.abc import Iterator
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -26,7 +26,10 @@ from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.queries import most_uncertain_pairs
 from rlhf_bilevel.steps import Stepper, norm
 from rlhf_bilevel.store import PreferenceStore
-from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME, Critic, Oracle, Policy, PreferencePairs, RewardModel, Rollout, RolloutSource
+from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME, Critic, Policy, PreferencePairs, RewardModel, Rollout, RolloutSource
+
+if TYPE_CHECKING:
+    from rlhf_bilevel.labelling import Labeller
 
 PairsCallback = Callable[[PreferencePairs, dict], None]
 InnerCallback = Callable[[int, dict], None]
@@ -46,7 +49,7 @@ class Bilevel:
         policy: Policy,
         reward: RewardModel,
         source: RolloutSource,
-        oracle: Oracle,
+        labeller: Labeller,
         make_critic: Callable[[str], Critic],
         cfg: BilevelConfig,
         generator: torch.Generator,
@@ -56,10 +59,11 @@ class Bilevel:
         world: Collectives = World(),
         max_bad_steps: int | None = None,
     ):
-        """`world`: the processes the batches are split over (the source draws this process's shard);
+        """`labeller`: asks the oracle, and keeps the preference store the reward model replays.
+        `world`: the processes the batches are split over (the source draws this process's shard);
         every gradient and metric is averaged over them before it is used. `max_bad_steps`: skipped
         updates in a row of one block that stop the run; None never stops it."""
-        self.policy, self.reward, self.source, self.oracle, self.cfg = policy, reward, source, oracle, cfg
+        self.policy, self.reward, self.source, self.labeller, self.cfg = policy, reward, source, labeller, cfg
         self.world = world
         self.generator = generator
         self.on_pairs = on_pairs
@@ -72,36 +76,27 @@ class Bilevel:
         self.policy_steps = {name: Stepper(policy.parameters_of(name), cfg.policy_step, ascend=True) for name in adapters}
         self.reward_step = Stepper(reward.parameters(), cfg.reward_step, ascend=False)
         self.anchor = [p.detach().clone() for p in reward.parameters()]  # φ₀, where the fit's prior pulls
-        self.store = PreferenceStore()
         self.drawn: dict[str, list[Rollout]] = {name: [] for name in adapters}  # this outer step's trajectories
         self.t = 0  # outer iterations done
-        self.oracle_pairs = 0
         self.max_bad_steps = max_bad_steps
         self.bad_in_a_row: dict[str, int] = {}  # block → its updates skipped since its last good one
         self.nonfinite_steps = 0  # updates skipped so far, all blocks together
 
     # -- oracle -----------------------------------------------------------------------------------
-    def label(self, pairs: PreferencePairs, inner_step: int) -> PreferencePairs:
-        """Asks the oracle once per pair; every labelled pair is counted and handed to `on_pairs`.
+    @property
+    def store(self) -> PreferenceStore:
+        return self.labeller.store
 
-        Across processes the main one asks about the pairs of the whole batch in one call, as a
-        single process would, and each process keeps the verdicts on its own pairs.
-        """
-        rollout = pairs.rollout
-        prompts = [rollout.prompts[i] for i in pairs.first.tolist()]
-        first = [rollout.responses[i] for i in pairs.first.tolist()]
-        second = [rollout.responses[i] for i in pairs.second.tolist()]
-        shards = self.world.gather((prompts, first, second))
-        prob = self.oracle.compare(*(sum(lists, []) for lists in zip(*shards))).float() if self.world.is_main else None
-        prob = self.world.broadcast(prob)
-        # the labels of the whole batch are drawn on every process: the generators stay in step
-        label = torch.bernoulli(prob, generator=self.generator) if self.cfg.labels == "sample" else prob
-        rows = self.world.shard(len(prob))
-        pairs.prob, pairs.label = prob[rows].to(rollout.mask.device), label[rows].to(rollout.mask.device)
-        self.oracle_pairs += len(prob)
-        self.store.add(pairs, self.t)
+    @property
+    def oracle_pairs(self) -> int:
+        """Training labels so far: the oracle budget spent."""
+        return self.labeller.counts.training
+
+    def label(self, pairs: PreferencePairs, inner_step: int) -> PreferencePairs:
+        """The oracle's labels of `pairs` (labelling.py, which counts and stores them), handed to `on_pairs`."""
+        self.labeller.label(pairs, self.t, self.generator, sample=self.cfg.labels == "sample")
         if self.on_pairs is not None:
-            self.on_pairs(pairs, {"outer_step": self.t, "inner_step": inner_step, "policy": rollout.adapter})
+            self.on_pairs(pairs, {"outer_step": self.t, "inner_step": inner_step, "policy": pairs.rollout.adapter})
         return pairs
 
     def query(self, adapter: str, n: int) -> PreferencePairs:
@@ -323,7 +318,7 @@ class Bilevel:
             self.drawn[name] = []
         for k in range(self.cfg.inner_steps):
             inner = self.world.mean_metrics(self.inner_step(k))
-            inner["oracle/pairs"] = float(self.oracle_pairs)
+            inner.update(self.label_metrics())
             inner["faults/nonfinite_steps"] = float(self.nonfinite_steps)
             if self.on_inner is not None:
                 self.on_inner(k, inner)
@@ -331,31 +326,35 @@ class Bilevel:
         for name in self.drawn:  # nothing of this step's rollouts outlives it
             self.drawn[name] = []
         self.t += 1
-        metrics["oracle/pairs"] = float(self.oracle_pairs)
+        metrics.update(self.label_metrics())
         metrics["faults/nonfinite_steps"] = float(self.nonfinite_steps)
         metrics["time/outer_s"] = time.perf_counter() - start
+        return metrics
+
+    def label_metrics(self) -> dict[str, float]:
+        metrics = {"oracle/pairs": float(self.oracle_pairs)}
+        if self.labeller.flip:
+            metrics["oracle/flipped"] = float(self.labeller.counts.flipped)
         return metrics
 
     def state_dict(self) -> dict:
         return {
             "t": self.t,
-            "oracle_pairs": self.oracle_pairs,
+            "labelling": self.labeller.state_dict(),
             "bad_in_a_row": dict(self.bad_in_a_row),
             "nonfinite_steps": self.nonfinite_steps,
             "policy_steps": {k: s.state_dict() for k, s in self.policy_steps.items()},
             "reward_step": self.reward_step.state_dict(),
-            "store": self.store.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.t = state["t"]
-        self.oracle_pairs = state["oracle_pairs"]
         self.bad_in_a_row = dict(state["bad_in_a_row"])
         self.nonfinite_steps = state["nonfinite_steps"]
         for name, step in self.policy_steps.items():
             step.load_state_dict(state["policy_steps"][name])
         self.reward_step.load_state_dict(state["reward_step"])
-        self.store.load_state_dict(state["store"], device=self.anchor[0].device)
+        self.labeller.load_state_dict(state["labelling"], device=self.anchor[0].device)
 
 
 def tensors_in(tree: Any) -> Iterator[torch.Tensor]:

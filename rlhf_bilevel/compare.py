@@ -19,9 +19,14 @@ whole trajectory, and gains of a few points come and go with it. So each method'
 numbers are also summarised over its seeds, by the mean and the Student-t interval of the
 per-seed values (the seed is the unit there, as the prompt is within one evaluation).
 
+`--sweep FIELD=V1,V2,...` repeats the whole comparison once per value of one recipe field, as
+if `--set FIELD=V` were given, e.g. `--sweep oracle.flip=0,0.25` for the methods' robustness to
+noisy labels. Each value is a separate set of runs, in its own folder `OUT/FIELD=V/`, and its
+own rows of every table and line of every plot, named `method (FIELD=V)`.
+
     OUT/
       bilevel-seed0/ alternating-seed0/ online-dpo-seed0/ ...   the runs (each with eval/)
-      comparison.json       {"runs": one row per run, "summary": per method over its seeds}
+      comparison.json       {"runs": one row per run, "summary": per method (and swept value) over its seeds}
       comparison.md         the runs table and the over-seeds table
       comparison.png        gold score against oracle pairs used: mean over seeds, interval shaded
       comparison-time.png   the same against wall-clock training seconds
@@ -48,7 +53,7 @@ from rlhf_bilevel.checkpoint import checkpoints
 from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.environment import available_cores
 from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, gold_score, held_out_prompts, load_policy, load_run
-from rlhf_bilevel.oracles.registry import make_oracle
+from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.preflight import check_output_dir
 from rlhf_bilevel.report import plain, write_eval
 from rlhf_bilevel.types import LAMBDA
@@ -71,6 +76,29 @@ SUMMARY_COLUMNS = [  # (measure, column title, decimals) of the over-seeds table
 
 
 @dataclass(frozen=True)
+class Sweep:
+    """One recipe field and the values a comparison runs it at, each as `--set field=value`."""
+
+    field: str
+    values: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> Sweep:
+        example = "e.g. --sweep oracle.flip=0,0.25"
+        field, sep, values = text.partition("=")
+        parts = tuple(v.strip() for v in values.split(","))
+        if not sep or not field.strip() or not all(parts):
+            raise ConfigError(f"--sweep: expected FIELD=VALUE,VALUE,..., {example}; got {text!r}")
+        if len(set(parts)) < len(parts):
+            raise ConfigError(f"--sweep: each value once, got {values}")
+        return cls(field.strip(), parts)
+
+    def settings(self) -> list[str]:
+        """The `field=value` override of each value, in order."""
+        return [f"{self.field}={value}" for value in self.values]
+
+
+@dataclass(frozen=True)
 class CompareConfig:
     seeds: tuple[int, ...] = (0,)  # each method runs once per seed
     methods: tuple[str, ...] = METHODS  # the methods that run, always in the order of METHODS
@@ -78,6 +106,7 @@ class CompareConfig:
     snapshots: int = 4  # points along each run for the gold-score curve, the end included
     dpo_beta: float = 0.1  # Online DPO's β
     eval: EvalConfig = EvalConfig()
+    sweep: Sweep | None = None  # one recipe field the whole comparison is repeated over, value by value
 
     def __post_init__(self) -> None:
         positive(self, "snapshots", "dpo_beta")
@@ -135,6 +164,21 @@ def start_worker(threads: int, warning_filters: list, library_logging: tuple[int
     (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
+def labels_flipped(metrics_file: Path) -> int:
+    """Training labels a run's `oracle.flip` flipped, from the last outer record of its metrics.jsonl (0 without flips)."""
+    flipped = 0
+    for line in metrics_file.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if record.get("phase") == "outer":
+            flipped = int(record.get("oracle/flipped", 0))
+    return flipped
+
+
+def run_name(row: dict) -> str:
+    """What a run's method is called in tables and plots: with its swept setting, if any."""
+    return f"{row['method']} ({row['setting']})" if "setting" in row else row["method"]
+
+
 def outer_seconds(metrics_file: Path) -> dict[int, float]:
     """Outer step → wall seconds of training by its end (`time/elapsed_s`), from a run's metrics.jsonl."""
     seconds = {}
@@ -154,80 +198,90 @@ class Comparison:
 
         self.recipe_file, self.out, self.cfg, self.overrides = recipe_file, out, cfg, overrides
         self.base_dir = recipe_file.resolve().parent
-        recipe = load_recipe(recipe_file, overrides)  # every bad input is reported before anything runs
+        self.settings: list[str | None] = cfg.sweep.settings() if cfg.sweep else [None]
+        # every bad input, a swept value's too, is reported before anything runs
+        recipes = {setting: load_recipe(recipe_file, [*overrides, *([setting] if setting else [])]) for setting in self.settings}
+        self.every = {setting: snapshot_every(recipe, cfg.snapshots) for setting, recipe in recipes.items()}
         self.workers = min(cfg.jobs, len(self.runs()))
         # each of the runs side by side on its share of the cores, unless the recipe names a count
         self.threads = max(1, available_cores() // self.workers)
-        self.recipe_threads = recipe.train.threads
-        self.every = snapshot_every(recipe, cfg.snapshots)
-        self.prompts = held_out_prompts(recipe, self.base_dir)
+        self.recipe_threads = {setting: recipe.train.threads for setting, recipe in recipes.items()}
+        # one set of held-out prompts for every run, so that their evaluations compare
+        self.prompts = held_out_prompts(recipes[self.settings[0]], self.base_dir)
         if cfg.eval.prompts:
             self.prompts = self.prompts[: cfg.eval.prompts]
 
-    def recipe(self, seed: int, method: str) -> Recipe:
+    def recipe(self, seed: int, method: str, setting: str | None) -> Recipe:
         from rlhf_bilevel.recipe import load_recipe
 
-        settings = [*self.overrides, f"train.seed={seed}", "train.keep=null", f"train.save_every={self.every}"]
+        settings = [*self.overrides, *([setting] if setting else []), f"train.seed={seed}", "train.keep=null", f"train.save_every={self.every[setting]}"]
         if method != "online-dpo":
             settings.append(f"bilevel.method={method}")
-        if self.recipe_threads is None:
+        if self.recipe_threads[setting] is None:
             settings.append(f"train.threads={self.threads}")
         return load_recipe(self.recipe_file, settings)
 
     # -- one method, one seed --------------------------------------------------------------------------
-    def run(self, method: str, seed: int) -> dict:
-        """Trains and evaluates `method` on `seed`; what it prints goes to stdout behind "method/seedS: "."""
-        lines = PrefixedLines(sys.stdout, f"{method}/seed{seed}: ")
+    def run(self, method: str, seed: int, setting: str | None = None) -> dict:
+        """Trains and evaluates `method` on `seed` (with the swept `setting`); what it prints goes to
+        stdout behind "method/seedS: " (or "setting/method/seedS: ")."""
+        lines = PrefixedLines(sys.stdout, f"{setting + '/' if setting else ''}{method}/seed{seed}: ")
         with redirect_stdout(lines), closing(lines):
-            return self.train_and_evaluate(method, seed)
+            return self.train_and_evaluate(method, seed, setting)
 
-    def train_and_evaluate(self, method: str, seed: int) -> dict:
+    def train_and_evaluate(self, method: str, seed: int, setting: str | None) -> dict:
         from rlhf_bilevel.online_dpo import train_online_dpo
         from rlhf_bilevel.train import train
 
-        recipe = self.recipe(seed, method)
-        oracle = make_oracle(recipe.oracle)
-        folder = self.out / f"{method}-seed{seed}"
+        recipe = self.recipe(seed, method, setting)
+        labeller = make_labeller(recipe.oracle, seed)
+        folder = (self.out / setting if setting else self.out) / f"{method}-seed{seed}"
         per_outer_step = recipe.bilevel.pairs_per_outer_step
         budget = recipe.bilevel.outer_steps * per_outer_step
         print(f"training on {budget} oracle pairs")
         start = time.perf_counter()
         if method == "online-dpo":
             trained = train_online_dpo(
-                recipe, folder, self.base_dir, pairs=budget, beta=self.cfg.dpo_beta, snapshot_every=self.every * per_outer_step,
+                recipe, folder, self.base_dir, pairs=budget, beta=self.cfg.dpo_beta, snapshot_every=self.every[setting] * per_outer_step,
             )
-            wall, pairs = trained.seconds, trained.oracle_pairs
+            wall, pairs, flipped = trained.seconds, trained.oracle_pairs, trained.labels_flipped
             snapshots = {p: (Path(a), trained.snapshot_seconds[p]) for p, a in trained.snapshots.items()}
             final = load_policy(recipe, Path(trained.adapter_dir))
-            result = evaluate(final, oracle, self.prompts, self.cfg.eval)
+            result = evaluate(final, labeller, self.prompts, self.cfg.eval)
             write_eval(result, folder / "eval", name=folder.name)
         else:
             summary = train(recipe, folder, self.base_dir)
             wall, pairs = summary.seconds, summary.oracle_pairs
+            flipped = labels_flipped(folder / "metrics.jsonl")
             elapsed = outer_seconds(folder / "metrics.jsonl")
             snapshots = {step * per_outer_step: (path / "adapters" / LAMBDA, elapsed[step]) for step, path in checkpoints(folder)}
             _, _, final, reward = load_run(folder)
-            result = evaluate(final, oracle, self.prompts, self.cfg.eval, reward)
+            result = evaluate(final, labeller, self.prompts, self.cfg.eval, reward)
             write_eval(result, folder / "eval", name=folder.name, metrics_file=folder / "metrics.jsonl")
         print(f"{time.perf_counter() - start:.0f} s, win rate {result['win_rate']}")
         curve = []
         if "gold" in result:  # the oracle has a gold score
             curve = [{"oracle_pairs": 0, "seconds": 0.0, "gold": result["gold"]["reference"].mean}]
             curve += [
-                {"oracle_pairs": p, "seconds": s, "gold": gold_score(load_policy(recipe, a), oracle, self.prompts, self.cfg.eval)}
+                {"oracle_pairs": p, "seconds": s, "gold": gold_score(load_policy(recipe, a), labeller, self.prompts, self.cfg.eval)}
                 for p, (a, s) in sorted(snapshots.items())
             ]
-        return {"method": method, "seed": seed, "oracle_pairs": pairs, "seconds": wall, "eval": result, "curve": curve}
+        row = {"method": method, "seed": seed, "oracle_pairs": pairs, "labels_flipped": flipped, "seconds": wall, "eval": result, "curve": curve}
+        return row | ({"setting": setting} if setting else {})
 
     # -- every method, every seed --------------------------------------------------------------------
-    def runs(self) -> list[tuple[str, int]]:
-        return [(method, seed) for seed in self.cfg.seeds for method in METHODS if method in self.cfg.methods]
+    def runs(self) -> list[tuple[str, int, str | None]]:
+        """(method, seed, swept setting) of every run, in the order of the report."""
+        return [
+            (method, seed, setting)
+            for setting in self.settings for seed in self.cfg.seeds for method in METHODS if method in self.cfg.methods
+        ]
 
     def all(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         runs = self.runs()
         if self.workers == 1:
-            rows = [self.run(method, seed) for method, seed in runs]
+            rows = [self.run(*run) for run in runs]
         else:
             # spawned, not forked: a forked child inherits torch's thread pool and OpenMP state mid-use
             context = multiprocessing.get_context("spawn")
@@ -236,7 +290,7 @@ class Comparison:
             logging = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
             initargs = (self.threads, warnings.filters, logging)
             with ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker, initargs=initargs) as pool:
-                futures = [pool.submit(self.run, method, seed) for method, seed in runs]
+                futures = [pool.submit(self.run, *run) for run in runs]
                 try:
                     rows = [future.result() for future in futures]  # in submission order, whatever finishes first
                 except BaseException:
@@ -280,14 +334,14 @@ def measures(row: dict) -> dict[str, float]:
 
 
 def summarise(rows: list[dict], confidence: float) -> dict[str, dict]:
-    """Per method: the seeds, each measure's interval over them, and the mean curve.
+    """Per method (and swept setting): the seeds, each measure's interval over them, and the mean curve.
 
     A curve point is the i-th snapshot of every seed's run, which falls on the same oracle-pair
     count in each (equal budgets, equal snapshot steps); its seconds are the seeds' mean.
     """
     summary = {}
-    for method in dict.fromkeys(row["method"] for row in rows):
-        runs = [row for row in rows if row["method"] == method]
+    for method in dict.fromkeys(map(run_name, rows)):
+        runs = [row for row in rows if run_name(row) == method]
         per_seed = [measures(row) for row in runs]
         summary[method] = {"seeds": [row["seed"] for row in runs]}
         summary[method].update({name: t_interval([m[name] for m in per_seed], confidence) for name in per_seed[0]})
@@ -306,8 +360,8 @@ def summarise(rows: list[dict], confidence: float) -> dict[str, dict]:
 def table(rows: list[dict]) -> str:
     """One line per method and seed; intervals are 95% bootstrap over held-out prompts."""
     lines = [
-        "| method | seed | win rate vs reference | gold score | KL | agreement on policy pairs | agreement on reference pairs | oracle pairs | train seconds |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | seed | win rate vs reference | gold score | KL | agreement on policy pairs | agreement on reference pairs | oracle pairs | labels flipped | train seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         result = row["eval"]
@@ -315,8 +369,8 @@ def table(rows: list[dict]) -> str:
         agree = result.get("agreement", {})
         on_policy, on_reference = (str(agree[k]) if k in agree else "—" for k in ("policy", "reference"))
         lines.append(
-            f"| {row['method']} | {row['seed']} | {result['win_rate']} | {gold} | {result['kl']:.2f} | {on_policy} | {on_reference} "
-            f"| {row['oracle_pairs']} | {row['seconds']:.0f} |"
+            f"| {run_name(row)} | {row['seed']} | {result['win_rate']} | {gold} | {result['kl']:.2f} | {on_policy} | {on_reference} "
+            f"| {row['oracle_pairs']} | {row['labels_flipped']} | {row['seconds']:.0f} |"
         )
     return "\n".join(lines) + "\n"
 

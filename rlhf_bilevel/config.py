@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 import yaml
@@ -38,6 +38,36 @@ SHOWN_CHARS = 60
 
 class ConfigError(ValueError):
     """A user mistake in a recipe, an override or an option: one line, naming the field."""
+
+
+class Variant(NamedTuple):
+    """One class a `Variants` section may be read as, for the recipe reference and its schema."""
+
+    name: str  # the value of the section's `key` that picks it, e.g. "http"; for a family of values, an example
+    cls: type
+    pattern: str  # a regular expression that every value picking it matches, e.g. ^http$, ^python:
+
+
+class Variants:
+    """A config section whose class depends on what it says, like an oracle's on its `kind`: `build`
+    reads it as the class `variant` picks, so each variant takes only its own keys."""
+
+    key = ""  # the field whose value picks the variant
+
+    @classmethod
+    def variants(cls) -> list[Variant]:
+        """Every class the section may be read as; the recipe reference documents each."""
+        return []
+
+    @classmethod
+    def variant(cls, data: dict) -> type:
+        """The class that reads `data` (a subclass of `cls`, or `cls` itself); a ConfigError names the deciding key."""
+        return cls
+
+    @classmethod
+    def chosen(cls, data: dict) -> str:
+        """What `data` chose, for an error about a key the variant does not take, e.g. "the http oracle"."""
+        return cls.__name__
 
 
 @dataclass(frozen=True)
@@ -160,6 +190,21 @@ def build(cls: type, data: Any, where: str = "", base: Any = None) -> Any:
     the class's default."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'recipe'}: expected a mapping of keys, got {type(data).__name__}")
+    chosen = ""
+    if issubclass(cls, Variants):
+        # left out, the key that picks the variant is the base's too
+        picked = data if base is None or not cls.key or cls.key in data else {cls.key: getattr(base, cls.key), **data}
+        try:
+            variant = cls.variant(picked)
+        except ConfigError as error:
+            raise ConfigError(f"{where}.{error}" if where else str(error)) from None
+        chosen = f" for {cls.chosen(picked)}"
+        cls = variant
+        if base is not None and type(base) is not cls:
+            # another variant's default (the recipe's sentiment oracle when the file asks for http):
+            # only its values of the keys this variant takes carry over
+            takes = {f.name for f in dataclasses.fields(cls) if f.init}
+            base = cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name in takes})
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     values = {}
@@ -168,7 +213,7 @@ def build(cls: type, data: Any, where: str = "", base: Any = None) -> Any:
         if key not in fields:
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
-            raise ConfigError(f"{path}: unknown key{hint}")
+            raise ConfigError(f"{path}: unknown key{chosen}{hint}")
         inner = getattr(base, key) if base is not None else section_default(fields[key])
         values[key] = convert(hints[key], value, path, inner)
     for name, f in fields.items():

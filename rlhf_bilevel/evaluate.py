@@ -33,9 +33,10 @@ from rlhf_bilevel import estimators as est
 from rlhf_bilevel.checkpoint import load_checkpoint
 from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.labelling import Labeller, both_orders, make_labeller
 from rlhf_bilevel.run_folder import RunFolder, adapter_folder
 from rlhf_bilevel.sampling import consecutive_pairs
-from rlhf_bilevel.types import LAMBDA, Oracle, Rollout
+from rlhf_bilevel.types import LAMBDA, Rollout
 
 
 @dataclass(frozen=True)
@@ -68,15 +69,6 @@ class Estimate:
 
     def __str__(self) -> str:
         return f"{self.mean:.3f} [{self.low:.3f}, {self.high:.3f}]"
-
-
-def both_orders(p_first: Tensor, p_swapped: Tensor) -> Tensor:
-    """P(a ≻ b) from a judge asked twice: p_first = P(a ≻ b) with a shown first, p_swapped = P(b ≻ a) with b first.
-
-    A judge that leans towards whichever response it reads first by δ gives p + δ and
-    1 − p + δ; their difference, halved and re-centred, cancels δ.
-    """
-    return (p_first + 1 - p_swapped) / 2
 
 
 def decided(prob: Tensor) -> Tensor:
@@ -141,10 +133,10 @@ def pairs_each(policy, adapter: str | None, prompts: Sequence[Any], seed: int, s
         return policy.sample(repeated, generator, rows=world.shard(len(repeated)))
 
 
-def gold_score(policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, adapter: str | None = LAMBDA) -> float:
+def gold_score(policy, labeller: Labeller, prompts: Sequence[Any], cfg: EvalConfig, adapter: str | None = LAMBDA) -> float:
     """Mean gold score of the responses `evaluate` draws: the cheap measure for a curve along a run."""
     rollout = pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples)
-    return oracle.score(rollout.prompts, rollout.responses).mean().item()
+    return labeller.score(rollout.prompts, rollout.responses).mean().item()
 
 
 @dataclass
@@ -158,19 +150,21 @@ class Answers:
     oracle_pairs: int  # pairs the oracle was asked about for `prob`
 
 
-def answers(policy, oracle: Oracle, adapter: str | None, prompts: Sequence[Any], cfg: EvalConfig, world: Collectives, verdicts: bool) -> Answers:
-    """`adapter`'s responses (pairs_each); with `verdicts`, the oracle's on each pair, asked by the main process."""
+def answers(
+    policy, labeller: Labeller, adapter: str | None, prompts: Sequence[Any], cfg: EvalConfig, world: Collectives, verdicts: bool
+) -> Answers:
+    """`adapter`'s responses (pairs_each); with `verdicts`, the oracle's on each pair, on every process."""
     rollout = pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples, world)
     responses = sum(world.gather(rollout.responses), [])
     if not verdicts:
         return Answers(rollout, responses, None, 0)
     repeated = [p for p in prompts for _ in range(2 * cfg.samples)]
-    prob = oracle.compare(repeated[0::2], responses[0::2], responses[1::2]).double() if world.is_main else None
-    return Answers(rollout, responses, world.broadcast(prob), len(responses) // 2)
+    prob = labeller.evaluation_labels(repeated[0::2], responses[0::2], responses[1::2]).double()
+    return Answers(rollout, responses, prob, len(responses) // 2)
 
 
 def evaluate(
-    policy, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, reward=None, world: Collectives = World(), reference: Answers | None = None
+    policy, labeller: Labeller, prompts: Sequence[Any], cfg: EvalConfig, reward=None, world: Collectives = World(), reference: Answers | None = None
 ) -> dict:
     """The measures of the module docstring for π_λ (the policy's `lambda` adapter) on `prompts`:
     what `rlhf-bilevel eval` reports, and what a run logs at every `train.eval_every`.
@@ -185,8 +179,9 @@ def evaluate(
     n, per = len(prompts), 2 * cfg.samples  # prompts, responses per prompt
     repeated = [p for p in prompts for _ in range(per)]
     verdicts = reward is not None
-    ref = reference or answers(policy, oracle, None, prompts, cfg, world, verdicts)
-    ours = answers(policy, oracle, LAMBDA, prompts, cfg, world, verdicts)
+    asked = labeller.counts.evaluation
+    ref = reference or answers(policy, labeller, None, prompts, cfg, world, verdicts)
+    ours = answers(policy, labeller, LAMBDA, prompts, cfg, world, verdicts)
     everyone = {"reference": ref, "policy": ours}
     (kl,) = world.mean([est.kl_to_reference(ours.rollout)])
     margins = {}
@@ -195,6 +190,12 @@ def evaluate(
             for name, answered in everyone.items():
                 rollout = answered.rollout
                 margins[name] = world.cat(est.pair_margins(reward.token_rewards(rollout), consecutive_pairs(rollout)))
+    wins = None
+    if cfg.win_rate:  # every process asks: the labeller hands the main one's verdicts to all
+        wins = both_orders(
+            labeller.evaluation_labels(repeated, ours.responses, ref.responses).double(),
+            labeller.evaluation_labels(repeated, ref.responses, ours.responses).double(),
+        )
     if not world.is_main:
         return {}
     rng = np.random.default_rng(cfg.seed)
@@ -203,18 +204,12 @@ def evaluate(
         return bootstrap(values, cfg.resamples, cfg.confidence, rng, counts)
 
     result: dict[str, Any] = {"prompts": n, "samples": cfg.samples, "seed": cfg.seed, "confidence": cfg.confidence}
-    oracle_pairs = ours.oracle_pairs + (0 if reference else ref.oracle_pairs)
-    if cfg.win_rate:
-        wins = both_orders(
-            oracle.compare(repeated, ours.responses, ref.responses).double(),
-            oracle.compare(repeated, ref.responses, ours.responses).double(),
-        )
-        oracle_pairs += 2 * n * per
+    if wins is not None:
         result["win_rate"] = interval(per_prompt(wins, n))
     result["kl"] = kl.item()
     result["length"] = {name: response_lengths(a.rollout).mean().item() for name, a in everyone.items()}
-    if hasattr(oracle, "score"):
-        result["gold"] = {name: interval(per_prompt(oracle.score(repeated, a.responses).double(), n)) for name, a in everyone.items()}
+    if labeller.offers_score:
+        result["gold"] = {name: interval(per_prompt(labeller.score(repeated, a.responses).double(), n)) for name, a in everyone.items()}
     if verdicts:
         result["agreement"] = {}
         # bookkeeping on the CPU, where the oracle's verdicts are
@@ -226,7 +221,7 @@ def evaluate(
             hits = torch.zeros(n, dtype=torch.double, device="cpu").index_add_(0, prompt, hits)
             result["agreement"][name] = interval(hits, torch.bincount(prompt, minlength=n))
         result["agreement_shift"] = result["agreement"]["policy"].mean - result["agreement"]["reference"].mean
-    result["oracle_pairs"] = oracle_pairs
+    result["oracle_pairs"] = labeller.counts.evaluation - asked
     result["examples"] = [
         {"prompt": p, "reference": r, "policy": q} for p, r, q in list(zip(prompts, ref.responses[0::per], ours.responses[0::per]))[:3]
     ]
@@ -245,11 +240,13 @@ class PeriodicEval:
     answers are drawn and labelled once, and the reward model is scored on them again every time
     (the distribution-shift signal: the same reward model on π_ref's pairs and on π_λ's)."""
 
-    def __init__(self, policy, oracle: Oracle, reward, prompts: Sequence[Any], eval_pairs: int, seed: int, world: Collectives = World()):
-        self.policy, self.oracle, self.reward, self.world = policy, oracle, reward, world
+    def __init__(
+        self, policy, labeller: Labeller, reward, prompts: Sequence[Any], eval_pairs: int, seed: int, world: Collectives = World()
+    ):
+        """`labeller` asks the oracle and counts the evaluation labels (oracle/eval_pairs) in its state."""
+        self.policy, self.labeller, self.reward, self.world = policy, labeller, reward, world
         self.prompts = [prompts[i % len(prompts)] for i in range(eval_pairs)]
         self.cfg = EvalConfig(seed=seed + EVAL_SEED_OFFSET, win_rate=False)
-        self.oracle_pairs = 0
         self.reference_answers: Answers | None = None  # not saved: a resumed run draws the same pairs again
         self.reference: dict | None = None  # π_ref's gold score and first responses, for the summary
         self.last: dict | None = None  # the same of π_λ at the latest evaluation
@@ -258,13 +255,11 @@ class PeriodicEval:
         """The metrics a run logs: gold/score, gold/reference, eval/agreement(_reference), eval/kl, oracle/eval_pairs."""
         if self.reference_answers is None:
             tokens = self.policy.tokens_generated
-            self.reference_answers = answers(self.policy, self.oracle, None, self.prompts, self.cfg, self.world, verdicts=True)
-            if self.reference is None:
-                self.oracle_pairs += self.reference_answers.oracle_pairs
-            else:  # resumed: the very pairs of before, whose labels and tokens were counted
+            self.reference_answers = answers(self.policy, self.labeller, None, self.prompts, self.cfg, self.world, verdicts=True)
+            if self.reference is not None:  # resumed: the very pairs of before, whose labels and tokens were counted
+                self.labeller.counts.evaluation -= self.reference_answers.oracle_pairs
                 self.policy.tokens_generated = tokens
-        result = evaluate(self.policy, self.oracle, self.prompts, self.cfg, self.reward, self.world, self.reference_answers)
-        self.oracle_pairs += result.get("oracle_pairs", 0)
+        result = evaluate(self.policy, self.labeller, self.prompts, self.cfg, self.reward, self.world, self.reference_answers)
         if not self.world.is_main:
             return {}
         gold, agree = result.get("gold", {}), result["agreement"]
@@ -284,14 +279,14 @@ class PeriodicEval:
             metrics["eval/agreement_reference"] = agree["reference"].mean
         if "gold/score" in self.reference:
             metrics["gold/reference"] = self.reference["gold/score"]
-        metrics["oracle/eval_pairs"] = float(self.oracle_pairs)
+        metrics["oracle/eval_pairs"] = float(self.labeller.counts.evaluation)
         return metrics
 
     def state_dict(self) -> dict:
-        return {"eval_oracle_pairs": self.oracle_pairs, "reference": self.reference, "last_eval": self.last}
+        return {"reference": self.reference, "last_eval": self.last}
 
     def load_state_dict(self, state: dict) -> None:
-        self.oracle_pairs, self.reference, self.last = state["eval_oracle_pairs"], state["reference"], state["last_eval"]
+        self.reference, self.last = state["reference"], state["last_eval"]
 
 
 def load_policy(recipe, adapter: Path):
@@ -345,11 +340,9 @@ def held_out_prompts(recipe, base_dir: Path) -> list[str]:
 
 def eval_checkpoint(folder: RunFolder, checkpoint: Path, cfg: EvalConfig, overrides: Sequence[str] = ()) -> dict:
     """`evaluate` on one checkpoint of the run in `folder` (policy and reward model), with the run's oracle and held-out prompts."""
-    from rlhf_bilevel.oracles.registry import make_oracle
-
     recipe = folder.read_recipe("--run", overrides)
     policy, reward = load_checkpoint_policy(folder, checkpoint, recipe)
-    result = evaluate(policy, make_oracle(recipe.oracle), held_out_prompts(recipe, folder.base_dir("--run")), cfg, reward)
+    result = evaluate(policy, make_labeller(recipe.oracle), held_out_prompts(recipe, folder.base_dir("--run")), cfg, reward)
     result["source"] = {"run": str(folder.path), "checkpoint": checkpoint.name, "oracle": recipe.oracle.kind, "model": recipe.model.name}
     return result
 
@@ -372,16 +365,15 @@ def eval_run(run_dir: Path, cfg: EvalConfig, out: Path | None = None, overrides:
 
 def eval_adapter(adapter: Path, recipe_file: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
     """Evaluates a peft adapter trained by any tool on the recipe's model, oracle and held-out prompts."""
-    from rlhf_bilevel.oracles.registry import make_oracle
     from rlhf_bilevel.preflight import check_output_dir
     from rlhf_bilevel.recipe import load_recipe
     from rlhf_bilevel.report import write_eval
 
     check_output_dir(out or adapter / "eval", "--out")
     recipe = load_recipe(recipe_file, list(overrides))
-    oracle = make_oracle(recipe.oracle)
+    labeller = make_labeller(recipe.oracle)
     prompts = held_out_prompts(recipe, recipe_file.resolve().parent)
-    result = evaluate(load_policy(recipe, adapter), oracle, prompts, cfg)
+    result = evaluate(load_policy(recipe, adapter), labeller, prompts, cfg)
     result["source"] = {"adapter": str(adapter), "oracle": recipe.oracle.kind, "model": recipe.model.name}
     write_eval(result, out or adapter / "eval", name=adapter.name)
     return result

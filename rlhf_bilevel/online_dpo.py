@@ -42,12 +42,12 @@ from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.distributed import resolve_device
 from rlhf_bilevel.lm.model import AdapterConfig, adapter_settings, load_base, with_adapters
 from rlhf_bilevel.lm.policy import autocasts
-from rlhf_bilevel.oracles.registry import make_oracle
+from rlhf_bilevel.labelling import Labeller, make_labeller
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe
 from rlhf_bilevel.seeding import GlobalRNG
-from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME, Oracle, PreferencePairs
+from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME, PreferencePairs
 
 RESULT_FILE = "online_dpo.json"
 POLICY_NAME = "trl_online_dpo"  # the `policy` field of its preference records
@@ -56,6 +56,7 @@ POLICY_NAME = "trl_online_dpo"  # the `policy` field of its preference records
 @dataclass(frozen=True)
 class OnlineDPOResult:
     oracle_pairs: int
+    labels_flipped: int  # training labels flipped by oracle.flip
     tokens_generated: int  # response tokens up to and including EOS, as `LMPolicy.tokens_generated` counts them
     seconds: float  # wall time of the training loop (model loading excluded)
     steps: int
@@ -75,9 +76,8 @@ class OracleJudge:
 
     __name__ = "oracle"  # TRL names its reward columns after the function
 
-    def __init__(self, oracle: Oracle, eos: int, generator: torch.Generator, log: PreferenceLog):
-        self.oracle, self.eos, self.generator, self.log = oracle, eos, generator, log
-        self.pairs = 0
+    def __init__(self, labeller: Labeller, eos: int, generator: torch.Generator, log: PreferenceLog):
+        self.labeller, self.eos, self.generator, self.log = labeller, eos, generator, log
         self.tokens = 0
         self.calls = 0
 
@@ -85,9 +85,7 @@ class OracleJudge:
                  query: Sequence[str], **_: Any) -> list[float]:
         n = len(completions) // 2
         first, second = list(completions[:n]), list(completions[n:])
-        prob = self.oracle.compare(list(query[:n]), first, second).float()
-        label = torch.bernoulli(prob, generator=self.generator)
-        self.pairs += n
+        prob, label = self.labeller.training_labels(list(query[:n]), first, second, self.generator)
         self.tokens += sum(response_length(ids, self.eos) for ids in completion_ids)
         rollout = SimpleNamespace(prompts=list(query[:n]) * 2, responses=first + second)  # all pair_records reads
         pairs = PreferencePairs(rollout=rollout, first=torch.arange(n), second=torch.arange(n, 2 * n),
@@ -95,6 +93,11 @@ class OracleJudge:
         self.log.append(pair_records(pairs, {"policy": POLICY_NAME, "step": self.calls}))
         self.calls += 1
         return torch.cat([label, 1 - label]).tolist()
+
+    @property
+    def pairs(self) -> int:
+        """Oracle pairs labelled so far."""
+        return self.labeller.counts.training
 
 
 def response_length(ids: Sequence[int], eos: int) -> int:
@@ -166,8 +169,8 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
     if (output_dir / RESULT_FILE).exists():
         raise ConfigError(f"--output-dir: {output_dir} already holds an Online DPO run; pick another folder")
     train_prompts, _ = load_prompts(recipe.prompts, base_dir)
-    oracle = make_oracle(recipe.oracle)
     seed = recipe.train.seed
+    labeller = make_labeller(recipe.oracle, seed)
     device = resolve_device(recipe.train.device)
     with GlobalRNG(seed):  # LoRA initialisation, as in `train`
         base, tokenizer = load_base(recipe.model, device)
@@ -179,7 +182,7 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
 
     output_dir.mkdir(parents=True, exist_ok=True)
     log = PreferenceLog(output_dir / "preferences.jsonl")
-    judge = OracleJudge(oracle, eos, torch.Generator().manual_seed(seed), log)
+    judge = OracleJudge(labeller, eos, torch.Generator().manual_seed(seed), log)
     dataset = datasets.Dataset.from_dict(
         {"prompt": rendered(train_prompts, tokenizer, recipe.model.chat_template), "query": list(train_prompts)}
     )
@@ -212,7 +215,7 @@ def train_online_dpo(recipe: Recipe, output_dir: Path, base_dir: Path, pairs: in
         "device": str(next(model.parameters()).device),
     }
     result = OnlineDPOResult(
-        oracle_pairs=judge.pairs, tokens_generated=judge.tokens, seconds=seconds, steps=steps,
+        oracle_pairs=judge.pairs, labels_flipped=labeller.counts.flipped, tokens_generated=judge.tokens, seconds=seconds, steps=steps,
         pairs_per_step=per_step, beta=beta, learning_rate=lr, adapter_dir=str(output_dir / "adapters" / LAMBDA),
         snapshots={**snapshots.saved, judge.pairs: str(output_dir / "adapters" / LAMBDA)},
         snapshot_seconds={**{p: t - start for p, t in snapshots.clock.items()}, judge.pairs: seconds}, settings=settings,

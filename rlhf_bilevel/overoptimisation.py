@@ -42,7 +42,8 @@ from torch import Tensor
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.evaluate import Estimate, EvalConfig, bootstrap, pairs_each, per_prompt
-from rlhf_bilevel.types import LAMBDA, Oracle, Rollout
+from rlhf_bilevel.labelling import Labeller, make_labeller
+from rlhf_bilevel.types import LAMBDA, Rollout
 
 CURVE_FILE = "overoptimisation.json"
 PLOT_FILE = "overoptimisation.png"
@@ -102,11 +103,11 @@ def estimate(values: Tensor, prompts: int, cfg: EvalConfig, seed_offset: int = 0
     return bootstrap(per_prompt(values, prompts), cfg.resamples, cfg.confidence, np.random.default_rng(cfg.seed + seed_offset))
 
 
-def evaluate_checkpoint(policy, adapter: str | None, oracle: Oracle, prompts: Sequence[Any], cfg: EvalConfig, reward) -> tuple[dict, Rollout]:
+def evaluate_checkpoint(policy, adapter: str | None, labeller: Labeller, prompts: Sequence[Any], cfg: EvalConfig, reward) -> tuple[dict, Rollout]:
     """One point of the curve: gold, proxy under `reward` and KL of `adapter` (None: π_ref) on `prompts`,
     with the rollout they were measured on (to be scored by another reward model later)."""
     rollout = pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples)
-    gold = oracle.score(rollout.prompts, rollout.responses).double()
+    gold = labeller.score(rollout.prompts, rollout.responses).double()
     proxy = proxy_returns(reward, rollout)
     kl = est.kl_to_reference(rollout).item()
     point = {
@@ -124,7 +125,7 @@ def spread(values: Tensor) -> dict[str, float]:
     return {"mean": values.mean().item(), "std": values.std().item() if len(values) > 1 else 0.0}
 
 
-def best_of_n_curve(policy, oracle: Oracle, prompts: Sequence[Any], cfg: CurveConfig, reward) -> dict:
+def best_of_n_curve(policy, labeller: Labeller, prompts: Sequence[Any], cfg: CurveConfig, reward) -> dict:
     """The best-of-n rows under `reward`, from `cfg.best_of_draws` responses of π_ref per prompt, drawn from a
     stream of their own (seed + 1): the n = 1 row is an estimate of the reference independent of the curve's."""
     draws, generator = cfg.best_of_draws, torch.Generator().manual_seed(cfg.eval.seed + 1)
@@ -134,7 +135,7 @@ def best_of_n_curve(policy, oracle: Oracle, prompts: Sequence[Any], cfg: CurveCo
         for i in range(0, len(prompts), per_call):
             rollout = policy.sample([p for p in prompts[i : i + per_call] for _ in range(draws)], generator)
             proxy.append(proxy_returns(reward, rollout))
-            gold.append(oracle.score(rollout.prompts, rollout.responses).double())
+            gold.append(labeller.score(rollout.prompts, rollout.responses).double())
     proxy, gold = torch.cat(proxy).reshape(len(prompts), draws), torch.cat(gold).reshape(len(prompts), draws)
     rows = []
     for n in sorted(set(cfg.best_of)):
@@ -146,19 +147,19 @@ def best_of_n_curve(policy, oracle: Oracle, prompts: Sequence[Any], cfg: CurveCo
 
 
 def curve(
-    policy, reward, oracle: Oracle, prompts: Sequence[Any], states: Iterable[tuple[int, dict]], cfg: CurveConfig
+    policy, reward, labeller: Labeller, prompts: Sequence[Any], states: Iterable[tuple[int, dict]], cfg: CurveConfig
 ) -> dict:
     """The curve's points, one per (step, checkpoint state) of `states`, oldest first: an iterator that puts each
     checkpoint's adapters into `policy` as it yields its state, whose reward head goes into `reward` here; the
     reference, and best-of-n under the last state's φ. `reward` must hold that last φ on entry: it scores the
     reference before the states are walked."""
-    reference, reference_rollout = evaluate_checkpoint(policy, None, oracle, prompts, cfg.eval, reward)
+    reference, reference_rollout = evaluate_checkpoint(policy, None, labeller, prompts, cfg.eval, reward)
     reference["proxy_final"], reference["proxy_final_std"] = reference.pop("proxy"), reference.pop("proxy_std")
     points, rollouts = [], []
     for step, state in states:
         reward.load_state_dict(state["reward"])
-        point, rollout = evaluate_checkpoint(policy, LAMBDA, oracle, prompts, cfg.eval, reward)
-        points.append({"step": step, "oracle_pairs": state["bilevel"]["oracle_pairs"], **point,
+        point, rollout = evaluate_checkpoint(policy, LAMBDA, labeller, prompts, cfg.eval, reward)
+        points.append({"step": step, "oracle_pairs": state["bilevel"]["labelling"]["counts"]["training"], **point,
                        "reference_proxy": spread(proxy_returns(reward, reference_rollout))})
         rollouts.append(rollout)
     # the last state is loaded: `reward` is the final φ again
@@ -168,7 +169,7 @@ def curve(
         "prompts": len(prompts), "responses_per_prompt": 2 * cfg.eval.samples, "seed": cfg.eval.seed, "confidence": cfg.eval.confidence,
         "reference": reference,
         "checkpoints": points,
-        "best_of_n": best_of_n_curve(policy, oracle, prompts, cfg, reward),
+        "best_of_n": best_of_n_curve(policy, labeller, prompts, cfg, reward),
     }
 
 
@@ -179,12 +180,11 @@ def curve_run(run_dir: Path, cfg: CurveConfig, out: Path | None = None, override
     from rlhf_bilevel.evaluate import held_out_prompts, load_run
     from rlhf_bilevel.run_folder import RunFolder
     from rlhf_bilevel.lm.heads import REWARD_ADAPTER
-    from rlhf_bilevel.oracles.registry import make_oracle
     from rlhf_bilevel.report import plain
 
     recipe, base_dir, policy, reward = load_run(run_dir, overrides)  # the newest checkpoint that loads: the final φ
-    oracle = make_oracle(recipe.oracle)
-    if not hasattr(oracle, "score"):
+    labeller = make_labeller(recipe.oracle)
+    if not labeller.offers_score:
         kind = recipe.oracle.kind
         raise ConfigError(f"--all-checkpoints: the oracle '{kind}' gives no gold score; pick one that does, e.g. --set oracle.kind=sentiment")
     prompts = held_out_prompts(recipe, base_dir)
@@ -203,7 +203,7 @@ def curve_run(run_dir: Path, cfg: CurveConfig, out: Path | None = None, override
 
     result = {
         "source": {"run": str(run_dir), "oracle": recipe.oracle.kind, "model": recipe.model.name},
-        **curve(policy, reward, oracle, prompts, states(), cfg),
+        **curve(policy, reward, labeller, prompts, states(), cfg),
         "skipped": skipped,
     }
     out = out or run_dir / "eval"

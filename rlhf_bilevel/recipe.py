@@ -22,7 +22,8 @@ from rlhf_bilevel.config import BilevelConfig, ConfigError, apply_overrides, bui
 from rlhf_bilevel.lm.heads import RewardConfig
 from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig
 from rlhf_bilevel.lm.policy import RolloutConfig
-from rlhf_bilevel.oracles.base import OracleConfig
+from rlhf_bilevel.oracles.base import OracleConfig, ScoredConfig
+from rlhf_bilevel.oracles.registry import config_class
 from rlhf_bilevel.prompts import PromptConfig
 
 
@@ -75,7 +76,9 @@ class Recipe:
     adapters: AdapterConfig = field(default_factory=AdapterConfig, metadata={"help": "the LoRA adapters of λ, λ′ (and of φ with reward.lora)"})
     rollout: RolloutConfig = field(default_factory=RolloutConfig, metadata={"help": "how responses are sampled and scored"})
     reward: RewardConfig = field(default_factory=RewardConfig, metadata={"help": "the learned reward r_φ"})
-    oracle: OracleConfig = field(default_factory=OracleConfig, metadata={"help": "who labels the pairs"})
+    oracle: OracleConfig = field(
+        default_factory=ScoredConfig, metadata={"help": "who labels the pairs; each kind takes these fields and those of its own table"}
+    )
     bilevel: BilevelConfig = field(default_factory=BilevelConfig, metadata={"help": "the algorithm: Algorithm 1 or the alternating baseline"})
     train: TrainConfig = field(default_factory=TrainConfig, metadata={"help": "seed, checkpoints, evaluation and the device"})
 
@@ -105,7 +108,22 @@ def read_yaml(path: Path) -> dict:
 
 
 def parse_recipe(data: dict[str, Any], overrides: list[str] = ()) -> Recipe:
-    return build(Recipe, apply_overrides(data, list(overrides)))
+    return build(Recipe, apply_overrides(for_oracle_override(data, list(overrides)), list(overrides)))
+
+
+def for_oracle_override(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """`data` without the oracle settings that an overridden `oracle.kind` does not take: a run's recipe,
+    e.g. a sentiment oracle's with its temperature, can be evaluated with `--set oracle.kind=http`. Only
+    what the file says is dropped; an override the new kind does not take is still an error."""
+    kind = apply_overrides({}, [o for o in overrides if o.partition("=")[0].strip() == "oracle.kind"]).get("oracle", {}).get("kind")
+    section = data.get("oracle")
+    if not isinstance(kind, str) or not isinstance(section, dict):
+        return data
+    try:
+        takes = {f.name for f in dataclasses.fields(config_class(kind))}
+    except ConfigError:  # an unknown kind: reading the recipe reports it
+        return data
+    return {**data, "oracle": {key: value for key, value in section.items() if key in takes}}
 
 
 def load_recipe(path: Path, overrides: list[str] = ()) -> Recipe:

@@ -3,7 +3,9 @@ type, default, allowed values and help (`docs/recipe.md`), and a JSON Schema of 
 (`docs/recipe.schema.json`) that YAML editors use to complete and check a recipe.
 
 The help text lives beside each field, in `field(metadata={"help": ...})`, with `"path": True` on a
-field that names a file or folder; nothing here repeats them.
+field that names a file or folder; nothing here repeats them. A section read as one of several
+classes (`config.Variants`, the oracle by its `kind`) is listed as the fields every variant takes,
+then one table per variant of the fields of its own; its schema checks each variant's keys.
 `scripts/recipe_reference.py` writes both files, and a test fails when they drift from the code.
 """
 
@@ -16,7 +18,9 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from rlhf_bilevel.config import FLOAT_MAX, INT_MAX
+import re
+
+from rlhf_bilevel.config import FLOAT_MAX, INT_MAX, Variant, Variants
 from rlhf_bilevel.recipe import Recipe
 
 INT_RANGE = "a whole number, 0 to 2**63 − 1"
@@ -32,6 +36,7 @@ class Option:
     default: Any  # dataclasses.MISSING when the field is required
     help: str
     path_like: bool  # names a file or folder (or, where the help says so, a hub id)
+    choice: tuple[str, ...] = ()  # the `--set` that picks its variant first, e.g. ("oracle.kind=http",); none for every variant
 
 
 @dataclass(frozen=True)
@@ -41,23 +46,44 @@ class Section:
     path: str
     help: str
     options: list[Option]
+    variant: str = ""  # for one variant of a Variants section: what picks it, e.g. "kind: http"
 
 
-def sections(cls: type = Recipe, path: str = "", help: str = "", base: Any = None) -> list[Section]:
+def sections(
+    cls: type = Recipe, path: str = "", help: str = "", base: Any = None, choice: tuple[str, ...] = (), shared: frozenset = frozenset()
+) -> list[Section]:
     """Every section of `cls`, depth first, each with its own leaf fields; `base` is the section's
-    default in its parent, whose values are the defaults a recipe gets (`bilevel.policy_step`'s Adam)."""
+    default in its parent, whose values are the defaults a recipe gets (`bilevel.policy_step`'s Adam).
+    `choice` and `shared`: for one variant, the `--set` that picks it and the fields listed for every variant."""
     hints = typing.get_type_hints(cls)
     own, nested = [], []
     for f in dataclasses.fields(cls):
+        if f.name in shared:
+            continue
         where = f"{path}.{f.name}" if path else f.name
         if "help" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name}: no help text; declare it as field(..., metadata={{'help': ...}})")
         default = default_of(f) if base is None else getattr(base, f.name)
-        if dataclasses.is_dataclass(hints[f.name]):
-            nested += sections(hints[f.name], where, f.metadata["help"], default if dataclasses.is_dataclass(default) else None)
+        inner = default if dataclasses.is_dataclass(default) else None
+        if dataclasses.is_dataclass(hints[f.name]) and issubclass(hints[f.name], Variants) and hints[f.name].variants():
+            nested += variant_sections(hints[f.name], where, f.metadata["help"], inner)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            nested += sections(hints[f.name], where, f.metadata["help"], inner, choice)
         else:
-            own.append(Option(where, hints[f.name], default, f.metadata["help"], f.metadata.get("path", False)))
-    return ([Section(path, help, own)] if own else []) + nested
+            own.append(Option(where, hints[f.name], default, f.metadata["help"], f.metadata.get("path", False), choice))
+    variant = " ".join(choice)
+    return ([Section(path, help, own, variant)] if own or choice else []) + nested
+
+
+def variant_sections(cls: type, path: str, help: str, base: Any) -> list[Section]:
+    """The fields every variant of `cls` takes, then each variant's own; `base`, the section's default,
+    gives the defaults of the variant it is."""
+    shared = frozenset(f.name for f in dataclasses.fields(cls))
+    found = sections(cls, path, help, base)
+    for variant in cls.variants():
+        own_base = base if type(base) is variant.cls else None
+        found += sections(variant.cls, path, "", own_base, (f"{path}.{cls.key}={variant.name}",), shared)
+    return found
 
 
 def options(cls: type = Recipe) -> list[Option]:
@@ -130,7 +156,14 @@ def markdown() -> str:
         "",
     ]
     for section in sections():
-        lines += [f"## `{section.path}`", ""]
+        if section.variant:
+            key, _, name = section.variant.partition("=")
+            lines += [f"### `{section.path}` with `{key.rpartition('.')[2]}: {name}`", ""]
+            if not section.options:
+                lines += ["No fields of its own.", ""]
+                continue
+        else:
+            lines += [f"## `{section.path}`", ""]
         if section.help:
             lines += [section.help[0].upper() + section.help[1:] + ".", ""]
         lines += ["| field | type | default | allowed | help |", "|---|---|---|---|---|"]
@@ -144,7 +177,9 @@ def markdown() -> str:
 
 def field_schema(hint: Any, help: str, default: Any) -> dict[str, Any]:
     base, optional = split_optional(hint)
-    if dataclasses.is_dataclass(base):
+    if dataclasses.is_dataclass(base) and issubclass(base, Variants) and base.variants():
+        schema = variants_schema(base, default if dataclasses.is_dataclass(default) else None)
+    elif dataclasses.is_dataclass(base):
         schema = object_schema(base, default if dataclasses.is_dataclass(default) else None)
     elif typing.get_origin(base) is Literal:
         schema = {"enum": [*typing.get_args(base), *([None] if optional else [])]}
@@ -177,6 +212,24 @@ def object_schema(cls: type, base: Any = None) -> dict[str, Any]:
     if required:
         schema["required"] = required
     return schema
+
+
+def variants_schema(cls: type, base: Any = None) -> dict[str, Any]:
+    """A Variants section: any variant's keys are known, `cls.key` must pick a variant, and each
+    variant (`if` its key matches `then`) takes its own keys alone. `base` is the section's default."""
+    default_name = default_of(next(f for f in dataclasses.fields(cls) if f.name == cls.key))
+    properties: dict[str, Any] = {}
+    rules = []
+    for variant in cls.variants():
+        own = object_schema(variant.cls, base if type(base) is variant.cls else None)
+        for name, schema in own["properties"].items():
+            properties.setdefault(name, schema)
+        picked: dict[str, Any] = {"type": "object", "properties": {cls.key: {"type": "string", "pattern": variant.pattern}}}
+        if not re.search(variant.pattern, default_name):  # the default variant is also picked by leaving the key out
+            picked["required"] = [cls.key]
+        rules.append({"if": picked, "then": own})
+    properties[cls.key] = {**properties[cls.key], "anyOf": [{"pattern": variant.pattern} for variant in cls.variants()]}
+    return {"type": "object", "properties": properties, "allOf": rules}
 
 
 def json_schema() -> dict[str, Any]:

@@ -20,10 +20,10 @@ from rlhf_bilevel.critic import MCCritic, TDCritic
 from rlhf_bilevel.distributed import launched_world
 from rlhf_bilevel.environment import describe, reproducible, run_threads
 from rlhf_bilevel.evaluate import PeriodicEval
+from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward, VocabQHead
 from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
-from rlhf_bilevel.oracles.registry import make_oracle
 from rlhf_bilevel.preferences import PreferenceLog
 from rlhf_bilevel.preflight import MemoryEstimate, check_output_dir, preflight
 from rlhf_bilevel.prompts import load_prompts
@@ -44,8 +44,8 @@ def build(recipe: Recipe, run_dir: Path, base_dir: Path, world: Collectives = Wo
     if recipe.train.return_freed_memory:
         return_freed_memory()
     train_prompts, held_out = load_prompts(recipe.prompts, base_dir)
-    oracle = make_oracle(recipe.oracle)
     seed = recipe.train.seed
+    labeller = make_labeller(recipe.oracle, seed, world)
     init_rng = GlobalRNG(seed)  # LoRA and head initialisation: peft and torch draw from the global streams
     with init_rng:
         base, tokenizer = load_base(recipe.model, world.device)
@@ -64,11 +64,11 @@ def build(recipe: Recipe, run_dir: Path, base_dir: Path, world: Collectives = Wo
         return TDCritic(policy.state_features, head, cfg.gamma, cfg.critic, generator, world)
 
     source = SampledRollouts(policy, train_prompts, generator, world)
-    bilevel = Bilevel(policy, reward, source, oracle, make_critic, cfg, generator, world=world, max_bad_steps=recipe.train.max_bad_steps)
+    bilevel = Bilevel(policy, reward, source, labeller, make_critic, cfg, generator, world=world, max_bad_steps=recipe.train.max_bad_steps)
     folder = RunFolder(run_dir)
     return Trainer(
-        recipe, folder, world, model, adapters, policy, reward, oracle, generator, bilevel,
-        evaluation=PeriodicEval(policy, oracle, reward, held_out or train_prompts, recipe.train.eval_pairs, seed, world),
+        recipe, folder, world, model, adapters, policy, reward, labeller, generator, bilevel,
+        evaluation=PeriodicEval(policy, labeller, reward, held_out or train_prompts, recipe.train.eval_pairs, seed, world),
         tracker=Tracker(run_dir, enabled=world.is_main, tensorboard=recipe.train.tensorboard),
         preferences=PreferenceLog(folder.preferences, enabled=world.is_main),
     )

@@ -19,11 +19,12 @@ from peft import PeftModel
 from rlhf_bilevel.bilevel import Bilevel, NonFiniteError
 from rlhf_bilevel.collectives import Collectives
 from rlhf_bilevel.evaluate import PeriodicEval
+from rlhf_bilevel.labelling import Labeller
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.recipe import Recipe, recipe_dict
 from rlhf_bilevel.run_folder import RunFolder
 from rlhf_bilevel.tracking import Tracker
-from rlhf_bilevel.types import Oracle, Policy, PreferencePairs, RewardModel
+from rlhf_bilevel.types import Policy, PreferencePairs, RewardModel
 
 
 @dataclass
@@ -60,7 +61,7 @@ class Trainer:
     adapters: tuple[str, ...]  # the model's adapters: λ, λ′ and, with a LoRA reward model, its own
     policy: Policy
     reward: RewardModel
-    oracle: Oracle
+    labeller: Labeller  # the only asker of the oracle; its state is saved with bilevel's
     generator: torch.Generator
     bilevel: Bilevel
     evaluation: PeriodicEval

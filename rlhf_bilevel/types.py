@@ -189,11 +189,6 @@ class Critic(Protocol):
         """[N, H] A(s_h, a_h) of the taken tokens under the policy of `log_probs`, detached."""
 
 
-class Oracle(Protocol):
-    def compare(self, prompts: Sequence[Any], first: Sequence[Any], second: Sequence[Any]) -> Tensor:
-        """P(first ≻ second) for each pair, in [0, 1]; raises OracleError, never guesses."""
-
-
 class RolloutSource(Protocol):
     """Where the loop gets trajectories and pairs: by sampling, or by exact enumeration."""
 

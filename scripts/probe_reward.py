@@ -39,7 +39,7 @@ from rlhf_bilevel.evaluate import agreement, bootstrap
 from rlhf_bilevel.lm.heads import RewardConfig, TokenReward
 from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
-from rlhf_bilevel.oracles.registry import make_oracle
+from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, load_recipe, recipe_dict
 from rlhf_bilevel.sampling import SampledRollouts, consecutive_pairs
@@ -89,7 +89,7 @@ def collect(recipe: Recipe, train_pairs: int, test_pairs: int, batch: int) -> tu
     train_prompts, eval_prompts = load_prompts(recipe.prompts, RECIPE.parent)
     base, tokenizer = load_base(recipe.model)
     policy = LMPolicy(with_adapters(base, recipe.adapters), tokenizer, recipe.rollout, recipe.model.chat_template)
-    oracle = make_oracle(recipe.oracle)
+    labeller = make_labeller(recipe.oracle)
     sets = []
     for seed, (prompts, n) in enumerate(((train_prompts, train_pairs), (eval_prompts, test_pairs))):
         source = SampledRollouts(policy, prompts, torch.Generator().manual_seed(seed))
@@ -106,7 +106,7 @@ def collect(recipe: Recipe, train_pairs: int, test_pairs: int, batch: int) -> tu
             for layer, hidden in zip(features, states):
                 features[layer].append(hidden[:, ctx.prompt_len - 1 :].to(torch.bfloat16))
             masks.append(rollout.mask)
-            probs.append(oracle.compare(some, rollout.responses[0::2], rollout.responses[1::2]).float())
+            probs.append(labeller.ask(some, rollout.responses[0::2], rollout.responses[1::2]).float())
             print(f"sampled {start + len(some)}/{n} pairs ({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
         sets.append(PairSet(chosen, {k: torch.cat(v) for k, v in features.items()}, torch.cat(masks), torch.cat(probs)))
     return sets[0], sets[1]

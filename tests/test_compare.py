@@ -116,3 +116,36 @@ def test_comparison_refuses_a_used_folder_and_bad_options(tmp_path):
     ]:
         bad = run_cli("compare", "--quick", "--recipe", str(TINY), "--out", str(tmp_path / "x"), *option)
         assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+
+
+def test_a_sweep_runs_each_value_as_its_own_set_of_runs_and_flips_only_where_asked(tmp_path):
+    out = tmp_path / "sweep"
+    result = run_cli("compare", "--quick", "--recipe", str(TINY), "--method", "alternating", "--method", "online-dpo", "--prompts", "4",
+                     "--snapshots", "1", "--set", "bilevel.outer_steps=1", "--sweep", "oracle.flip=0,0.25", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    comparison = json.loads((out / "comparison.json").read_text())
+    rows = comparison["runs"]
+    assert [(row["setting"], row["method"]) for row in rows] == [
+        ("oracle.flip=0", "alternating"), ("oracle.flip=0", "online-dpo"), ("oracle.flip=0.25", "alternating"), ("oracle.flip=0.25", "online-dpo")
+    ]
+    budget = rows[0]["oracle_pairs"]
+    assert all(row["oracle_pairs"] == budget for row in rows)
+    # at 1/4 of the training labels, flips are all but certain in a budget of this size; evaluation labels are never flipped
+    assert [row["labels_flipped"] > 0 for row in rows] == [False, False, True, True]
+    assert list(comparison["summary"]) == [f"{m} (oracle.flip={v})" for v in ("0", "0.25") for m in ("alternating", "online-dpo")]
+    for row in rows:
+        assert (out / row["setting"] / f"{row['method']}-seed0" / "eval" / "eval.json").is_file()
+    flipped = [json.loads(line) for line in (out / "oracle.flip=0.25" / "alternating-seed0" / "metrics.jsonl").read_text().splitlines()]
+    assert flipped[-1]["oracle/flipped"] == rows[2]["labels_flipped"]
+    assert "| alternating (oracle.flip=0.25) | 1 |" in (out / "comparison.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [("oracle.flip", "--sweep: expected FIELD=VALUE,VALUE,..."), ("oracle.flip=0,0", "--sweep: each value once"),
+     ("oracle.flip=0,0.5", "oracle.flip: must be in [0, 0.5)"), ("oracle.flipp=0", "oracle.flipp: unknown key")],
+)
+def test_a_bad_sweep_is_one_line_before_anything_runs(tmp_path, sweep, message):
+    bad = run_cli("compare", "--quick", "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--sweep", sweep)
+    assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    assert not (tmp_path / "x").exists()

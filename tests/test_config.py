@@ -49,3 +49,27 @@ def test_a_partial_section_keeps_its_default_in_the_parent():
     cfg = build(BilevelConfig, {"policy_step": {"lr": 0.2}, "critic": {"lr": 0.5}})
     assert (cfg.policy_step.rule, cfg.policy_step.schedule, cfg.policy_step.lr) == ("adam", "constant", 0.2)
     assert cfg.reward_step == BilevelConfig().reward_step and cfg.critic.lr == 0.5
+
+
+def test_a_variant_keeps_its_parents_default_only_when_it_is_the_same_variant():
+    """With a tuned sentiment oracle as the default in the parent: a section of that kind keeps its
+    values; a section of another kind keeps those of the keys it takes too, its own defaults
+    for the rest, and never takes the other kind's keys."""
+    import dataclasses
+
+    from rlhf_bilevel.oracles.base import OracleConfig, ScoredConfig
+    from rlhf_bilevel.oracles.http import HttpConfig
+    from rlhf_bilevel.oracles.rules import LengthConfig
+
+    tuned = ScoredConfig(temperature=0.5, retries=7)
+    same = build(OracleConfig, {"flip": 0.1}, "oracle", tuned)  # the kind picks the class
+    assert type(same) is ScoredConfig and (same.temperature, same.retries, same.flip) == (0.5, 7, 0.1)
+    other = build(OracleConfig, {"kind": "length", "target_words": 3}, "oracle", tuned)
+    assert type(other) is LengthConfig and other == LengthConfig(kind="length", target_words=3, retries=7, temperature=0.5)
+    http = build(OracleConfig, {"kind": "http"}, "oracle", tuned)
+    assert type(http) is HttpConfig and http == HttpConfig(kind="http", retries=7)
+    kept = build(OracleConfig, {"target_words": 5}, "oracle", LengthConfig(kind="length", temperature=0.3))
+    assert kept == LengthConfig(kind="length", temperature=0.3, target_words=5)  # the kind left out is the default's
+    assert "temperature" not in {f.name for f in dataclasses.fields(http)}
+    with pytest.raises(ConfigError, match=r"^oracle\.temperature: unknown key for the http oracle"):
+        build(OracleConfig, {"kind": "http", "temperature": 0.5}, "oracle", tuned)

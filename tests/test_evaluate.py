@@ -10,8 +10,9 @@ import pytest
 import torch
 from conftest import run_cli
 
-from rlhf_bilevel.evaluate import EvalConfig, agreement, both_orders, bootstrap, evaluate
-from rlhf_bilevel.oracles.base import OracleConfig
+from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate
+from rlhf_bilevel.labelling import Labeller, both_orders
+from rlhf_bilevel.oracles import oracle_config
 from rlhf_bilevel.oracles.rules import length_oracle
 from rlhf_bilevel.train import train
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
@@ -102,8 +103,8 @@ def test_evaluate_by_hand_with_a_scripted_policy(samples):
     # of the reference [short, short]. Deterministic length labels: the policy wins one comparison of
     # two in every pair (long ≻ short, short = short is a tie worth half): win rate 3/4 exactly.
     policy = ScriptedPolicy({LAMBDA: ["a b c d", "a"], None: ["a", "a"]})
-    oracle = length_oracle(OracleConfig(kind="length", labels="deterministic"))
-    result = evaluate(policy, oracle, ["p1", "p2", "p3"], EvalConfig(resamples=200, samples=samples), reward=LengthReward())
+    oracle = length_oracle(oracle_config(kind="length", labels="deterministic"))
+    result = evaluate(policy, Labeller(oracle), ["p1", "p2", "p3"], EvalConfig(resamples=200, samples=samples), reward=LengthReward())
     assert result["win_rate"].mean == pytest.approx(0.75)
     assert result["gold"]["policy"].mean == pytest.approx(2.5) and result["gold"]["reference"].mean == pytest.approx(1.0)
     assert result["kl"] == pytest.approx(4 * math.log(2))
@@ -172,7 +173,7 @@ def test_eval_of_the_last_checkpoint_reproduces_what_the_run_logged(tiny_run):
     """The run's periodic evaluation and `eval` are one function: given the run's evaluation
     prompts and seed, evaluating the saved checkpoint gives the numbers the run logged at its end."""
     from rlhf_bilevel.evaluate import EVAL_SEED_OFFSET, held_out_prompts, load_run
-    from rlhf_bilevel.oracles.registry import make_oracle
+    from rlhf_bilevel.labelling import make_labeller
 
     recipe, _, policy, reward = load_run(tiny_run)
     metrics = [json.loads(line) for line in (tiny_run / "metrics.jsonl").read_text().splitlines()]
@@ -181,7 +182,7 @@ def test_eval_of_the_last_checkpoint_reproduces_what_the_run_logged(tiny_run):
     prompts = held_out_prompts(recipe, RECIPES)
     prompts = [prompts[i % len(prompts)] for i in range(recipe.train.eval_pairs)]
     cfg = EvalConfig(seed=recipe.train.seed + EVAL_SEED_OFFSET, win_rate=False)
-    result = evaluate(policy, make_oracle(recipe.oracle), prompts, cfg, reward)
+    result = evaluate(policy, make_labeller(recipe.oracle), prompts, cfg, reward)
     assert result["gold"]["policy"].mean == pytest.approx(last["gold/score"], abs=1e-6)
     assert result["gold"]["reference"].mean == pytest.approx(last["gold/reference"], abs=1e-6)
     assert result["kl"] == pytest.approx(last["eval/kl"], abs=1e-6)

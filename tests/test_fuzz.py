@@ -1,14 +1,14 @@
 """Untrusted input: malformed recipes, overrides and prompt files, generated from a fixed seed, each
 end in one `error:` line that names the field at fault, never in a traceback, and write nothing.
-Every numeric and every path field of a recipe is fuzzed, found from the dataclasses, so a new
-field is fuzzed as soon as it exists; those cases stop at `train --dry-run`, which loads no model.
+Every numeric and every path field of a recipe is fuzzed, found from the dataclasses (each oracle
+kind's own fields with that kind set, as the recipe reference lists them), so a new field is fuzzed
+as soon as it exists; those cases stop at `train --dry-run`, which loads no model.
 
 Most cases run the Typer app in this interpreter (the same parsing and error handling as the
 installed command, without paying ~6 s of imports per case); a few run the real command in
 a fresh interpreter, where a traceback would reach the user's terminal.
 """
 
-import dataclasses
 import http.server
 import json
 import math
@@ -28,7 +28,7 @@ from conftest import run_cli
 from typer.testing import CliRunner
 
 from rlhf_bilevel.lm import tiny
-from rlhf_bilevel.recipe import Recipe
+from rlhf_bilevel.recipe_reference import options
 from rlhf_bilevel_cli.app import app
 
 RECIPES = Path(__file__).parents[1] / "recipes"
@@ -43,17 +43,25 @@ def tiny_data() -> dict:
     return data
 
 
-def leaf_fields(cls: type, prefix: str = "") -> list[tuple[str, typing.Any]]:
-    """(dotted path, type hint) of every scalar or list field of a recipe."""
-    hints = typing.get_type_hints(cls)
-    found = []
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
-            found += leaf_fields(hint, f"{prefix}{f.name}.")
-        else:
-            found.append((f"{prefix}{f.name}", hint))
+def leaf_fields() -> list[tuple[str, typing.Any, tuple[str, ...]]]:
+    """(dotted path, type hint, the `--set`s that pick its variant) of every scalar or list field of a
+    recipe, each oracle kind's own with that kind; a field several kinds inherit is fuzzed once."""
+    found, seen = [], set()
+    for option in options():
+        if (option.path, option.help) not in seen:
+            seen.add((option.path, option.help))
+            found.append((option.path, option.hint, option.choice))
     return found
+
+
+def with_choice(data: dict, choice: tuple[str, ...]) -> dict:
+    """`data` with the variant `choice` picks: its section holds only the key that picks it (the file's
+    other keys there are another variant's)."""
+    for setting in choice:
+        key, _, value = setting.partition("=")
+        *section, leaf = key.split(".")
+        set_path(data, ".".join(section), {leaf: yaml.safe_load(value)})
+    return data
 
 
 def invalid_values(hint: typing.Any) -> list:
@@ -79,10 +87,10 @@ def invalid_values(hint: typing.Any) -> list:
 def field_cases() -> list[tuple[str, str, typing.Any]]:
     rng = random.Random(SEED)
     cases = []
-    for path, hint in leaf_fields(Recipe):
+    for path, hint, choice in leaf_fields():
         pool = invalid_values(hint)
         for value in rng.sample(pool, min(PER_FIELD, len(pool))):
-            cases.append((path, path, value))
+            cases.append((path, path, value, choice))
     # values of the right kind that a field rejects by its own rule
     for path, value in [
         ("bilevel.sigma", 0), ("bilevel.gamma", 1.5), ("bilevel.beta", -0.1), ("bilevel.inner_steps", 0),
@@ -90,11 +98,13 @@ def field_cases() -> list[tuple[str, str, typing.Any]]:
         ("bilevel.critic.batch_size", 0), ("bilevel.critic.radius", 0.0), ("bilevel.critic.optimizer", "rmsprop"),
         ("bilevel.critic.replay_capacity", 0), ("adapters.r", 0), ("adapters.alpha", 0), ("adapters.dropout", 1.0),
         ("rollout.max_new_tokens", 0), ("rollout.max_prompt_tokens", 0), ("train.save_every", 0),
-        ("train.keep", 0), ("train.max_bad_steps", 0), ("oracle.temperature", 0.0), ("prompts.limit", 0),
+        ("train.keep", 0), ("train.max_bad_steps", 0), ("oracle.temperature", 0.0), ("prompts.limit", 0), ("oracle.flip", 0.5),
     ]:
-        cases.append((path, path, value))
-    cases += [("modle", "modle", {}), ("bilevel.sigmaa", "bilevel.sigmaa", 0.1), ("bilevel", "bilevel", [1]),
-              ("train", "train", "fast"), ("oracle", "oracle", None)]
+        cases.append((path, path, value, ()))
+    cases += [("oracle.batch_size", "oracle.batch_size", 0, ("oracle.kind=http",)), ("oracle.timeout", "oracle.timeout", 0.0, ("oracle.kind=http",)),
+              ("oracle.url", "oracle.url", "http://x", ())]  # a key of another kind
+    cases += [("modle", "modle", {}, ()), ("bilevel.sigmaa", "bilevel.sigmaa", 0.1, ()), ("bilevel", "bilevel", [1], ()),
+              ("train", "train", "fast", ()), ("oracle", "oracle", None, ())]
     return cases
 
 
@@ -124,10 +134,10 @@ def assert_one_line_error(code: int, stderr: str, out: Path, names: str) -> None
     assert not out.exists(), "a rejected run wrote files"
 
 
-@pytest.mark.parametrize("path, names, value", field_cases(), ids=lambda v: str(v)[:40])
-def test_malformed_recipe_field(tmp_path, path, names, value):
+@pytest.mark.parametrize("path, names, value, choice", field_cases(), ids=lambda v: str(v)[:40])
+def test_malformed_recipe_field(tmp_path, path, names, value, choice):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(set_path(tiny_data(), path, value)))
+    recipe.write_text(yaml.safe_dump(set_path(with_choice(tiny_data(), choice), path, value)))
     assert_one_line_error(*invoke(tmp_path, "--recipe", str(recipe)), names)
 
 
@@ -305,19 +315,26 @@ def assert_checked(code: int, stderr: str, out: Path, field: str) -> None:
         assert_one_line_error(code, stderr, out, field)
 
 
-def numeric_cases() -> list[tuple[str, typing.Any]]:
-    return [(path, value) for path, hint in leaf_fields(Recipe) if base_type(hint) in NUMERIC for value in NUMERIC[base_type(hint)]]
+def numeric_cases() -> list[tuple[str, typing.Any, tuple[str, ...]]]:
+    return [
+        (path, value, choice) for path, hint, choice in leaf_fields() if base_type(hint) in NUMERIC for value in NUMERIC[base_type(hint)]
+    ]
 
 
 def test_every_numeric_field_is_fuzzed():
-    fuzzed = {path for path, _ in numeric_cases()}
-    assert {"bilevel.reward_fit.steps", "rollout.max_new_tokens", "bilevel.critic.replay_capacity", "train.eval_pairs"} <= fuzzed
+    fuzzed = {(path, choice) for path, _, choice in numeric_cases()}
+    paths = {path for path, _ in fuzzed}
+    assert {"bilevel.reward_fit.steps", "rollout.max_new_tokens", "bilevel.critic.replay_capacity", "train.eval_pairs", "oracle.flip"} <= paths
+    # each oracle kind's own fields, with that kind
+    assert {("oracle.timeout", ("oracle.kind=http",)), ("oracle.batch_size", ("oracle.kind=llm-judge",)),
+            ("oracle.target_words", ("oracle.kind=length",))} <= fuzzed
     assert len(fuzzed) > 40
 
 
-@pytest.mark.parametrize("path, value", numeric_cases(), ids=lambda v: str(v)[:40])
-def test_numeric_field(tmp_path, path, value):
-    code, stderr, out = invoke(tmp_path, "--recipe", str(TINY), "--set", f"{path}={yaml_text(value)}", "--dry-run")
+@pytest.mark.parametrize("path, value, choice", numeric_cases(), ids=lambda v: str(v)[:40])
+def test_numeric_field(tmp_path, path, value, choice):
+    picked = [a for setting in choice for a in ("--set", setting)]
+    code, stderr, out = invoke(tmp_path, "--recipe", str(TINY), *picked, "--set", f"{path}={yaml_text(value)}", "--dry-run")
     assert_checked(code, stderr, out, path)
     if refused_by_every_field(value):
         assert code == 2, f"{path}={value!r} passed"
@@ -330,19 +347,9 @@ def refused_by_every_field(value: typing.Any) -> bool:
     return isinstance(value, float) and not abs(value) < 1e39
 
 
-def path_fields() -> list[str]:
-    found = []
-
-    def walk(cls: type, prefix: str) -> None:
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name], f"{prefix}{f.name}.")
-            elif f.metadata.get("path"):
-                found.append(f"{prefix}{f.name}")
-
-    walk(Recipe, "")
-    return found
+def path_fields() -> list[tuple[str, tuple[str, ...]]]:
+    """(dotted path, the `--set`s that pick its variant) of every field that names a file or folder."""
+    return [(option.path, option.choice) for option in options() if option.path_like]
 
 
 def hostile_paths(tmp_path: Path) -> dict[str, Path]:
@@ -363,22 +370,20 @@ def hostile_paths(tmp_path: Path) -> dict[str, Path]:
 
 
 def test_the_path_fields_are_found():
-    assert {"prompts.train", "prompts.eval", "model.name", "oracle.model"} <= set(path_fields())
+    found = set(path_fields())
+    assert {("prompts.train", ()), ("prompts.eval", ()), ("model.name", ())} <= found
+    assert {("oracle.model", ("oracle.kind=reward-model",)), ("oracle.model", ("oracle.kind=llm-judge",))} <= found
 
 
-READ_WITH = {"oracle.model": ["oracle.kind=reward-model", "oracle.kind=llm-judge"]}
-"""Path fields that only some settings read, with those settings; the others are read by every run."""
-
-
-def path_cases() -> list[tuple[str, str, list[str]]]:
+def path_cases() -> list[tuple[str, str, tuple[str, ...]]]:
     cases = ["missing", "a-folder", "binary-jsonl", "binary-gguf", "binary-parquet", "special-file"]
-    return [(path, case, [setting]) for path in path_fields() for setting in READ_WITH.get(path, [None]) for case in cases]
+    return [(path, case, choice) for path, choice in path_fields() for case in cases]
 
 
 @pytest.mark.parametrize("path, case, settings", path_cases(), ids=lambda v: str(v))
 def test_path_field(tmp_path, path, case, settings):
     target = hostile_paths(tmp_path)[case]
-    extra = [a for setting in settings if setting for a in ("--set", setting)]
+    extra = [a for setting in settings for a in ("--set", setting)]
     code, stderr, out = invoke(tmp_path, "--recipe", str(TINY), "--set", f"{path}={target}", *extra, "--dry-run")
     assert_one_line_error(code, stderr, out, path)
 

@@ -656,13 +656,14 @@ def test_lambda_prime_direction_of_one_backward_equals_grad_J_minus_sigma_grad_f
     from rlhf_bilevel.bilevel import Bilevel
     from rlhf_bilevel.config import BilevelConfig
     from rlhf_bilevel.critic import MCCritic
+    from rlhf_bilevel.labelling import Labeller
     from rlhf_bilevel.sampling import consecutive_pairs
 
     perturb(lora_b(eos_lm, LAMBDA_PRIME), 0.3, seed=8)
     policy = policy_of(eos_lm, horizon=4)
     reward = reward_head(policy.feature_dim, 8, policy)
     cfg = BilevelConfig(sigma=0.3, critic=CriticConfig(kind="mc"))
-    bilevel = Bilevel(policy, reward, None, None, lambda name: MCCritic(cfg.gamma), cfg, torch.Generator())
+    bilevel = Bilevel(policy, reward, None, Labeller(None), lambda name: MCCritic(cfg.gamma), cfg, torch.Generator())
     with policy.adapter(LAMBDA_PRIME):
         pairs = consecutive_pairs(policy.sample([p for p in PROMPTS for _ in range(2)], torch.Generator().manual_seed(8)))
     label = torch.tensor([1.0, 0.0, 1.0, 1.0])

@@ -9,8 +9,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.labelling import Labeller
 from rlhf_bilevel.lm.model import ModelConfig, load_base
 from rlhf_bilevel.online_dpo import RESULT_FILE, OracleJudge, response_length, train_online_dpo
+from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.preferences import PreferenceLog
 from rlhf_bilevel.recipe import load_recipe
 
@@ -18,6 +20,10 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 
 
 class FirstWins:
+    name = "first-wins"
+    offers = Offers.COMPARISON
+    positional = False
+
     def compare(self, prompts, first, second):
         return torch.ones(len(prompts))
 
@@ -79,7 +85,7 @@ def test_budget_must_be_whole_steps(tmp_path):
 
 def test_judge_scores_the_oracle_winner_one_and_counts_pairs(tmp_path):
     log = PreferenceLog(tmp_path / "p.jsonl")
-    judge = OracleJudge(FirstWins(), eos=1, generator=torch.Generator().manual_seed(0), log=log)
+    judge = OracleJudge(Labeller(FirstWins()), eos=1, generator=torch.Generator().manual_seed(0), log=log)
     rewards = judge(prompts=["x", "y"] * 2, completions=["a", "b", "c", "d"], completion_ids=[[5, 1, 1], [5, 5, 5], [1, 0, 0], [5, 1, 0]],
                     query=["p", "q", "p", "q"])
     assert rewards == [1.0, 1.0, 0.0, 0.0]  # TRL keeps the first half when first >= second

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles import OracleConfig, OracleError, make_oracle
+from rlhf_bilevel.labelling import make_labeller
+from rlhf_bilevel.oracles import OracleError, oracle_config
 from rlhf_bilevel.oracles.http import chosen
 
 KEY = "sk-test-9f8e7d6c5b4a"
@@ -81,15 +82,15 @@ def serve(monkeypatch):
 
 def judge(server, **cfg):
     settings = dict(kind="http", url=server.url, model="judge-1", api_key_env="JUDGE_KEY", timeout=5.0, backoff=0.0) | cfg
-    return make_oracle(OracleConfig(**settings))
+    return make_labeller(oracle_config(**settings))
 
 
 def test_a_good_judge_is_asked_in_both_orders_with_the_key(serve):
     server = serve(lambda n, question, headers: (200, kind_judge(question)))
     oracle = judge(server, batch_size=3)
-    prob = oracle.compare(["p", "q", "r"], ["kind words", "rude", "kind"], ["rude", "kind words", "kind too"])
+    prob = oracle.ask(["p", "q", "r"], ["kind words", "rude", "kind"], ["rude", "kind words", "kind too"])
     assert prob.tolist() == [1.0, 0.0, 0.5]  # both kind: the server's tie-break is positional, and cancels
-    assert not hasattr(oracle, "score")
+    assert not oracle.offers_score
     assert len(server.requests) == 6
     for headers, payload in server.requests:
         assert headers["Authorization"] == f"Bearer {KEY}"
@@ -101,14 +102,14 @@ def test_a_good_judge_is_asked_in_both_orders_with_the_key(serve):
 
 def test_a_judge_that_always_names_the_first_shown_gives_one_half(serve):
     server = serve(lambda n, question, headers: (200, completion("**Response A.**")))
-    assert judge(server).compare(["p", "q"], ["x", "y"], ["y", "x"]).tolist() == [0.5, 0.5]
+    assert judge(server).ask(["p", "q"], ["x", "y"], ["y", "x"]).tolist() == [0.5, 0.5]
 
 
 def test_a_server_that_times_out_is_retried_then_a_clear_error(serve):
     server = serve(lambda n, question, headers: (200, completion("A"), 1.0))
     oracle = judge(server, timeout=0.2, retries=2, batch_size=2)
     with pytest.raises(OracleError) as caught:
-        oracle.compare(["p"], ["x"], ["y"])
+        oracle.ask(["p"], ["x"], ["y"])
     message = str(caught.value)
     assert message == f"http: {server.url}: no answer within 0.2 s (oracle.timeout) (gave up after 3 attempts, oracle.retries=2)"
     assert len(server.requests) == 6  # two questions (both orders), three attempts each
@@ -117,7 +118,7 @@ def test_a_server_that_times_out_is_retried_then_a_clear_error(serve):
 def test_malformed_json_is_an_error_after_the_retries(serve):
     server = serve(lambda n, question, headers: (200, b'{"choices": [{"message": '))
     with pytest.raises(OracleError, match=r"is not chat-completions JSON .*'\{\"choices\": \[\{\"message\": ' \(gave up after 2 attempts"):
-        judge(server, retries=1, batch_size=1).compare(["p"], ["x"], ["y"])
+        judge(server, retries=1, batch_size=1).ask(["p"], ["x"], ["y"])
     assert len(server.requests) in (2, 3, 4)  # the second question may have started before the first gave up
 
 
@@ -125,13 +126,13 @@ def test_malformed_json_is_an_error_after_the_retries(serve):
 def test_an_answer_that_names_neither_choice_is_an_error_not_a_guess(serve, content):
     server = serve(lambda n, question, headers: (200, completion(content)))
     with pytest.raises(OracleError, match=r"^http: http://127\.0\.0\.1:\d+/v1/chat/completions: ") as caught:
-        judge(server, retries=0).compare(["p"], ["x"], ["y"])
+        judge(server, retries=0).ask(["p"], ["x"], ["y"])
     assert ("neither 'A' nor 'B'" if content is not None else "is NoneType, not text") in str(caught.value)
 
 
 def test_a_server_that_fails_once_then_answers_is_a_success(serve):
     server = serve(lambda n, question, headers: (503, b'{"error": "overloaded"}') if n == 1 else (200, kind_judge(question)))
-    prob = judge(server, retries=1, batch_size=1).compare(["p"], ["kind"], ["rude"])
+    prob = judge(server, retries=1, batch_size=1).ask(["p"], ["kind"], ["rude"])
     assert prob.tolist() == [1.0] and len(server.requests) == 3
 
 
@@ -142,7 +143,7 @@ def test_the_key_never_appears_in_an_error_message(serve):
 
     server = serve(echo_key)
     with pytest.raises(OracleError) as caught:
-        judge(server, retries=1, batch_size=1).compare(["p"], ["x"], ["y"])
+        judge(server, retries=1, batch_size=1).ask(["p"], ["x"], ["y"])
     assert KEY[:6] not in str(caught.value) and "Bearer ***" in str(caught.value)
     assert "HTTP 500" in str(caught.value)
 
@@ -150,7 +151,7 @@ def test_the_key_never_appears_in_an_error_message(serve):
 def test_a_refused_key_stops_at_once_and_names_the_variable_not_the_key(serve):
     server = serve(lambda n, question, headers: (401, f'{{"error": "invalid key {KEY}"}}'.encode()))
     with pytest.raises(OracleError) as caught:
-        judge(server, retries=3, batch_size=1).compare(["p"], ["x"], ["y"])
+        judge(server, retries=3, batch_size=1).ask(["p"], ["x"], ["y"])
     message = str(caught.value)
     assert message == f"http: {server.url}: HTTP 401 Unauthorized; check the key in $JUDGE_KEY"
     assert len(server.requests) <= 2  # not retried (the second question may have been sent before the first failed)
@@ -159,7 +160,7 @@ def test_a_refused_key_stops_at_once_and_names_the_variable_not_the_key(serve):
 def test_a_wrong_path_says_what_the_url_must_be(serve):
     server = serve(lambda n, question, headers: (404, b"not found"))
     with pytest.raises(OracleError, match=r"HTTP 404 .*oracle\.url must be the chat-completions endpoint itself"):
-        judge(server, batch_size=1).compare(["p"], ["x"], ["y"])
+        judge(server, batch_size=1).ask(["p"], ["x"], ["y"])
     assert len(server.requests) <= 2  # not retried (the second question may have been sent before the first failed)
 
 
@@ -167,7 +168,7 @@ def test_a_server_that_is_down_is_a_clear_error(serve):
     server = serve(lambda n, question, headers: (200, completion("A")))
     server.close()  # its port is now closed: connections are refused
     with pytest.raises(OracleError, match=r"^http: http://127\.0\.0\.1:\d+/v1/chat/completions: .*refused.* \(gave up after 2 attempts"):
-        judge(server, retries=1, batch_size=1).compare(["p"], ["x"], ["y"])
+        judge(server, retries=1, batch_size=1).ask(["p"], ["x"], ["y"])
 
 
 @pytest.mark.parametrize(
@@ -191,5 +192,5 @@ def test_http_settings_that_cannot_work_are_config_errors(changes, match, monkey
     monkeypatch.delenv("NO_SUCH_JUDGE_KEY", raising=False)
     settings = dict(kind="http", url="http://127.0.0.1:1/v1/chat/completions", model="m") | changes
     with pytest.raises(ConfigError, match=match):
-        make_oracle(OracleConfig(**settings))
+        make_labeller(oracle_config(**settings))
 

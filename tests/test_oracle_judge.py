@@ -5,9 +5,11 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.lm import tiny
-from rlhf_bilevel.oracles import OracleConfig, make_oracle
+from rlhf_bilevel.labelling import Labeller, make_labeller
+from rlhf_bilevel.oracles import make_oracle, oracle_config
+from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.oracles.judge import LLMJudge, llm_judge_oracle
-from rlhf_bilevel.oracles.pairwise import ask_both_orders, question_text
+from rlhf_bilevel.oracles.pairwise import ask_as_shown, question_text
 
 # the tiny model's vocabulary has no A or B: its judge names the responses with words it knows
 TINY = dict(kind="llm-judge", model="tiny", choices=("one", "two"))
@@ -18,19 +20,33 @@ SECOND = ["bad", "sun and wind today and a calm bright sky", "boring"]
 
 @pytest.fixture(scope="module")
 def judge() -> LLMJudge:
-    return llm_judge_oracle(OracleConfig(**TINY, batch_size=4))
+    return llm_judge_oracle(oracle_config(**TINY, batch_size=4))
 
 
 def test_the_question_shows_both_responses_in_order_under_their_names():
-    cfg = OracleConfig(question="Which is kinder?", choices=("Left", "Right"))
+    cfg = oracle_config(kind="llm-judge", question="Which is kinder?", choices=("Left", "Right"))
     text = question_text(cfg, "the prompt", "shown first", "shown second")
     assert text.startswith("Which is kinder?\n")
     assert text.index("the prompt") < text.index("Response Left:\nshown first") < text.index("Response Right:\nshown second")
     assert text.endswith("Reply with Left or Right only.")
 
 
+class ShownJudge:
+    """A positional judge from a function of the question texts: P(it names the response shown first)."""
+
+    name = "shown"
+    offers = Offers.COMPARISON
+    positional = True
+
+    def __init__(self, first_named):
+        self.first_named = first_named
+
+    def compare(self, prompts, first, second):
+        return ask_as_shown(self.first_named, oracle_config(kind="llm-judge"), prompts, first, second)
+
+
 def test_both_orders_average_the_two_verdicts():
-    cfg = OracleConfig()
+    cfg = oracle_config(kind="llm-judge")
     # hand-made verdicts: P(the judge names the response shown first) for each question
     verdicts = {("x", "y"): 0.9, ("y", "x"): 0.3, ("u", "v"): 0.2, ("v", "u"): 0.6}
     asked = []
@@ -39,13 +55,13 @@ def test_both_orders_average_the_two_verdicts():
         asked.append(len(texts))
         return torch.tensor([next(p for (a, b), p in verdicts.items() if t == question_text(cfg, "p", a, b)) for t in texts])
 
-    prob = ask_both_orders(first_named, cfg, ["p", "p"], ["x", "u"], ["y", "v"])
+    prob = Labeller(ShownJudge(first_named)).ask(["p", "p"], ["x", "u"], ["y", "v"])
     torch.testing.assert_close(prob, torch.tensor([(0.9 + 1 - 0.3) / 2, (0.2 + 1 - 0.6) / 2]))
     assert asked == [4]  # one batched call for both orders
 
 
 def test_a_pure_position_bias_cancels():
-    always_first = ask_both_orders(lambda texts: torch.full((len(texts),), 0.85), OracleConfig(), ["p"] * 3, FIRST, SECOND)
+    always_first = Labeller(ShownJudge(lambda texts: torch.full((len(texts),), 0.85))).ask(["p"] * 3, FIRST, SECOND)
     torch.testing.assert_close(always_first, torch.full((3,), 0.5))
 
 
@@ -62,17 +78,19 @@ def test_a_biased_judge_is_unbiased_after_the_swap(judge, monkeypatch):
         return torch.stack(out)
 
     monkeypatch.setattr(judge, "first_named", biased)
-    prob = judge.compare(PROMPTS, FIRST, SECOND)
-    swapped = judge.compare(PROMPTS, SECOND, FIRST)
+    labeller = Labeller(judge)
+    prob = labeller.ask(PROMPTS, FIRST, SECOND)
+    swapped = labeller.ask(PROMPTS, SECOND, FIRST)
     torch.testing.assert_close(prob + swapped, torch.ones(3))
-    torch.testing.assert_close(judge.compare(["p"], ["rain"], ["rain"]), torch.tensor([0.5]))
+    torch.testing.assert_close(labeller.ask(["p"], ["rain"], ["rain"]), torch.tensor([0.5]))
+    assert judge.compare(["p"], ["rain"], ["rain"]).item() > 0.8  # asked one way only, the bias decides a tie
     assert (prob[[0, 2]] > 0.5).all() and prob[1] < 0.5  # the longer response wins despite the bias
 
 
 def test_tiny_judge_gives_one_probability_per_pair_and_swapping_gives_one_minus(judge):
-    prob = judge.compare(PROMPTS, FIRST, SECOND)
+    prob = Labeller(judge).ask(PROMPTS, FIRST, SECOND)
     assert prob.shape == (3,) and ((prob > 0) & (prob < 1)).all()
-    torch.testing.assert_close(judge.compare(PROMPTS, SECOND, FIRST), 1 - prob, atol=1e-6, rtol=0)
+    torch.testing.assert_close(Labeller(judge).ask(PROMPTS, SECOND, FIRST), 1 - prob, atol=1e-6, rtol=0)
 
 
 def test_the_verdict_is_the_softmax_of_the_two_answer_logits(judge):
@@ -86,23 +104,23 @@ def test_the_verdict_is_the_softmax_of_the_two_answer_logits(judge):
 
 def test_batching_and_left_padding_do_not_change_the_verdicts(judge):
     """Questions of different lengths padded together must be read as if alone."""
-    unbatched = llm_judge_oracle(OracleConfig(**TINY, batch_size=1)).compare(PROMPTS, FIRST, SECOND)
+    unbatched = llm_judge_oracle(oracle_config(**TINY, batch_size=1)).compare(PROMPTS, FIRST, SECOND)
     torch.testing.assert_close(judge.compare(PROMPTS, FIRST, SECOND), unbatched, atol=1e-5, rtol=0)
 
 
 def test_a_chat_template_is_used_when_the_tokenizer_has_one():
     model, tokenizer = tiny.build()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %} reply"
-    chat_judge = LLMJudge(model, tokenizer, OracleConfig(**TINY))
+    chat_judge = LLMJudge(model, tokenizer, oracle_config(**TINY))
     assert chat_judge.chat and chat_judge.render("which") == "which reply"
-    prob = chat_judge.compare(PROMPTS, FIRST, SECOND)
-    torch.testing.assert_close(chat_judge.compare(PROMPTS, SECOND, FIRST), 1 - prob, atol=1e-6, rtol=0)
+    prob = Labeller(chat_judge).ask(PROMPTS, FIRST, SECOND)
+    torch.testing.assert_close(Labeller(chat_judge).ask(PROMPTS, SECOND, FIRST), 1 - prob, atol=1e-6, rtol=0)
 
 
-def test_make_oracle_gives_a_pairwise_judge_without_a_gold_score():
-    oracle = make_oracle(OracleConfig(**TINY))
-    assert not hasattr(oracle, "score")
-    assert oracle.compare(["p"], ["a"], ["b"]).shape == (1,)
+def test_make_oracle_gives_a_positional_judge_without_a_gold_score():
+    labeller = make_labeller(oracle_config(**TINY))
+    assert labeller.oracle.positional and not labeller.offers_score
+    assert labeller.ask(["p"], ["a"], ["b"]).shape == (1,)
 
 
 @pytest.mark.parametrize(
@@ -110,16 +128,16 @@ def test_make_oracle_gives_a_pairwise_judge_without_a_gold_score():
     [
         ({"choices": ("A", "B")}, r"^oracle\.choices: 'A' is not in this judge's vocabulary"),
         ({"choices": ("good day", "bad")}, r"^oracle\.choices: 'good day' is 2 tokens for this judge"),
-        ({"choices": ("one",)}, r"^choices: expected two different non-blank labels"),
-        ({"choices": ("one", "ONE")}, r"^choices: expected two different"),
-        ({"question": "  "}, r"^question: must not be blank$"),
-        ({"batch_size": 0}, r"^batch_size: must be > 0, got 0$"),
+        ({"choices": ("one",)}, r"^oracle\.choices: expected two different non-blank labels"),
+        ({"choices": ("one", "ONE")}, r"^oracle\.choices: expected two different"),
+        ({"question": "  "}, r"^oracle\.question: must not be blank$"),
+        ({"batch_size": 0}, r"^oracle\.batch_size: must be > 0, got 0$"),
         ({"model": "/no/such/judge"}, r"^oracle\.model: /no/such/judge is not a model folder"),
     ],
 )
 def test_judge_settings_that_cannot_work_are_config_errors(changes, match):
     with pytest.raises(ConfigError, match=match):
-        make_oracle(OracleConfig(**{**TINY, **changes}))
+        make_oracle(oracle_config(**{**TINY, **changes}))
 
 
 # -- reward-model ---------------------------------------------------------------------------------
@@ -140,7 +158,7 @@ def save_reward_model(path, num_labels=1, seed=0):
 
 def test_reward_model_scores_are_its_forward_pass_and_labels_are_bradley_terry(tmp_path):
     model, tokenizer = save_reward_model(tmp_path / "rm")
-    oracle = make_oracle(OracleConfig(kind="reward-model", model=str(tmp_path / "rm"), batch_size=2, temperature=0.5))
+    oracle = make_oracle(oracle_config(kind="reward-model", model=str(tmp_path / "rm"), batch_size=2, temperature=0.5))
     prompts = ["describe your day", "tell me about the weather", "describe your day", "tell me about the weather"]
     responses = ["a lovely warm day with my family", "rain", "the best film", "sun and a calm bright sky today"]
     with torch.no_grad():
@@ -154,24 +172,23 @@ def test_reward_model_scores_are_its_forward_pass_and_labels_are_bradley_terry(t
 
 def test_reward_model_refuses_what_is_not_a_reward_model(tmp_path):
     with pytest.raises(ConfigError, match=r"^oracle\.model: the reward-model oracle needs a sequence-classification model"):
-        make_oracle(OracleConfig(kind="reward-model"))
+        make_oracle(oracle_config(kind="reward-model"))
     save_reward_model(tmp_path / "two", num_labels=2)
     with pytest.raises(ConfigError, match=r"^oracle\.model: '.*two' has 2 outputs; a reward model has one"):
-        make_oracle(OracleConfig(kind="reward-model", model=str(tmp_path / "two")))
+        make_oracle(oracle_config(kind="reward-model", model=str(tmp_path / "two")))
     causal, tokenizer = tiny.build()
     causal.save_pretrained(tmp_path / "causal")
     tokenizer.save_pretrained(tmp_path / "causal")
     with pytest.raises(ConfigError, match=r"^oracle\.model: '.*causal' has no trained classification head \(score\.weight"):
-        make_oracle(OracleConfig(kind="reward-model", model=str(tmp_path / "causal")))
+        make_oracle(oracle_config(kind="reward-model", model=str(tmp_path / "causal")))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"^oracle\.model: cannot load '.*empty' as a sequence-classification model"):
-        make_oracle(OracleConfig(kind="reward-model", model=str(tmp_path / "empty")))
+        make_oracle(oracle_config(kind="reward-model", model=str(tmp_path / "empty")))
 
 
 @pytest.mark.slow
 def test_smollm2_judge_prefers_the_answer_over_a_non_answer():
-    oracle = make_oracle(OracleConfig(kind="llm-judge"))
-    prob = oracle.compare(
+    prob = make_labeller(oracle_config(kind="llm-judge")).ask(
         ["What is the capital of France?", "How many legs does a spider have?"],
         ["The capital of France is Paris.", "A spider has eight legs."],
         ["I don't like talking about that.", "Bananas are yellow."],

@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from rlhf_bilevel.config import ConfigError, build
-from rlhf_bilevel.oracles import OracleConfig, OracleError, make_oracle
-from rlhf_bilevel.oracles.retry import GaveUp, Retrying, retrying, with_retries
+from rlhf_bilevel.labelling import Labeller, make_labeller
+from rlhf_bilevel.oracles import OracleConfig, OracleError, oracle_config
+from rlhf_bilevel.oracles.base import Offers
+from rlhf_bilevel.oracles.registry import config_class
+from rlhf_bilevel.oracles.retry import GaveUp, retrying
 
 USER_MODULE = '''
 import threading
@@ -50,6 +53,10 @@ def user_module(tmp_path, monkeypatch):
 class Scripted:
     """A fake oracle that answers from a script: an exception to raise, or a value to return."""
 
+    name = "judge"
+    offers = Offers.COMPARISON
+    positional = False
+
     def __init__(self, *answers):
         self.answers = list(answers)
         self.calls = 0
@@ -66,6 +73,8 @@ class Scripted:
 
 
 class ScriptedScorer(Scripted):
+    offers = Offers.COMPARISON | Offers.SCORE
+
     def score(self, prompts, responses):
         return self.next()
 
@@ -115,37 +124,41 @@ def test_bugs_and_final_errors_are_not_retried(error):
     ids=["nan", "above-one", "below-zero", "wrong-length", "not-numbers"],
 )
 def test_an_invalid_label_is_a_failed_attempt_and_is_retried(bad):
-    oracle = Retrying(Scripted(bad, torch.tensor([0.25, 1.0])), OracleConfig(retries=1, backoff=0.0))
-    torch.testing.assert_close(oracle.compare(["p", "q"], ["a", "b"], ["c", "d"]), torch.tensor([0.25, 1.0]))
-    assert oracle.oracle.calls == 2
+    labeller = Labeller(Scripted(bad, torch.tensor([0.25, 1.0])), retries=1)
+    torch.testing.assert_close(labeller.ask(["p", "q"], ["a", "b"], ["c", "d"]), torch.tensor([0.25, 1.0]))
+    assert labeller.oracle.calls == 2
 
 
 def test_an_oracle_that_stays_invalid_stops_with_the_attempts_and_the_cause():
-    oracle = Retrying(Scripted(*[torch.tensor([2.0])] * 3), OracleConfig(kind="judge", retries=2, backoff=0.0))
+    labeller = Labeller(Scripted(*[torch.tensor([2.0])] * 3), retries=2)
     with pytest.raises(OracleError, match=r"^judge: P\(first ≻ second\) must be in \[0, 1\], got 2 for pair 0 \(gave up after 3 attempts"):
-        oracle.compare(["p"], ["a"], ["b"])
+        labeller.ask(["p"], ["a"], ["b"])
 
 
-def test_score_is_kept_and_retried_exactly_for_oracles_that_have_it():
-    scored = with_retries(ScriptedScorer(OracleError("flake"), torch.tensor([1.0, 2.0])), OracleConfig(retries=1, backoff=0.0))
-    assert scored.score(["p", "q"], ["a", "b"]).tolist() == [1.0, 2.0]
-    assert not hasattr(with_retries(Scripted(), OracleConfig()), "score")
-    assert hasattr(make_oracle(OracleConfig(kind="length")), "score")  # the trainer logs gold scores by this
+def test_score_is_retried_and_asked_only_of_oracles_that_offer_it():
+    scored = Labeller(ScriptedScorer(OracleError("flake"), torch.tensor([1.0, 2.0])), retries=1)
+    assert scored.offers_score and scored.score(["p", "q"], ["a", "b"]).tolist() == [1.0, 2.0]
+    judge = Labeller(Scripted())
+    assert not judge.offers_score
+    with pytest.raises(TypeError, match="offers no gold score"):
+        judge.score(["p"], ["a"])
+    assert judge.oracle.calls == 0
+    assert make_labeller(oracle_config(kind="length")).offers_score  # the trainer logs gold scores by this
 
 
 def test_make_oracle_retries_a_user_judge_that_raised(user_module):
-    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:flaky", pairwise=True, retries=2, backoff=0.0))
-    torch.testing.assert_close(oracle.compare(["p", "q"], ["a", "b"], ["c", "d"]), torch.tensor([0.75, 0.75]))
+    labeller = make_labeller(oracle_config(kind=f"python:{user_module}:flaky", pairwise=True, retries=2, backoff=0.0))
+    torch.testing.assert_close(labeller.ask(["p", "q"], ["a", "b"], ["c", "d"]), torch.tensor([0.75, 0.75]))
     import flaky_judges
 
     assert flaky_judges.CALLS == [2, 2]
 
 
 def test_a_user_call_that_hangs_times_out_and_is_retried(user_module):
-    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:hangs", timeout=0.05, retries=1, backoff=0.0))
+    labeller = make_labeller(oracle_config(kind=f"python:{user_module}:hangs", timeout=0.05, retries=1, backoff=0.0))
     pattern = r"^python:flaky_judges:hangs: no answer within 0\.05 s \(oracle\.timeout\) \(gave up after 2 attempts, oracle\.retries=1\)$"
     with pytest.raises(OracleError, match=pattern):
-        oracle.score(["p"], ["a"])
+        labeller.score(["p"], ["a"])
     import flaky_judges
 
     assert flaky_judges.CALLS == [1, 1]
@@ -157,12 +170,12 @@ def test_a_user_call_that_hangs_times_out_and_is_retried(user_module):
     [
         ({"retries": -1}, r"^retries: must be ≥ 0, got -1$"),
         ({"backoff": -0.5}, r"^backoff: must be ≥ 0 seconds, got -0\.5$"),
-        ({"timeout": 0.0}, r"^timeout: must be > 0, got 0\.0$"),
+        ({"kind": "http", "timeout": 0.0}, r"^timeout: must be > 0, got 0\.0$"),
     ],
 )
 def test_retry_fields_are_validated_and_named(data, match):
     with pytest.raises(ConfigError, match=match):
-        OracleConfig(**data)
+        config_class(data.get("kind", "sentiment"))(**data)
     with pytest.raises(ConfigError, match=r"^oracle\."):  # in a recipe, the section is named too
         build(OracleConfig, data, "oracle")
 

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from rlhf_bilevel.config import ConfigError, build
-from rlhf_bilevel.oracles import ORACLES, OracleConfig, OracleError, ScoredOracle, make_oracle
+from rlhf_bilevel.oracles import ORACLES, OracleConfig, OracleError, ScoredOracle, make_oracle, oracle_config
+from rlhf_bilevel.oracles.base import Offers, ScoredConfig
+from rlhf_bilevel.oracles.rules import LengthConfig
 
 USER_MODULE = '''
 import math
@@ -45,7 +47,7 @@ def user_module(tmp_path, monkeypatch):
 
 
 def fixed_scores(scores: dict[str, float], **cfg) -> ScoredOracle:
-    return ScoredOracle("fixed", lambda prompts, responses: [scores[r] for r in responses], OracleConfig(**cfg))
+    return ScoredOracle("fixed", lambda prompts, responses: [scores[r] for r in responses], oracle_config(**cfg))
 
 
 def test_bradley_terry_is_sigmoid_of_score_difference_over_temperature():
@@ -71,7 +73,7 @@ def test_temperature_must_be_positive_and_is_named():
 
 
 def test_sentiment_prefers_the_obviously_positive_response():
-    oracle = make_oracle(OracleConfig(kind="sentiment", temperature=0.1))
+    oracle = make_oracle(oracle_config(kind="sentiment", temperature=0.1))
     positive, negative = "What a wonderful, lovely day, I love it!", "This is awful, I hate it and feel miserable."
     scores = oracle.score(["Describe your day."] * 2, [positive, negative])
     assert scores[0] > 0.5 and scores[1] < -0.5  # VADER compound scores, in [−1, 1]
@@ -81,33 +83,35 @@ def test_sentiment_prefers_the_obviously_positive_response():
 
 
 def test_length_counts_words_or_distance_to_a_target():
-    longer = make_oracle(OracleConfig(kind="length"))
+    longer = make_oracle(oracle_config(kind="length"))
     assert longer.score(["p", "p", "p"], ["one two three", "  one  ", ""]).tolist() == [3.0, 1.0, 0.0]
-    target = make_oracle(OracleConfig(kind="length", target_words=4))
+    target = make_oracle(oracle_config(kind="length", target_words=4))
     assert target.score(["p", "p"], ["one two three", "a b c d e f"]).tolist() == [-1.0, -2.0]
-    assert make_oracle(OracleConfig(kind="length", target_words=4, labels="deterministic")).compare(
+    assert make_oracle(oracle_config(kind="length", target_words=4, labels="deterministic")).compare(
         ["p"], ["one two three"], ["a b c d e f"]
     ).tolist() == [1.0]
-    with pytest.raises(ConfigError, match=r"^oracle\.target_words: must be ≥ 0"):
-        make_oracle(OracleConfig(kind="length", target_words=-1))
+    with pytest.raises(ConfigError, match=r"^target_words: must be ≥ 0 or null, got -1$"):
+        LengthConfig(target_words=-1)
 
 
 def test_keyword_counts_whole_words_case_insensitively():
-    oracle = make_oracle(OracleConfig(kind="keyword", keywords=("great", "thank you", "c++")))
+    oracle = make_oracle(oracle_config(kind="keyword", keywords=("great", "thank you", "c++")))
     responses = ["Great, thank you! A GREAT day.", "greatly thankful", "I like C++ and c++.", "great-grandmother"]
     assert oracle.score(["p"] * 4, responses).tolist() == [3.0, 0.0, 2.0, 1.0]
 
 
 def test_keyword_oracle_needs_keywords():
     with pytest.raises(ConfigError, match=r"^oracle\.keywords: the keyword oracle needs at least one keyword"):
-        make_oracle(OracleConfig(kind="keyword"))
+        make_oracle(oracle_config(kind="keyword"))
     with pytest.raises(ConfigError, match=r"^oracle\.keywords\[1\]: a keyword must not be blank$"):
-        make_oracle(OracleConfig(kind="keyword", keywords=("good", " ")))
+        make_oracle(oracle_config(kind="keyword", keywords=("good", " ")))
 
 
 def test_unknown_kind_lists_the_known_ones_and_suggests():
     with pytest.raises(ConfigError) as caught:
-        make_oracle(OracleConfig(kind="sentimnet"))
+        oracle_config(kind="sentimnet")
+    with pytest.raises(ConfigError, match=str(caught.value).replace("(", r"\(").replace(")", r"\)").replace("?", r"\?")):
+        make_oracle(ScoredConfig(kind="sentimnet"))  # a config built in code is checked when the oracle is made
     message = str(caught.value)
     assert message.startswith("oracle.kind: unknown oracle 'sentimnet' (did you mean 'sentiment'?); known: ")
     assert all(kind in message for kind in ORACLES) and "python:module:callable" in message
@@ -115,17 +119,17 @@ def test_unknown_kind_lists_the_known_ones_and_suggests():
 
 
 def test_python_scorer_is_imported_and_gives_bradley_terry(user_module):
-    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:score", temperature=2.0))
+    oracle = make_oracle(oracle_config(kind=f"python:{user_module}:score", temperature=2.0))
     assert oracle.score(["ab", "abc"], ["x", "yy"]).tolist() == [3.0, 5.0]
     prob = oracle.compare(["ab"], ["xyz"], ["x"])  # scores 5 and 3
     torch.testing.assert_close(prob, torch.tensor([1 / (1 + math.exp(-1.0))]))
 
 
 def test_python_pairwise_judge_returns_its_probabilities_and_has_no_score(user_module):
-    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:judge", pairwise=True))
+    oracle = make_oracle(oracle_config(kind=f"python:{user_module}:judge", pairwise=True))
     prob = oracle.compare(["p", "q"], ["yes please", "no"], ["a", "b"])
     torch.testing.assert_close(prob, torch.tensor([0.9, 0.2]))
-    assert not hasattr(oracle, "score")
+    assert oracle.offers == Offers.COMPARISON
 
 
 @pytest.mark.parametrize(
@@ -139,11 +143,11 @@ def test_python_pairwise_judge_returns_its_probabilities_and_has_no_score(user_m
 )
 def test_python_kind_that_names_no_callable_is_a_config_error(user_module, kind, match):
     with pytest.raises(ConfigError, match=match):
-        make_oracle(OracleConfig(kind=kind))
+        make_oracle(oracle_config(kind=kind))
 
 
 def test_user_code_exceptions_become_one_line_oracle_errors(user_module):
-    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:broken", retries=0))  # retries: test_oracle_retry.py
+    oracle = make_oracle(oracle_config(kind=f"python:{user_module}:broken", retries=0))  # retries: test_oracle_retry.py
     with pytest.raises(OracleError, match=r"^python:my_judges:broken raised KeyError: 'no api key'$") as caught:
         oracle.compare(["p"], ["a"], ["b"])
     assert isinstance(caught.value.__cause__, KeyError)
@@ -160,7 +164,7 @@ def test_user_code_exceptions_become_one_line_oracle_errors(user_module):
     ],
 )
 def test_bad_answers_are_oracle_errors_not_labels(user_module, name, pairwise, match):
-    oracle = make_oracle(OracleConfig(kind=f"python:{user_module}:{name}", pairwise=pairwise, retries=0))
+    oracle = make_oracle(oracle_config(kind=f"python:{user_module}:{name}", pairwise=pairwise, retries=0))
     with pytest.raises(OracleError, match=match):
         oracle.compare(["p", "q"], ["a", "b"], ["c", "d"])
 
@@ -168,3 +172,36 @@ def test_bad_answers_are_oracle_errors_not_labels(user_module, name, pairwise, m
 def test_mismatched_batches_are_refused_rather_than_truncated():
     with pytest.raises(ValueError, match=r"lengths \[2, 2, 1\]"):
         fixed_scores({"a": 1.0}).compare(["p", "q"], ["a", "a"], ["a"])
+
+
+def test_each_kind_reads_its_own_config_and_refuses_another_kinds_key():
+    from rlhf_bilevel.recipe import load_recipe
+    from test_train import TINY
+
+    cfg = load_recipe(TINY, ["oracle.kind=sentiment", "oracle.temperature=0.2"]).oracle
+    assert type(cfg) is ORACLES["sentiment"].config and cfg.temperature == 0.2 and not hasattr(cfg, "keywords")
+    with pytest.raises(ConfigError, match=r"^oracle\.url: unknown key for the keyword oracle \(known: kind, .*keywords\)$"):
+        load_recipe(TINY, ["oracle.url=http://x"])
+    with pytest.raises(ConfigError, match=r"^oracle\.temperature: unknown key for the llm-judge oracle"):
+        build(OracleConfig, {"kind": "llm-judge", "temperature": 0.1}, "oracle")
+    for kind, entry in ORACLES.items():
+        assert type(oracle_config(kind=kind)) is entry.config
+    with pytest.raises(ConfigError, match=r"^oracle\.kind: expected str, got 5$"):
+        load_recipe(TINY, ["oracle.kind=5"])
+
+
+def test_overriding_the_kind_drops_the_settings_of_the_kind_before():
+    """A run's recipe holds every setting of its oracle; `--set oracle.kind=...` (eval with another judge) starts
+    the new kind from its defaults, keeping the settings it shares, and refuses an override it does not take."""
+    from rlhf_bilevel.recipe import load_recipe
+    from test_train import TINY
+
+    cfg = load_recipe(TINY, ["oracle.retries=5", "oracle.kind=llm-judge"]).oracle
+    assert type(cfg) is ORACLES["llm-judge"].config and cfg.retries == 5
+    with pytest.raises(ConfigError, match=r"^oracle\.keywords: unknown key for the llm-judge oracle"):
+        load_recipe(TINY, ["oracle.kind=llm-judge", "oracle.keywords=[a]"])
+
+
+def test_a_config_of_another_kind_is_refused_by_name():
+    with pytest.raises(ConfigError, match=r"^oracle: the keyword oracle takes a KeywordConfig, got a ScoredConfig$"):
+        make_oracle(ScoredConfig(kind="keyword"))

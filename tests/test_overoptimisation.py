@@ -11,7 +11,7 @@ from conftest import run_cli
 
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.evaluate import EvalConfig, held_out_prompts, load_run
-from rlhf_bilevel.oracles.registry import make_oracle
+from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.overoptimisation import CurveConfig, best_of_n, best_of_n_kl, curve_run, evaluate_checkpoint
 from rlhf_bilevel.train import train
 from rlhf_bilevel.types import LAMBDA
@@ -128,7 +128,7 @@ def first_row_and_its_checkpoint_alone(run_dir, tmp_path):
     shutil.copytree(run_dir, cut, ignore=shutil.ignore_patterns(*newer))
     recipe, base_dir, policy, reward = load_run(cut)
     prompts = held_out_prompts(recipe, base_dir)[:6]
-    alone, _ = evaluate_checkpoint(policy, LAMBDA, make_oracle(recipe.oracle), prompts, cfg.eval, reward)
+    alone, _ = evaluate_checkpoint(policy, LAMBDA, make_labeller(recipe.oracle), prompts, cfg.eval, reward)
     return row, alone
 
 

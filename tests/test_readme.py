@@ -12,8 +12,7 @@ from pathlib import Path
 
 import typer
 
-from rlhf_bilevel.oracles.base import OracleConfig
-from rlhf_bilevel.oracles.registry import make_oracle
+from rlhf_bilevel.oracles.registry import make_oracle, oracle_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -62,7 +61,7 @@ def test_oracle_example_is_the_one_the_command_names(tmp_path, monkeypatch):
     (tmp_path / "my_oracles.py").write_text(files["my_oracles.py"], encoding="utf-8")
     monkeypatch.syspath_prepend(str(tmp_path))
     kind = re.search(r"oracle\.kind=(python:my_oracles:\w+)", README).group(1)
-    oracle = make_oracle(OracleConfig(kind=kind, labels="deterministic"))
+    oracle = make_oracle(oracle_config(kind=kind, labels="deterministic"))
     assert oracle.score(["p", "p"], ["Great!!", "fine"]).tolist() == [2.0, 0.0]
     assert oracle.compare(["p", "p"], ["Great!", "fine"], ["fine", "fine!"]).tolist() == [1.0, 0.0]
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlhf_bilevel.exact.tree import TokenTree
+from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.seeding import linear
 from rlhf_bilevel.types import ADAPTERS, AdapterSwitch, Rollout
 
@@ -144,6 +145,10 @@ class ExactReward(nn.Module):
 
 class GoldOracle:
     """Bradley–Terry on a hidden gold reward: P(τ0 ≻ τ1) = sigmoid((R*(τ0) − R*(τ1)) / temperature)."""
+
+    name = "gold"
+    offers = Offers.COMPARISON  # the lab reads the gold reward itself (`gold_return`), not through a labeller
+    positional = False
 
     def __init__(self, tree: TokenTree, temperature: float = 0.5, hidden: int = 16, seed: int = 1):
         self.tree = tree

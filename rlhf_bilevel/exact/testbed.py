@@ -12,6 +12,7 @@ from rlhf_bilevel.critic import QHead, TDCritic
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.exact.models import ExactPolicy, ExactReward, GoldOracle
 from rlhf_bilevel.exact.tree import TokenTree, TreeError
+from rlhf_bilevel.labelling import Labeller
 from rlhf_bilevel.sampling import SampledRollouts
 
 
@@ -65,7 +66,7 @@ class Testbed:
                 head = QHead(policy.inputs.shape[1], self.tree.vocab, cfg.critic.hidden, init)
                 return TDCritic(policy.state_features, head, cfg.gamma, cfg.critic, generator)
 
-        return Bilevel(policy, reward, source, self.gold, make_critic, cfg, generator)
+        return Bilevel(policy, reward, source, Labeller(self.gold), make_critic, cfg, generator)
 
     def new_policy(self, generator: torch.Generator | None = None) -> ExactPolicy:
         """λ = λ′ = π_ref on this problem's base, its weights drawn from `generator`: by default a fresh one

@@ -1,9 +1,11 @@
-"""What every oracle shares: its config, its error, and the step from a gold score to a preference.
+"""What every oracle shares: its protocol, its config, its error, and the step from a gold score to a preference.
 
-An oracle answers one question, P(first ≻ second) for a batch of prompt-matched pairs
-(the `Oracle` protocol of `rlhf_bilevel.types`), and knows nothing of the algorithm. Most
-oracles are a per-response gold score behind a Bradley–Terry link (`ScoredOracle`); those
-also expose `score`, so a run can log the gold reward of what its policy writes.
+An oracle answers P(first ≻ second) for a batch of prompt-matched pairs, and knows nothing of
+the algorithm. It says what it offers (`Offers`): every oracle compares; most are a
+per-response gold score behind a Bradley–Terry link (`ScoredOracle`) and offer that score
+too, so a run can log the gold reward of what its policy writes. A judge that reads the two
+responses one after the other declares itself `positional`, and is asked in both orders.
+Only `rlhf_bilevel.labelling` asks an oracle anything.
 
 A bad answer is never repaired: a wrong length, a NaN, a probability outside [0, 1] or an
 exception in user code is an `OracleError`, because a guessed label silently corrupts the
@@ -15,12 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from enum import Flag, auto
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.config import ConfigError, Variant, Variants, positive, shown
 
 DEFAULT_QUESTION = "Which response answers the prompt better: more helpful, more correct and clearer?"
 
@@ -29,60 +32,107 @@ class OracleError(RuntimeError):
     """The oracle could not give a verdict; raised rather than a guessed label."""
 
 
+class Offers(Flag):
+    """What an oracle answers; nothing else is asked of it."""
+
+    COMPARISON = auto()  # compare(prompts, first, second) -> [N] P(first ≻ second)
+    SCORE = auto()  # score(prompts, responses) -> [N] a gold score per response: the run's gold metrics
+
+
+class Oracle(Protocol):
+    name: str  # what its errors are prefixed with
+    offers: Offers
+    # True: compare() answers for the order the two responses are shown in (a judge reading them
+    # one after the other prefers a position), so the labeller asks each pair both ways round
+    positional: bool
+
+    def compare(self, prompts: Sequence[Any], first: Sequence[Any], second: Sequence[Any]) -> Tensor:
+        """P(first ≻ second) for each pair, in [0, 1]; raises OracleError, never guesses."""
+
+    def score(self, prompts: Sequence[Any], responses: Sequence[Any]) -> Tensor:
+        """[N] gold score of each response; asked only of an oracle that offers `Offers.SCORE`."""
+
+
 @dataclass(frozen=True)
-class OracleConfig:
-    kind: str = field(default="sentiment", metadata={"help": "a registered name (sentiment, length, keyword, llm-judge, reward-model, http) or python:module:callable"})
+class OracleConfig(Variants):
+    """The settings every oracle kind takes: which kind, and how the labeller asks it. Each kind takes
+    its own subclass (the registry's `ORACLES`), chosen by `kind` when a recipe is read."""
+
+    kind: str = field(
+        default="sentiment",
+        metadata={"help": "a registered name (sentiment, length, keyword, llm-judge, reward-model, http) or python:module:callable"},
+    )
+    retries: int = field(
+        default=3, metadata={"help": "attempts after a failed one (exception, timeout, invalid label) before the run stops (≥ 0)"}
+    )
+    backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry (≥ 0), doubled before each next one"})
+    # Below 1/2, so a flipped label is still more often right than wrong: at 1/2 labels carry no
+    # information, above it they teach the opposite preference
+    flip: float = field(
+        default=0.0,
+        metadata={"help": "probability in [0, 0.5) that a training label is flipped (a noisy annotator); evaluation is never flipped"},
+    )
+
+    def __post_init__(self) -> None:
+        if self.retries < 0:
+            raise ConfigError(f"retries: must be ≥ 0, got {self.retries}")
+        if self.backoff < 0:
+            raise ConfigError(f"backoff: must be ≥ 0 seconds, got {self.backoff}")
+        if not 0 <= self.flip < 0.5:
+            raise ConfigError(f"flip: must be in [0, 0.5), the probability a training label is flipped; got {self.flip}")
+
+    key = "kind"
+    # The kinds by name, set by registry.py: it imports every kind's module, each of which imports
+    # this one, so this one cannot import it. The package's __init__ imports the registry, so the
+    # hooks are set before anything of `rlhf_bilevel.oracles` can be used.
+    config_class: ClassVar[Callable[[str], type[OracleConfig]]]  # a kind's name -> its config class; ConfigError if unknown
+    kinds: ClassVar[Callable[[], list[Variant]]]  # every kind, with its config class
+
+    @classmethod
+    def variants(cls) -> list[Variant]:
+        return OracleConfig.kinds() if cls is OracleConfig else []
+
+    @classmethod
+    def variant(cls, data: dict) -> type:
+        if cls is not OracleConfig:
+            return cls
+        kind = data.get("kind", OracleConfig.kind)
+        if not isinstance(kind, str):  # before any other key: which keys are known depends on it
+            raise ConfigError(f"kind: expected str, got {shown(kind)}")
+        return OracleConfig.config_class(kind)
+
+    @classmethod
+    def chosen(cls, data: dict) -> str:
+        return f"the {data.get('kind', OracleConfig.kind)} oracle"
+
+
+@dataclass(frozen=True)
+class ScoredConfig(OracleConfig):
+    """An oracle behind a gold score (`ScoredOracle`): sentiment, and the base of every scored kind."""
+
     labels: Literal["bradley_terry", "deterministic"] = field(
         default="bradley_terry", metadata={"help": "how a score difference becomes P(first ≻ second)"}
     )
     temperature: float = field(
         default=0.1, metadata={"help": "Bradley–Terry temperature on gold-score differences (> 0); smaller is closer to deterministic"}
     )
-    keywords: tuple[str, ...] = field(
-        default=(), metadata={"help": "keyword: the words whose occurrences are counted (case-insensitive, whole words)"}
-    )
-    target_words: int | None = field(
-        default=None, metadata={"help": "length: null rewards longer responses, else closeness to this word count"}
-    )
-    pairwise: bool = field(
-        default=False, metadata={"help": "python: the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring"}
-    )
-    model: str | None = field(
-        default=None,
-        metadata={"help": "llm-judge: the judge, as model.name (default smollm2); reward-model: a folder or hub id; http: the endpoint's model", "path": True},
-    )
-    dtype: Literal["auto", "float32", "bfloat16"] = field(
-        default="float32", metadata={"help": "llm-judge, reward-model: dtype of the judging model's weights (auto as model.dtype)"}
-    )
-    batch_size: int = field(
-        default=8, metadata={"help": "llm-judge, reward-model: texts per forward pass; http: requests in flight at once (> 0)"}
-    )
-    question: str = field(
-        default=DEFAULT_QUESTION, metadata={"help": "llm-judge, http: what the judge is asked about the two responses"}
-    )
-    choices: tuple[str, ...] = field(
-        default=("A", "B"), metadata={"help": "llm-judge, http: the judge's names for the response shown first and second"}
-    )
-    url: str | None = field(
-        default=None, metadata={"help": "http: the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1/chat/completions"}
-    )
-    api_key_env: str | None = field(
-        default=None, metadata={"help": "http: the environment variable holding the API key; the key never goes in a recipe"}
-    )
-    timeout: float = field(
-        default=60.0, metadata={"help": "seconds an http request (or a python: call) may take before that attempt has failed (> 0)"}
-    )
-    retries: int = field(
-        default=3, metadata={"help": "every kind: attempts after a failed one (exception, timeout, invalid label) before the run stops"}
-    )
-    backoff: float = field(default=1.0, metadata={"help": "seconds before the first retry (≥ 0), doubled before each next one"})
 
     def __post_init__(self) -> None:
-        positive(self, "temperature", "batch_size", "timeout")
-        if self.retries < 0:
-            raise ConfigError(f"retries: must be ≥ 0, got {self.retries}")
-        if self.backoff < 0:
-            raise ConfigError(f"backoff: must be ≥ 0 seconds, got {self.backoff}")
+        super().__post_init__()
+        positive(self, "temperature")
+
+
+@dataclass(frozen=True)
+class JudgeConfig(OracleConfig):
+    """What a judge shown two responses is asked (llm-judge, http)."""
+
+    question: str = field(default=DEFAULT_QUESTION, metadata={"help": "what the judge is asked about the two responses"})
+    choices: tuple[str, ...] = field(
+        default=("A", "B"), metadata={"help": "the judge's names for the response shown first and second"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if not self.question.strip():
             raise ConfigError("question: must not be blank")
         names = [c.strip().casefold() for c in self.choices]  # an http judge's reply is read ignoring case
@@ -101,7 +151,10 @@ class ScoredOracle:
     the noiseless oracle that the Bradley–Terry one tends to as the temperature goes to 0.
     """
 
-    def __init__(self, name: str, scorer: Scorer, cfg: OracleConfig):
+    offers = Offers.COMPARISON | Offers.SCORE
+    positional = False
+
+    def __init__(self, name: str, scorer: Scorer, cfg: ScoredConfig):
         self.name = name
         self.scorer = scorer
         self.labels = cfg.labels

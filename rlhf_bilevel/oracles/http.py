@@ -1,8 +1,8 @@
 """`http`: an OpenAI-compatible chat-completions endpoint as the pairwise judge.
 
 Any server that speaks the chat-completions protocol will do: the OpenAI API, vLLM,
-llama.cpp's server, Ollama, a gateway. Each pair is asked in both orders
-(`pairwise.ask_both_orders`), one request per question, `oracle.batch_size` requests in
+llama.cpp's server, Ollama, a gateway. The judge is `positional`: the labeller asks each pair
+in both orders, one request per question, `oracle.batch_size` requests in
 flight at once. The reply must name one of `oracle.choices` and nothing else ("A", "B.",
 "**Response B**" are read; "A is better than B" is not): an answer that is neither, or a
 body that is not chat-completions JSON, fails the attempt rather than becoming a label.
@@ -27,13 +27,14 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import OracleConfig, OracleError, check_batch, one_line
-from rlhf_bilevel.oracles.pairwise import ask_both_orders
+from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.oracles.base import JudgeConfig, Offers, OracleError, check_batch, one_line
+from rlhf_bilevel.oracles.pairwise import ask_as_shown
 from rlhf_bilevel.oracles.retry import GaveUp, retrying
 
 EXAMPLE_URL = "http://127.0.0.1:8000/v1/chat/completions"
@@ -41,7 +42,24 @@ RETRYABLE = {408, 409, 429}  # 4xx codes that mean "later", not "never"
 QUOTE = 120  # characters of a server's answer quoted in an error message
 
 
-def http_oracle(cfg: OracleConfig) -> HttpJudge:
+@dataclass(frozen=True)
+class HttpConfig(JudgeConfig):
+    url: str | None = field(
+        default=None, metadata={"help": "the chat-completions endpoint, e.g. http://127.0.0.1:8000/v1/chat/completions (required)"}
+    )
+    model: str | None = field(default=None, metadata={"help": "the model the endpoint serves, e.g. gpt-4o-mini (required)"})
+    api_key_env: str | None = field(
+        default=None, metadata={"help": "the environment variable holding the API key; the key never goes in a recipe"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "requests in flight at once (> 0)"})
+    timeout: float = field(default=60.0, metadata={"help": "seconds a request may take before that attempt has failed (> 0)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "batch_size", "timeout")
+
+
+def http_oracle(cfg: HttpConfig) -> HttpJudge:
     if cfg.url is None:
         raise ConfigError(f"oracle.url: the http oracle needs the chat-completions endpoint, e.g. oracle.url={EXAMPLE_URL}")
     parts = urllib.parse.urlsplit(cfg.url)
@@ -61,19 +79,23 @@ def http_oracle(cfg: OracleConfig) -> HttpJudge:
 
 
 class HttpJudge:
-    """A pairwise judge behind HTTP: it has no gold score, so it has no `score` method."""
+    """A pairwise judge behind HTTP: it offers no gold score, and answers for the order it is shown."""
 
-    def __init__(self, cfg: OracleConfig, key: str | None):
+    offers = Offers.COMPARISON
+    positional = True
+
+    def __init__(self, cfg: HttpConfig, key: str | None):
         self.cfg, self.key = cfg, key
         # urllib's own User-Agent is turned away by some gateways in front of hosted APIs
         self.headers = {"Content-Type": "application/json", "Accept": "application/json", "User-Agent": "rlhf-bilevel"}
         if key is not None:
             self.headers["Authorization"] = f"Bearer {key}"
         self.where = f"http: {cfg.url}"
+        self.name = "http"
 
     def compare(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> Tensor:
         check_batch(prompts, first, second)
-        return ask_both_orders(self.first_named, self.cfg, prompts, first, second)
+        return ask_as_shown(self.first_named, self.cfg, prompts, first, second)
 
     def first_named(self, questions: list[str]) -> Tensor:
         """[N] 1 where the endpoint named the response shown first, 0 where it named the second."""

@@ -4,29 +4,45 @@ The judge is shown the question of `oracle.question`, the prompt and the two res
 named by `oracle.choices` (A and B), and asked to reply with one of the two names. Its
 verdict is not generated but read off the next-token distribution, restricted to the two
 name tokens: P_AB(A) = softmax(logit_A, logit_B)[A], a probability rather than a coin
-flip, with no sampling and no answer to parse. Each pair is asked in both orders
-(`pairwise.ask_both_orders`), so a judge that likes the first position does not bias the
-labels. The default judge is the embedded SmolLM2-135M-Instruct: small and fast on a CPU,
+flip, with no sampling and no answer to parse. The judge is `positional`: the labeller asks
+each pair in both orders, so a judge that likes the first position does not bias the labels. The default judge is the embedded SmolLM2-135M-Instruct: small and fast on a CPU,
 and a weak judge; point `oracle.model` at a bigger instruct model for labels worth having.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import OracleConfig, as_oracle_model, check_batch
-from rlhf_bilevel.oracles.pairwise import ask_both_orders
+from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.oracles.base import JudgeConfig, Offers, as_oracle_model, check_batch
+from rlhf_bilevel.oracles.pairwise import ask_as_shown
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
-def llm_judge_oracle(cfg: OracleConfig) -> LLMJudge:
+@dataclass(frozen=True)
+class LLMJudgeConfig(JudgeConfig):
+    model: str | None = field(
+        default=None,
+        metadata={"help": "the judge, as model.name (smollm2, tiny, a .gguf, a folder, a hub id); null: smollm2", "path": True},
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "dtype of the judge's weights (auto as model.dtype)"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "questions per forward pass (> 0)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "batch_size")
+
+
+def llm_judge_oracle(cfg: LLMJudgeConfig) -> LLMJudge:
     """The judge `oracle.model` names (any `model.name`: smollm2, tiny, a .gguf, a folder, a hub id)."""
     # transformers takes seconds to import: paid only by runs that use a model as their oracle
     from rlhf_bilevel.distributed import resolve_device
@@ -38,9 +54,13 @@ def llm_judge_oracle(cfg: OracleConfig) -> LLMJudge:
 
 
 class LLMJudge:
-    """A pairwise judge: it has no gold score, so it has no `score` method."""
+    """A pairwise judge: it offers no gold score, and answers for the order it is shown."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: OracleConfig):
+    name = "llm-judge"
+    offers = Offers.COMPARISON
+    positional = True
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: LLMJudgeConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         # an instruct model answers in its chat format: the reply then starts right after the
         # assistant header, so the names are looked up without a leading space
@@ -49,7 +69,7 @@ class LLMJudge:
 
     def compare(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> Tensor:
         check_batch(prompts, first, second)
-        return ask_both_orders(self.first_named, self.cfg, prompts, first, second)
+        return ask_as_shown(self.first_named, self.cfg, prompts, first, second)
 
     def first_named(self, questions: list[str]) -> Tensor:
         """[N] P(the judge names the response shown first), `oracle.batch_size` questions per forward pass."""

@@ -3,44 +3,61 @@
 This is how a project plugs in a judge of its own (an API call, a reward model) without
 editing the package. The user's code is called inside a guard: whatever it raises, or
 whatever malformed answer it returns, becomes a one-line OracleError naming the callable.
+User code may wait on a service with no deadline of its own, so each call gets `oracle.timeout`.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import OracleConfig, OracleError, ScoredOracle, check_batch, check_probabilities, one_line
+from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.oracles.base import Offers, OracleError, ScoredConfig, ScoredOracle, check_batch, check_probabilities, one_line
+from rlhf_bilevel.oracles.retry import within
 
 PREFIX = "python:"
 
 
-def python_oracle(cfg: OracleConfig) -> ScoredOracle | PairwiseOracle:
+@dataclass(frozen=True)
+class PythonConfig(ScoredConfig):
+    pairwise: bool = field(
+        default=False, metadata={"help": "the callable judges pairs, fn(prompts, first, second) -> P, rather than scoring responses"}
+    )
+    timeout: float = field(default=60.0, metadata={"help": "seconds a call may take before that attempt has failed (> 0)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "timeout")
+
+
+def python_oracle(cfg: PythonConfig) -> ScoredOracle | PairwiseOracle:
     """A scorer, fn(prompts, responses) -> floats, behind Bradley–Terry; or, with `pairwise`, a judge."""
     fn = load_callable(cfg.kind)
     if cfg.pairwise:
-        return PairwiseOracle(cfg.kind, fn)
+        return PairwiseOracle(cfg.kind, fn, cfg.timeout)
 
     def guarded(prompts: Sequence[str], responses: Sequence[str]) -> Any:
-        return call_user(cfg.kind, fn, prompts, responses)
+        return call_user(cfg.kind, fn, cfg.timeout, prompts, responses)
 
     return ScoredOracle(cfg.kind, guarded, cfg)
 
 
 class PairwiseOracle:
-    """A judge that only compares: it has no gold score, so it has no `score` method."""
+    """A judge that only compares; its P(first ≻ second) is taken as it is, whatever order it reads the pair in."""
 
-    def __init__(self, name: str, judge: Callable[..., Any]):
-        self.name = name
-        self.judge = judge
+    offers = Offers.COMPARISON
+    positional = False
+
+    def __init__(self, name: str, judge: Callable[..., Any], timeout: float):
+        self.name, self.judge, self.timeout = name, judge, timeout
 
     def compare(self, prompts: Sequence[str], first: Sequence[str], second: Sequence[str]) -> Tensor:
         check_batch(prompts, first, second)
-        return check_probabilities(self.name, call_user(self.name, self.judge, prompts, first, second), len(prompts))
+        return check_probabilities(self.name, call_user(self.name, self.judge, self.timeout, prompts, first, second), len(prompts))
 
 
 def load_callable(kind: str) -> Callable[..., Any]:
@@ -61,9 +78,13 @@ def load_callable(kind: str) -> Callable[..., Any]:
     return fn
 
 
-def call_user(name: str, fn: Callable[..., Any], *args: Sequence[str]) -> Any:
-    """Calls user code; anything it raises is an OracleError, so no failed call can become a label."""
-    try:
-        return fn(*args)
-    except Exception as error:  # user code may raise anything; all of it means "no verdict"
-        raise OracleError(f"{name} raised {one_line(error)}") from error
+def call_user(name: str, fn: Callable[..., Any], timeout: float, *args: Sequence[str]) -> Any:
+    """Calls user code within `timeout` seconds; anything it raises is an OracleError, so no failed call can become a label."""
+
+    def guarded() -> Any:
+        try:
+            return fn(*args)
+        except Exception as error:  # user code may raise anything; all of it means "no verdict"
+            raise OracleError(f"{name} raised {one_line(error)}") from error
+
+    return within(timeout, guarded, name)

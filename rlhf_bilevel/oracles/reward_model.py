@@ -12,15 +12,30 @@ classifier gets a random one) is refused: its scores would be noise that looks l
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import OracleConfig, ScoredOracle, as_oracle_model
+from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.oracles.base import ScoredConfig, ScoredOracle, as_oracle_model
 
 
-def reward_model_oracle(cfg: OracleConfig) -> ScoredOracle:
+@dataclass(frozen=True)
+class RewardModelConfig(ScoredConfig):
+    model: str | None = field(default=None, metadata={"help": "the reward model: a local folder or a hub id (required)", "path": True})
+    dtype: Literal["auto", "float32", "bfloat16"] = field(
+        default="float32", metadata={"help": "dtype of the reward model's weights (auto as model.dtype)"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "conversations per forward pass (> 0)"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        positive(self, "batch_size")
+
+
+def reward_model_oracle(cfg: RewardModelConfig) -> ScoredOracle:
     """The reward model at `oracle.model`: a local folder, or a hub id (local files only unless it is one)."""
     if cfg.model is None:
         raise ConfigError(

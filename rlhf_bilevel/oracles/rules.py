@@ -8,16 +8,34 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.oracles.base import OracleConfig, ScoredOracle
+from rlhf_bilevel.oracles.base import ScoredConfig, ScoredOracle
 
 
-def length_oracle(cfg: OracleConfig) -> ScoredOracle:
+@dataclass(frozen=True)
+class LengthConfig(ScoredConfig):
+    target_words: int | None = field(
+        default=None, metadata={"help": "null rewards longer responses, else closeness to this word count (≥ 0)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.target_words is not None and self.target_words < 0:
+            raise ConfigError(f"target_words: must be ≥ 0 or null, got {self.target_words}")
+
+
+@dataclass(frozen=True)
+class KeywordConfig(ScoredConfig):
+    keywords: tuple[str, ...] = field(
+        default=(), metadata={"help": "the words whose occurrences are counted (case-insensitive, whole words; at least one)"}
+    )
+
+
+def length_oracle(cfg: LengthConfig) -> ScoredOracle:
     """Gold score = word count, or −|words − target_words| when a target is set."""
     target = cfg.target_words
-    if target is not None and target < 0:
-        raise ConfigError(f"oracle.target_words: must be ≥ 0 or null, got {target}")
 
     def words(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
         counts = [len(response.split()) for response in responses]
@@ -26,7 +44,7 @@ def length_oracle(cfg: OracleConfig) -> ScoredOracle:
     return ScoredOracle("length", words, cfg)
 
 
-def keyword_oracle(cfg: OracleConfig) -> ScoredOracle:
+def keyword_oracle(cfg: KeywordConfig) -> ScoredOracle:
     """Gold score = occurrences of any keyword in the response, case-insensitive, whole words only."""
     if not cfg.keywords:
         raise ConfigError("oracle.keywords: the keyword oracle needs at least one keyword, e.g. oracle.keywords=[thanks, great]")

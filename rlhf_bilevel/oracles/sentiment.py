@@ -10,10 +10,10 @@ from collections.abc import Sequence
 
 from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
 
-from rlhf_bilevel.oracles.base import OracleConfig, ScoredOracle
+from rlhf_bilevel.oracles.base import ScoredConfig, ScoredOracle
 
 
-def sentiment_oracle(cfg: OracleConfig) -> ScoredOracle:
+def sentiment_oracle(cfg: ScoredConfig) -> ScoredOracle:
     """Gold score = VADER's compound score of the response, in [−1, 1]; the prompt is ignored."""
     analyzer = SentimentIntensityAnalyzer()  # loads the lexicon: once per oracle, not per call
 
