@@ -140,6 +140,13 @@ class BilevelConfig:
         positive(self.reward_fit, "steps", prefix="reward_fit.")
         if self.query.candidates < 2:
             raise ConfigError(f"query.candidates: must be ≥ 2 (a pair is drawn from them), got {self.query.candidates}")
+        # of two responses per prompt the one pair is the pair `random` asks about: the run would be the
+        # random run under another name
+        if self.query.select == "uncertain" and self.query.candidates < 3:
+            raise ConfigError(
+                f"query.candidates: select: uncertain needs ≥ 3 responses per prompt to choose among, got {self.query.candidates}; "
+                "set bilevel.query.candidates=4"
+            )
         if self.reward_fit.prior < 0:
             raise ConfigError(f"reward_fit.prior: must be ≥ 0, got {self.reward_fit.prior}")
         for name in ("half_life", "minibatch"):

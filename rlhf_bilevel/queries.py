@@ -27,7 +27,9 @@ class QueryConfig:
     select: Literal["random", "uncertain"] = field(
         default="random", metadata={"help": "random: two responses per prompt; uncertain: the pair the ensemble disagrees on most"}
     )
-    candidates: int = field(default=2, metadata={"help": "responses drawn per prompt when `select` is uncertain (≥ 2)"})
+    candidates: int = field(
+        default=2, metadata={"help": "responses drawn per prompt (≥ 2; ≥ 3 when `select` is uncertain: of 2, the one pair is the random pair)"}
+    )
 
 
 

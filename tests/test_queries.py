@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from conftest import run_cli
@@ -41,6 +42,19 @@ def test_uncertain_queries_train_at_the_same_budget_and_need_an_ensemble(tmp_pat
     lines = (tmp_path / "run" / "preferences.jsonl").read_text().splitlines()
     outer = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"outer"' in line]
     assert len(lines) == outer[-1]["oracle/pairs"] == 4 * 3  # B·(K+1) with B = 4, K = 2, as with random pairs
-    single = run_cli("train", "--recipe", str(TINY), "--output-dir", str(tmp_path / "x"), "--set", "bilevel.query.select=uncertain")
+    single = run_cli(
+        "train", "--recipe", str(TINY), "--output-dir", str(tmp_path / "x"), "--set", "bilevel.query.select=uncertain",
+        "--set", "bilevel.query.candidates=3",
+    )
     assert single.returncode == 2 and single.stderr.count("\n") == 1 and "reward.heads" in single.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_uncertain_selection_among_two_responses_is_refused_as_the_random_run_it_would_be():
+    from rlhf_bilevel.config import ConfigError
+    from rlhf_bilevel.recipe import load_recipe
+
+    chosen = ["reward.heads=2", "bilevel.query.select=uncertain"]
+    with pytest.raises(ConfigError, match=r"^bilevel\.query\.candidates: select: uncertain needs ≥ 3 .*got 2; set bilevel\.query\.candidates=4$"):
+        load_recipe(TINY, chosen)
+    assert load_recipe(TINY, [*chosen, "bilevel.query.candidates=3"]).bilevel.query.candidates == 3
