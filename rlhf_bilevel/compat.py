@@ -16,7 +16,7 @@ def keep_cache_under_checkpointing(model: nn.Module) -> None:
 
     Under gradient checkpointing transformers drops a layer's cache (`cache=None`), because the
     backward pass replays the layer and would extend the cache a second time. Every cache read
-    with gradients here is a `PrefixCache` (lm/policy.py), which replays as it first ran; the
+    with gradients here is a `PrefixCache` (lm/trunk.py), which replays as it first ran; the
     layers' own switch for keeping it, `_can_checkpoint_with_cache`, is private to transformers.
     """
     for module in model.modules():

@@ -85,7 +85,7 @@ class PairSet:
 def collect(recipe: Recipe, train_pairs: int, test_pairs: int, batch: int) -> tuple[PairSet, PairSet]:
     """Training pairs on the recipe's train prompts and test pairs on its eval prompts, each set of
     prompts taken in turn; the base's features at every layer of LAYERS, and the oracle's P."""
-    earlier = [layer for layer in LAYERS if layer != LAST]  # trunk_layers gives the last hidden state after them
+    earlier = [layer for layer in LAYERS if layer != LAST]  # hidden_states gives the last hidden state after them
     train_prompts, eval_prompts = load_prompts(recipe.prompts, RECIPE.parent)
     base, tokenizer = load_base(recipe.model)
     policy = LMPolicy(with_adapters(base, recipe.adapters), tokenizer, recipe.rollout, recipe.model.chat_template)
@@ -102,7 +102,7 @@ def collect(recipe: Recipe, train_pairs: int, test_pairs: int, batch: int) -> tu
             pairs = consecutive_pairs(source.sample(None, [p for p in some for _ in range(2)]))
             rollout, ctx = pairs.rollout, pairs.rollout.context
             with torch.no_grad(), policy.adapter(None):
-                states = policy.trunk_layers(ctx.input_ids, ctx.attention_mask, layers=earlier)
+                states = policy.trunk.hidden_states(ctx.input_ids, ctx.attention_mask, layers=earlier)
             for layer, hidden in zip(features, states):
                 features[layer].append(hidden[:, ctx.prompt_len - 1 :].to(torch.bfloat16))
             masks.append(rollout.mask)

@@ -181,7 +181,7 @@ def test_a_bf16_base_runs_its_adapters_in_bf16_on_the_inputs_as_they_are():
     auto, off, copying = tiny_policy(dtype="bfloat16"), tiny_policy(dtype="bfloat16", autocast=False), tiny_policy(dtype="bfloat16")
     assert auto.autocasting and not off.autocasting
     # autocast alone, with peft casting each adapter's input to the weights' float32
-    copying.autocast = lambda: torch.autocast("cpu", torch.bfloat16)
+    copying.trunk.autocast = lambda: torch.autocast("cpu", torch.bfloat16)
     rollout = auto.sample(["a good day", "the dog"], torch.Generator().manual_seed(0))
     saved = {name: saved_for_backward(policy, rollout) for name, policy in [("auto", auto), ("off", off), ("copying", copying)]}
     width = auto.model.config.intermediate_size  # down_proj's input: no norm or attention tensor has it

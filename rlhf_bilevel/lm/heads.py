@@ -90,7 +90,7 @@ class TokenReward(nn.Module):
         """The reward model of a run on `policy`: on the reference pass's features (of `cfg.layer`,
         which every rollout `policy` samples from now on keeps), or with `cfg.lora` on those of the
         policy model's adapter `reward` (which `with_adapters` must have made)."""
-        last = policy.num_layers
+        last = policy.trunk.num_layers
         if cfg.layer is not None and not 0 <= cfg.layer <= last:
             raise ConfigError(f"reward.layer: the model has hidden states 0 (the embeddings) to {last} (the last, as is null); got {cfg.layer}")
         layer = None if cfg.layer == last else cfg.layer
