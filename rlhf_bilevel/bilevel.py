@@ -59,10 +59,8 @@ class Bilevel:
         every gradient and metric is averaged over them before it is used. `max_bad_steps`: skipped
         updates in a row of one block that stop the run; None never stops it."""
         self.policy, self.reward, self.source, self.labeller, self.cfg = policy, reward, source, labeller, cfg
-        self.world = world
-        self.generator = generator
-        self.on_pairs = on_pairs
-        self.on_inner = on_inner
+        self.world, self.generator = world, generator
+        self.on_pairs, self.on_inner = on_pairs, on_inner
         self.on_phase = on_phase or (lambda phase: None)
         self.bilevel = cfg.method == "bilevel"
         self.printed = cfg.pseudocode == "printed"
@@ -92,12 +90,6 @@ class Bilevel:
         if self.on_pairs is not None:
             self.on_pairs(pairs, {"outer_step": self.t, "inner_step": inner_step, "policy": pairs.rollout.adapter})
         return pairs
-
-    def label_metrics(self) -> dict[str, float]:
-        metrics = {"oracle/pairs": float(self.oracle_pairs)}
-        if self.labeller.flip:
-            metrics["oracle/flipped"] = float(self.labeller.counts.flipped)
-        return metrics
 
     # -- the lower level -------------------------------------------------------------------------
     def inner_step(self, k: int) -> dict[str, float]:
@@ -131,8 +123,7 @@ class Bilevel:
     # -- the upper level -------------------------------------------------------------------------
     def upper_step(self) -> dict[str, float]:
         """Lines 12–14: B fresh pairs labelled (B·(K+1) for the alternating method), then φ's fit, each of
-        its `reward_fit.steps` steps along d_t recomputed at the current φ; then the critics' replay is
-        relabelled. Returns the outer step's metrics."""
+        its `reward_fit.steps` steps along d_t recomputed at the current φ, and the critics' replay relabelled."""
         cfg, fit = self.cfg, self.cfg.reward_fit
         self.on_phase("phi_step")
         budget = cfg.pairs_per_step if self.bilevel else cfg.pairs_per_outer_step
@@ -169,7 +160,7 @@ class Bilevel:
             self.drawn[name] = []
         for k in range(self.cfg.inner_steps):
             inner = self.world.mean_metrics(self.inner_step(k))
-            inner.update(self.label_metrics())
+            inner.update(self.labeller.metrics())
             inner["faults/nonfinite_steps"] = float(self.guard.nonfinite_steps)
             if self.on_inner is not None:
                 self.on_inner(k, inner)
@@ -177,12 +168,11 @@ class Bilevel:
         for name in self.drawn:  # nothing of this step's rollouts outlives it
             self.drawn[name] = []
         self.t += 1
-        metrics.update(self.label_metrics())
+        metrics.update(self.labeller.metrics())
         metrics["faults/nonfinite_steps"] = float(self.guard.nonfinite_steps)
         metrics["time/outer_s"] = time.perf_counter() - start
         return metrics
 
-    # -- checkpoints -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The loop's counters, labels and step rules; the weights of φ, λ, λ′ and the critics are saved by their owners."""
         return {
