@@ -74,8 +74,8 @@ def train(
     ),
 ) -> None:
     """Align a causal LM online with Algorithm 1 (or the alternating baseline) as a recipe says."""
-    from rlhf_bilevel.bilevel import NonFiniteError
     from rlhf_bilevel.checkpoint import CheckpointError
+    from rlhf_bilevel.nonfinite import NonFiniteError
     from rlhf_bilevel.oracles.base import OracleError
     from rlhf_bilevel.recipe import load_recipe
     from rlhf_bilevel.train import check

@@ -141,6 +141,13 @@ class Labeller:
         self.store.add(pairs, outer_step)
         return pairs
 
+    def metrics(self) -> dict[str, float]:
+        """The training labels so far (the oracle budget spent) and, with `oracle.flip`, how many were flipped."""
+        metrics = {"oracle/pairs": float(self.counts.training)}
+        if self.flip:
+            metrics["oracle/flipped"] = float(self.counts.flipped)
+        return metrics
+
     # -- evaluation ------------------------------------------------------------------------------
     def evaluation_labels(self, prompts: Sequence[Any], first: Sequence[Any], second: Sequence[Any]) -> Tensor:
         """[N] P(first ≻ second) on every process (the main one asks). Never flipped: evaluation

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlhf_bilevel.types import PreferencePairs, Rollout
+from rlhf_bilevel.types import PreferencePairs, RewardModel, Rollout, RolloutSource
 
 
 @dataclass(frozen=True)
@@ -49,3 +49,19 @@ def most_uncertain_pairs(member_rewards: Tensor, rollout: Rollout, candidates: i
     first, second = offset + flat // candidates, offset + flat % candidates
     n = len(flat)
     return PreferencePairs(rollout=rollout, first=first, second=second, weight=torch.full((n,), 1.0 / n, device=flat.device))
+
+
+class PairQuery:
+    """The pairs of an adapter that the oracle is asked about, drawn from `source` as `cfg` selects:
+    random, or the most uncertain by `reward`'s ensemble."""
+
+    def __init__(self, source: RolloutSource, reward: RewardModel, cfg: QueryConfig):
+        self.source, self.reward, self.cfg = source, reward, cfg
+
+    def __call__(self, adapter: str, n: int) -> PreferencePairs:
+        """n pairs of `adapter`: two draws per prompt, or the most uncertain pair of `candidates` draws per prompt."""
+        if self.cfg.select == "random":
+            return self.source.pairs(adapter, n)
+        rollout = self.source.groups(adapter, n, self.cfg.candidates)
+        with torch.no_grad():
+            return most_uncertain_pairs(self.reward.member_rewards(rollout), rollout, self.cfg.candidates)

@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from peft import PeftModel
 
-from rlhf_bilevel.bilevel import Bilevel, NonFiniteError
+from rlhf_bilevel.bilevel import Bilevel
 from rlhf_bilevel.collectives import Collectives
 from rlhf_bilevel.evaluate import PeriodicEval
 from rlhf_bilevel.labelling import Labeller
+from rlhf_bilevel.nonfinite import NonFiniteError
 from rlhf_bilevel.preferences import PreferenceLog, pair_records
 from rlhf_bilevel.recipe import Recipe, recipe_dict
 from rlhf_bilevel.run_folder import RunFolder

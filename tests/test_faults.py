@@ -17,9 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rlhf_bilevel.bilevel import NonFiniteError, tensors_in
 from rlhf_bilevel.checkpoint import load_checkpoint
 from rlhf_bilevel.lm.heads import TokenReward
+from rlhf_bilevel.nonfinite import NonFiniteError, tensors_in
 from rlhf_bilevel.recipe import load_recipe
 from rlhf_bilevel.train import build, resume, train
 from rlhf_bilevel.trainer import Trainer
@@ -233,24 +233,24 @@ def test_a_critic_fit_that_goes_non_finite_is_undone(tmp_path):
     critic = bilevel.critics[LAMBDA]
     before = copy.deepcopy(critic.state_dict())
     log_probs = torch.log_softmax(torch.zeros(4, rollout.horizon, trainer.policy.vocab_size), -1)
-    bilevel.fit_critic(LAMBDA, rollout, torch.full((4, rollout.horizon), math.nan), log_probs)
+    bilevel.ascent.fit_critic(LAMBDA, rollout, torch.full((4, rollout.horizon), math.nan), log_probs)
     after = critic.state_dict()
     assert all(torch.equal(a, b) for a, b in zip(tensors_in(before), tensors_in(after), strict=True))
-    assert bilevel.bad_in_a_row == {"critic/lambda": 1} and bilevel.nonfinite_steps == 1
-    bilevel.fit_critic(LAMBDA, rollout, torch.zeros(4, rollout.horizon), log_probs)
-    assert bilevel.bad_in_a_row == {"critic/lambda": 0} and bilevel.nonfinite_steps == 1
+    assert bilevel.guard.bad_in_a_row == {"critic/lambda": 1} and bilevel.guard.nonfinite_steps == 1
+    bilevel.ascent.fit_critic(LAMBDA, rollout, torch.zeros(4, rollout.horizon), log_probs)
+    assert bilevel.guard.bad_in_a_row == {"critic/lambda": 0} and bilevel.guard.nonfinite_steps == 1
     assert not all(torch.equal(a, b) for a, b in zip(tensors_in(before), tensors_in(critic.state_dict())))
 
 
 def test_the_stop_is_raised_by_the_algorithm_after_max_bad_steps(tmp_path):
     trainer = build(tiny_recipe("train.max_bad_steps=2"), tmp_path, RECIPES)
     bilevel = trainer.bilevel
-    nan_direction = [torch.full_like(p, math.nan) for p in bilevel.reward_step.params]
-    phi = [p.detach().clone() for p in bilevel.reward_step.params]
-    assert math.isnan(bilevel.update("phi", bilevel.reward_step, nan_direction))
-    assert all(torch.equal(p, q) for p, q in zip(phi, bilevel.reward_step.params))
+    nan_direction = [torch.full_like(p, math.nan) for p in bilevel.reward_fit.reward_step.params]
+    phi = [p.detach().clone() for p in bilevel.reward_fit.reward_step.params]
+    assert math.isnan(bilevel.guard.step("phi", bilevel.reward_fit.reward_step, nan_direction))
+    assert all(torch.equal(p, q) for p, q in zip(phi, bilevel.reward_fit.reward_step.params))
     with pytest.raises(NonFiniteError, match="the last 2 updates of φ were skipped, its gradient was not finite"):
-        bilevel.update("phi", bilevel.reward_step, nan_direction)
+        bilevel.guard.step("phi", bilevel.reward_fit.reward_step, nan_direction)
 
 
 def test_a_stop_before_the_first_checkpoint_says_there_is_none(tmp_path, monkeypatch):

@@ -71,6 +71,8 @@ def test_training_and_evaluation_labels_are_counted_apart_and_only_training_is_f
     evaluation = labeller.evaluation_labels(["p"] * 50, ["a"] * 50, ["b"] * 50)
     assert (evaluation == 1).all()
     assert (labeller.counts.training, labeller.counts.evaluation, labeller.counts.flipped) == (200, 50, flipped)
+    assert labeller.metrics() == {"oracle/pairs": 200.0, "oracle/flipped": float(flipped)}
+    assert Labeller(Sure()).metrics() == {"oracle/pairs": 0.0}  # no flips asked, none reported
 
 
 def test_flips_come_at_the_rate_asked_from_a_seeded_stream_of_their_own():

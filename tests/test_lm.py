@@ -603,7 +603,7 @@ def test_sampling_ignores_the_model_generation_defaults(lm):
 
 # -- 8. d'_k in one backward pass ------------------------------------------------------------------
 def test_lambda_prime_direction_of_one_backward_equals_grad_J_minus_sigma_grad_f(eos_lm):
-    """`Bilevel.ascent` with a penalty takes ∇(Ĵ − σ f̂) in one backward pass: the same as eq. 12 and
+    """`PolicyAscent.direction` with a penalty takes ∇(Ĵ − σ f̂) in one backward pass: the same as eq. 12 and
     eq. 17 each by its own backward, combined as docs/algorithm.md step 4 says."""
     from rlhf_bilevel.bilevel import Bilevel
     from rlhf_bilevel.config import BilevelConfig
@@ -621,7 +621,7 @@ def test_lambda_prime_direction_of_one_backward_equals_grad_J_minus_sigma_grad_f
     label = torch.tensor([1.0, 0.0, 1.0, 1.0])
     with torch.no_grad():
         losses = est.upper_loss(est.pair_margins(reward.token_rewards(pairs.rollout), pairs), label, "bt_nll")
-    direction, _ = bilevel.ascent(LAMBDA_PRIME, pairs.rollout, lambda log_probs: est.surrogate_f_lambda(log_probs, pairs, losses))
+    direction, _ = bilevel.ascent.direction(LAMBDA_PRIME, pairs.rollout, lambda log_probs: est.surrogate_f_lambda(log_probs, pairs, losses))
 
     params = policy.parameters_of(LAMBDA_PRIME)
     with torch.no_grad():
