@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.lm.judge import Judge, JudgeConfig
 from rlhf_bilevel.lm.policy import LMPolicy
 from rlhf_bilevel.types import Rollout
 
@@ -49,6 +50,10 @@ class RewardConfig:
     heads: int = field(
         default=1, metadata={"help": "an ensemble of E heads from different random starts (> 0): r_φ is their mean, their spread the model's uncertainty"}
     )
+    judge: JudgeConfig = field(
+        default_factory=JudgeConfig,
+        metadata={"help": "with a question, the frozen base is asked it about each response, and the log-odds of its answer, weighted, add to R_φ: a prior before any label (lm/judge.py)"},
+    )
 
     def __post_init__(self) -> None:
         positive(self, "heads")  # `layer` depends on the model: TokenReward.on checks it
@@ -63,12 +68,19 @@ class TokenReward(nn.Module):
     """r_φ(s_h, a_h) = sigmoid(head(features of s_{h+1})) − 1/2 ∈ [−1/2, 1/2] (∈ [0, 1] without
     `center`), divided by the response's length with `pool: mean`: s_{h+1} = s_h ⊕ a_h is the state
     the action leads to, so its hidden state has read both. With `heads` E > 1, r_φ is the mean of
-    E such heads. φ is the heads' weights, and `trunk`, the weights of a LoRA adapter the features
-    depend on, if any."""
+    E such heads. With a `judge`, R_φ(τ) also gets w·j(τ), the judge's log-odds j of the response
+    times a weight w that starts at `judge.scale`, as the reward of its last token. φ is the heads'
+    weights, w, and `trunk`, the weights of a LoRA adapter the features depend on, if any."""
 
-    def __init__(self, features: Callable[[Rollout], Tensor], dim: int, cfg: RewardConfig, trunk: Sequence[Tensor] = ()):
+    def __init__(
+        self, features: Callable[[Rollout], Tensor], dim: int, cfg: RewardConfig, trunk: Sequence[Tensor] = (),
+        judged: Callable[[Rollout], Tensor] | None = None,
+    ):
         super().__init__()
-        self.features, self.cfg = features, cfg
+        self.features, self.cfg, self.judged = features, cfg, judged
+        if (judged is not None) != cfg.judge.asks:
+            raise ValueError("a judge's log-odds come with reward.judge.question, and only with it")
+        self.judge_weight = nn.Parameter(torch.tensor(cfg.judge.scale)) if cfg.judge.asks else None
         self.trunk = list(trunk)  # a plain list: the adapter lives (and is saved) in the peft model
         if cfg.hidden:
             layers = [nn.Linear(dim, cfg.heads * cfg.hidden), nn.Tanh(), MemberOutputs(cfg.heads, cfg.hidden)]
@@ -94,11 +106,14 @@ class TokenReward(nn.Module):
         if cfg.layer is not None and not 0 <= cfg.layer <= last:
             raise ConfigError(f"reward.layer: the model has hidden states 0 (the embeddings) to {last} (the last, as is null); got {cfg.layer}")
         layer = None if cfg.layer == last else cfg.layer
+        judged = None
+        if cfg.judge.asks:
+            policy.judge, judged = Judge(policy, cfg.judge), policy.judged
         if not cfg.lora:
             policy.reward_layer = layer
-            return cls(policy.reward_features, policy.feature_dim, cfg)
+            return cls(policy.reward_features, policy.feature_dim, cfg, judged=judged)
         features = functools.partial(policy.adapter_features, adapter=REWARD_ADAPTER, layer=layer)
-        return cls(features, policy.feature_dim, cfg, trunk=policy.parameters_of(REWARD_ADAPTER, below_layer=layer))
+        return cls(features, policy.feature_dim, cfg, trunk=policy.parameters_of(REWARD_ADAPTER, below_layer=layer), judged=judged)
 
     def parameters(self, recurse: bool = True) -> list[Tensor]:  # the protocol wants a list
         return list(super().parameters(recurse)) + self.trunk
@@ -110,7 +125,13 @@ class TokenReward(nn.Module):
     def member_rewards(self, rollout: Rollout) -> Tensor:
         """[E, N, H] each member's r_φ(s_h, a_h); 0 after EOS."""
         per_token = rollout.mask / rollout.mask.sum(-1, keepdim=True) if self.cfg.pool == "mean" else rollout.mask
-        return self.state_rewards(self.features(rollout)[:, 1:]) * per_token
+        rewards = self.state_rewards(self.features(rollout)[:, 1:]) * per_token
+        if self.judged is None:
+            return rewards
+        # the mask is 1 up to the last token taken (EOS, or the horizon's), then 0
+        lengths = rollout.mask.sum(-1).long()
+        last = F.one_hot((lengths - 1).clamp(min=0), rollout.horizon) * (lengths > 0).unsqueeze(-1)
+        return rewards + self.judge_weight * self.judged(rollout).unsqueeze(-1) * last
 
     def state_rewards(self, states: Tensor) -> Tensor:
         """[E, ...] each member's reward for reaching the states whose features are `states` [..., d],

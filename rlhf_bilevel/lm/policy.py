@@ -23,6 +23,7 @@ from transformers import PreTrainedTokenizerBase
 
 from rlhf_bilevel.allocator import heap_reuse
 from rlhf_bilevel.lm.decoding import decode, through_eos
+from rlhf_bilevel.lm.judge import Judge
 from rlhf_bilevel.lm.logits import chosen_log_probs, log_softmax_head
 from rlhf_bilevel.lm.trunk import Trunk
 from rlhf_bilevel.types import Rollout, rollout_context
@@ -64,10 +65,12 @@ class LMContext:
     # [N, H + 1, d] the base's hidden state at the policy's `reward_layer` at s_0 … s_H, float32, detached;
     # None when the reward reads the last layer, whose states are `features`
     reward_features: Tensor | None = None
+    judged: Tensor | None = None  # [N] the policy's `judge`'s log-odds of each response; None without one
 
     def rows(self, index: slice) -> LMContext:
         reward_features = None if self.reward_features is None else self.reward_features[index]
-        return LMContext(self.input_ids[index], self.attention_mask[index], self.prompt_len, self.features[index], reward_features)
+        judged = None if self.judged is None else self.judged[index]
+        return LMContext(self.input_ids[index], self.attention_mask[index], self.prompt_len, self.features[index], reward_features, judged)
 
 
 class LMPolicy:
@@ -87,6 +90,8 @@ class LMPolicy:
         # the hidden layer whose states each rollout keeps for the reward head, as `Trunk.hidden_states`
         # numbers them (TokenReward.on sets it); None: the last, which every rollout keeps anyway
         self.reward_layer: int | None = None
+        # asked about every response sampled from now on (TokenReward.on sets it with `reward.judge`)
+        self.judge: Judge | None = None
         self.autocasting = autocasts(cfg, model.get_output_embeddings().weight.dtype)
         self.trunk = Trunk(model, self.autocasting, cfg.gradient_checkpointing, cfg.compile)
         self.head = self.trunk.head
@@ -155,6 +160,7 @@ class LMPolicy:
             self.tokenizer.decode(row[: int(length) - int(row[int(length) - 1] == self.eos)], skip_special_tokens=True).strip()
             for row, length in zip(tokens, lengths)
         ]
+        judged = None if self.judge is None else self.judge.log_odds(responses)
         return Rollout(
             prompts=list(prompts),
             responses=responses,
@@ -163,7 +169,7 @@ class LMPolicy:
             logp=logp * mask,
             ref_logp=ref_logp * mask,
             weight=torch.full((n,), 1.0 / n, device=self.device),
-            context=LMContext(input_ids, attention_mask, prompt_len, features, reward_features),
+            context=LMContext(input_ids, attention_mask, prompt_len, features, reward_features, judged),
             adapter=self.active,
         )
 
@@ -204,6 +210,10 @@ class LMPolicy:
         `state_features`, when it is None), as the rollout's reference pass kept them."""
         ctx: LMContext = rollout.context
         return ctx.features if self.reward_layer is None else ctx.reward_features
+
+    def judged(self, rollout: Rollout) -> Tensor:
+        """[N] the `judge`'s log-odds of each response, as sampling kept them."""
+        return rollout.context.judged
 
     def adapter_features(self, rollout: Rollout, adapter: str, layer: int | None = None) -> Tensor:
         """[N, H + 1, d] hidden states at s_0 … s_H under `adapter`, differentiable in its weights: the

@@ -1,0 +1,114 @@
+"""The judge (`lm/judge.py`): the frozen base asked about each response, and the prior it gives r_φ.
+
+Checked on the tiny random Llama against a plain forward pass of the base: the log-odds are those of
+its next token after the judge's prompt, sampling keeps them with the rollout, and R_φ adds them,
+weighted, on the last token alone.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import perturb
+from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.lm import tiny
+from rlhf_bilevel.lm.heads import RewardConfig, TokenReward
+from rlhf_bilevel.lm.judge import Judge, JudgeConfig
+from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig, load_base, with_adapters
+from rlhf_bilevel.lm.policy import LMPolicy, RolloutConfig
+from rlhf_bilevel.recipe import parse_recipe, recipe_dict
+from rlhf_bilevel.types import LAMBDA, Rollout
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = ["the dog is", "a good day for a walk", "tell me", "my neighbour said the weather was"]
+# words of the tiny tokenizer's vocabulary: each answer is one token of its own
+JUDGE = JudgeConfig(question="is it good", answers=("lovely", "horrible"), answer_prefix="it is", scale=0.7)
+
+
+@pytest.fixture
+def policy():
+    """A fresh tiny model with λ moved away from the base: the judge must read the base all the same."""
+    base, tokenizer = load_base(ModelConfig(name="tiny"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = with_adapters(base, AdapterConfig(r=4, alpha=8))
+    perturb([p for name, p in model.named_parameters() if f".lora_B.{LAMBDA}." in name], 0.3, seed=1)
+    return LMPolicy(model, tokenizer, RolloutConfig(max_new_tokens=4), chat_template=False)
+
+
+def test_the_log_odds_are_the_base_models_next_token_after_the_question(policy):
+    judge = Judge(policy, JUDGE)
+    responses = ["pleasant little dog", "horrible", "a b c d e f"]
+    base, tokenizer = tiny.build()
+    base.eval()
+    lovely, horrible = tokenizer.convert_tokens_to_ids(["lovely", "horrible"])
+    by_hand = []
+    for text in judge.prompts(responses):
+        assert text.startswith("is it good\n\n") and text.endswith("\nit is")
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            logp = base(input_ids=ids).logits[0, -1].log_softmax(-1)
+        by_hand.append(logp[lovely] - logp[horrible])
+    with policy.adapter(LAMBDA):  # whatever adapter is active, the judge is the base
+        torch.testing.assert_close(judge.log_odds(responses), torch.stack(by_hand), atol=1e-5, rtol=1e-4)
+
+
+def test_sampling_keeps_the_log_odds_with_each_rollout_and_its_rows(policy):
+    TokenReward.on(policy, RewardConfig(judge=JUDGE))
+    rollout = policy.sample(PROMPTS, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(policy.judged(rollout), policy.judge.log_odds(rollout.responses))
+    torch.testing.assert_close(rollout.rows(slice(1, 3)).context.judged, rollout.context.judged[1:3])
+    again = Rollout.from_state(rollout.state_dict(), "cpu")  # as a checkpoint's preference store keeps it
+    torch.testing.assert_close(again.context.judged, rollout.context.judged)
+
+
+def test_without_a_judge_no_question_is_asked(policy):
+    reward = TokenReward.on(policy, RewardConfig(judge=JudgeConfig(scale=3.0)))
+    assert reward.judge_weight is None and policy.judge is None and policy.sample(PROMPTS, torch.Generator().manual_seed(0)).context.judged is None
+
+
+def test_the_judge_adds_its_weighted_log_odds_on_the_last_token_only(policy):
+    """R_φ(τ) = Σ_h head(s_{h+1}) + w·j(τ), with w starting at `scale`; w is one of φ's weights and gets
+    its gradient from the last tokens alone."""
+    reward = TokenReward.on(policy, RewardConfig(judge=JUDGE))
+    plain = TokenReward.on(policy, RewardConfig())
+    perturb(list(reward.net.parameters()), 1.0, seed=2)
+    plain.net.load_state_dict(reward.net.state_dict())
+    rollout = policy.sample(PROMPTS * 2, torch.Generator().manual_seed(1))
+    lengths = torch.tensor([4, 2, 1, 3, 4, 1, 2, 3])  # rows that end at the horizon, and at EOS before it
+    rollout = dataclasses.replace(rollout, mask=(torch.arange(rollout.horizon) < lengths[:, None]).float())
+    extra = reward.token_rewards(rollout) - plain.token_rewards(rollout)
+    expected = torch.zeros_like(extra)
+    expected[torch.arange(len(rollout)), lengths - 1] = 0.7 * policy.judged(rollout)
+    torch.testing.assert_close(extra, expected)
+    assert reward.judge_weight in reward.parameters() and reward.judge_weight.item() == pytest.approx(0.7)
+    (grad,) = torch.autograd.grad(reward.token_rewards(rollout).sum(), [reward.judge_weight])
+    torch.testing.assert_close(grad, policy.judged(rollout).sum())
+
+
+def test_a_judge_whose_answers_begin_alike_is_a_config_error(policy):
+    with pytest.raises(ConfigError, match=r"^reward\.judge\.answers: .* different tokens"):
+        TokenReward.on(policy, RewardConfig(judge=JudgeConfig(question="good?", answers=("lovely", "lovely"))))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("reward.judge={question: ' '}", "reward.judge.question: ask the judge something"),
+        ("reward.judge={question: ok, answers: [maybe]}", "reward.judge.answers: two non-empty answers"),
+        ("reward.judge={question: ok, scale: -1}", "reward.judge.scale: must be ≥ 0"),
+        ("reward.judge={question: ok, tone: 1}", "reward.judge.tone: unknown key"),
+    ],
+)
+def test_a_bad_judge_field_is_a_config_error_naming_it(override, message):
+    with pytest.raises(ConfigError) as error:
+        parse_recipe({"prompts": {"train": "prompts.jsonl"}}, [override])
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_resolved_recipe_with_a_judge_loads_again():
+    recipe = parse_recipe({"prompts": {"train": "prompts.jsonl"}}, ["reward.judge.question=Is it kind?"])
+    assert recipe.reward.judge == JudgeConfig(question="Is it kind?")
+    assert parse_recipe(recipe_dict(recipe)).reward == recipe.reward
