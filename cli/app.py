@@ -1,15 +1,13 @@
-"""The `rlhf-bilevel` command: parses options, then calls the library. No logic lives here."""
+"""The `rlhf-bilevel` command: parses options, then calls what the command runs (rlhf_bilevel.commands). No logic lives here."""
 
 from __future__ import annotations
 
-import dataclasses
-import warnings
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from rlhf_bilevel.allocator import huge_pages
+from rlhf_bilevel.commands import huge_pages, quiet
 
 huge_pages()  # before anything imports torch, which reads it once
 
@@ -21,14 +19,6 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 @app.callback()
 def root() -> None:
     """Online alignment of language models by the first-order penalty bilevel method."""
-
-
-def quiet() -> None:
-    """The libraries' deprecation notices and loading messages are for us, not for the user of the command."""
-    from rlhf_bilevel.environment import quiet_libraries
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
-    quiet_libraries()
 
 
 def fail(message: str) -> None:
@@ -48,8 +38,8 @@ def theory(
     beta: Optional[float] = typer.Option(None, "--beta", help="KL weight β of the lower level."),
 ) -> None:
     """The convergence lab: Algorithm 1 on an exact token MDP, against Φ* (Theorem 1)."""
+    from rlhf_bilevel.commands.theory import TheoryConfig, run_lab
     from rlhf_bilevel.exact.testbed import TestbedConfig
-    from rlhf_bilevel.theory import TheoryConfig, run_lab
 
     try:
         testbed = TestbedConfig(prompts=prompts, vocab=vocab, horizon=horizon, reward_hidden=0, seed=seed)
@@ -75,12 +65,12 @@ def train(
 ) -> None:
     """Align a causal LM online with Algorithm 1 (or the alternating baseline) as a recipe says."""
     from rlhf_bilevel.checkpoint import CheckpointError
+    from rlhf_bilevel.commands.train import check
+    from rlhf_bilevel.commands.train import resume as resume_run
+    from rlhf_bilevel.commands.train import train as train_run
     from rlhf_bilevel.nonfinite import NonFiniteError
     from rlhf_bilevel.oracles.base import OracleError
     from rlhf_bilevel.recipe import load_recipe
-    from rlhf_bilevel.train import check
-    from rlhf_bilevel.train import resume as resume_run
-    from rlhf_bilevel.train import train as train_run
 
     quiet()
     if model is not None:
@@ -127,7 +117,7 @@ def evaluate(
 ) -> None:
     """Win rate against the reference, gold score, KL, length, and reward-model agreement on- vs off-policy."""
     from rlhf_bilevel.checkpoint import CheckpointError
-    from rlhf_bilevel.evaluate import EvalConfig, describe, eval_adapter, eval_run
+    from rlhf_bilevel.commands.eval import EvalConfig, describe, eval_adapter, eval_run
     from rlhf_bilevel.oracles.base import OracleError
 
     quiet()
@@ -141,8 +131,7 @@ def evaluate(
             if model is not None or recipe is not None:
                 fail("--run: the run folder holds its recipe and model; drop --recipe/--model (use --set to change a field)")
             if all_checkpoints:
-                from rlhf_bilevel.overoptimisation import BEST_OF, CurveConfig, curve_run
-                from rlhf_bilevel.overoptimisation import describe as describe_curve
+                from rlhf_bilevel.commands.eval import BEST_OF, CurveConfig, curve_run, describe_curve
 
                 curve = curve_run(run, CurveConfig(cfg, tuple(best_of) or BEST_OF), out, overrides)
                 typer.echo(describe_curve(curve))
@@ -181,9 +170,9 @@ def compare(
     ),
 ) -> None:
     """Bilevel vs alternating vs TRL Online DPO at one oracle budget, over seeds: tables and plots."""
-    from rlhf_bilevel.compare import METHODS, CompareConfig, Sweep
-    from rlhf_bilevel.compare import compare as run_comparison
-    from rlhf_bilevel.evaluate import EvalConfig
+    from rlhf_bilevel.commands.compare import METHODS, CompareConfig, Sweep
+    from rlhf_bilevel.commands.compare import compare as run_comparison
+    from rlhf_bilevel.commands.eval import EvalConfig
     from rlhf_bilevel.oracles.base import OracleError
 
     quiet()

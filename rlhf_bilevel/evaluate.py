@@ -1,4 +1,5 @@
-"""`rlhf-bilevel eval`: how a trained policy compares with the reference, and whether its reward model kept up.
+"""How a trained policy compares with the reference, and whether its reward model kept up: what
+`rlhf-bilevel eval` reports (commands/eval.py) and a run's periodic evaluations log.
 
 On held-out prompts, the trained policy π_λ and the reference π_ref each write `samples` pairs
 of responses per prompt, from the same random stream (common random numbers). From those:
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,11 +30,9 @@ from scipy import stats
 from torch import Tensor
 
 from rlhf_bilevel import estimators as est
-from rlhf_bilevel.checkpoint import load_checkpoint
 from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.config import ConfigError, positive
-from rlhf_bilevel.labelling import Labeller, both_orders, make_labeller
-from rlhf_bilevel.run_folder import RunFolder, adapter_folder
+from rlhf_bilevel.labelling import Labeller, both_orders
 from rlhf_bilevel.sampling import consecutive_pairs
 from rlhf_bilevel.types import LAMBDA, Rollout
 
@@ -287,106 +285,3 @@ class PeriodicEval:
 
     def load_state_dict(self, state: dict) -> None:
         self.reference, self.last = state["reference"], state["last_eval"]
-
-
-def load_policy(recipe, adapter: Path):
-    """The recipe's base model with the peft adapter at `adapter` as π_λ; π_ref is the same base with it disabled."""
-    from peft import PeftModel
-
-    from rlhf_bilevel.distributed import resolve_device
-    from rlhf_bilevel.lm.model import load_base
-    from rlhf_bilevel.lm.policy import LMPolicy
-
-    if not (adapter / "adapter_config.json").is_file():
-        raise ConfigError(f"--adapter: {adapter} is not a peft adapter folder (adapter_config.json missing)")
-    base, tokenizer = load_base(recipe.model, resolve_device(recipe.train.device))
-    model = PeftModel.from_pretrained(base, str(adapter), adapter_name=LAMBDA)
-    model.eval()
-    return LMPolicy(model, tokenizer, recipe.rollout, recipe.model.chat_template)
-
-
-def load_checkpoint_policy(folder: RunFolder, checkpoint: Path, recipe):
-    """(policy, reward) of one checkpoint of a run: π_λ's adapter on the recipe's base, and the reward model."""
-    from rlhf_bilevel.lm.heads import REWARD_ADAPTER, TokenReward
-
-    policy = load_policy(recipe, adapter_folder(checkpoint, LAMBDA))
-    if recipe.reward.lora:
-        policy.model.load_adapter(str(adapter_folder(checkpoint, REWARD_ADAPTER)), adapter_name=REWARD_ADAPTER)
-    reward = TokenReward.on(policy, recipe.reward).to(policy.device)
-    reward.load_state_dict(load_checkpoint(checkpoint)["reward"])
-    return policy, reward
-
-
-def load_run(run_dir: Path, overrides: Sequence[str] = ()):
-    """(recipe, base_dir, policy, reward) of the newest sound checkpoint of the run in `run_dir`.
-
-    `overrides` change the recipe for this evaluation only, e.g. `oracle.kind=llm-judge`.
-    """
-    folder = RunFolder(run_dir)
-    recipe = folder.read_recipe("--run", overrides)
-    base_dir = folder.base_dir("--run")
-    checkpoint = folder.latest_checkpoint()
-    if checkpoint is None:
-        raise ConfigError(f"--run: {run_dir} has no checkpoint yet; train it further (--resume) or evaluate an --adapter")
-    return (recipe, base_dir, *load_checkpoint_policy(folder, checkpoint, recipe))
-
-
-def held_out_prompts(recipe, base_dir: Path) -> list[str]:
-    from rlhf_bilevel.prompts import load_prompts
-
-    train, held_out = load_prompts(recipe.prompts, base_dir)
-    return held_out or train
-
-
-def eval_checkpoint(folder: RunFolder, checkpoint: Path, cfg: EvalConfig, overrides: Sequence[str] = ()) -> dict:
-    """`evaluate` on one checkpoint of the run in `folder` (policy and reward model), with the run's oracle and held-out prompts."""
-    recipe = folder.read_recipe("--run", overrides)
-    policy, reward = load_checkpoint_policy(folder, checkpoint, recipe)
-    result = evaluate(policy, make_labeller(recipe.oracle), held_out_prompts(recipe, folder.base_dir("--run")), cfg, reward)
-    result["source"] = {"run": str(folder.path), "checkpoint": checkpoint.name, "oracle": recipe.oracle.kind, "model": recipe.model.name}
-    return result
-
-
-def eval_run(run_dir: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
-    """Evaluates the newest checkpoint of the run in `run_dir` and writes the report to `out` (default RUN/eval)."""
-    from rlhf_bilevel.preflight import check_output_dir
-    from rlhf_bilevel.report import write_eval
-
-    check_output_dir(out or run_dir / "eval", "--out")
-    folder = RunFolder(run_dir)
-    folder.read_recipe("--run", overrides)  # a folder without a run is named before its checkpoints are looked for
-    checkpoint = folder.latest_checkpoint()
-    if checkpoint is None:
-        raise ConfigError(f"--run: {run_dir} has no checkpoint yet; train it further (--resume) or evaluate an --adapter")
-    result = eval_checkpoint(folder, checkpoint, cfg, overrides)
-    write_eval(result, out or run_dir / "eval", name=run_dir.name, metrics_file=folder.metrics)
-    return result
-
-
-def eval_adapter(adapter: Path, recipe_file: Path, cfg: EvalConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
-    """Evaluates a peft adapter trained by any tool on the recipe's model, oracle and held-out prompts."""
-    from rlhf_bilevel.preflight import check_output_dir
-    from rlhf_bilevel.recipe import load_recipe
-    from rlhf_bilevel.report import write_eval
-
-    check_output_dir(out or adapter / "eval", "--out")
-    recipe = load_recipe(recipe_file, list(overrides))
-    labeller = make_labeller(recipe.oracle)
-    prompts = held_out_prompts(recipe, recipe_file.resolve().parent)
-    result = evaluate(load_policy(recipe, adapter), labeller, prompts, cfg)
-    result["source"] = {"adapter": str(adapter), "oracle": recipe.oracle.kind, "model": recipe.model.name}
-    write_eval(result, out or adapter / "eval", name=adapter.name)
-    return result
-
-
-def describe(result: dict) -> str:
-    """The few lines the command prints."""
-    lines = [f"win rate vs reference: {result['win_rate']} over {result['prompts']} prompts"]
-    if "gold" in result:
-        lines.append(f"gold score: policy {result['gold']['policy']}, reference {result['gold']['reference']}")
-    if "agreement" in result:
-        lines.append(
-            f"reward-model agreement: on policy pairs {result['agreement']['policy']}, on reference pairs {result['agreement']['reference']}"
-        )
-    lines.append(f"KL to reference {result['kl']:.3f}; response tokens {result['length']['policy']:.1f} (reference {result['length']['reference']:.1f})")
-    return "\n".join(lines)

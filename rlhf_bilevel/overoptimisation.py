@@ -29,11 +29,10 @@ curves part, the proxy ranks responses differently from gold. The JSON table kee
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +41,7 @@ from torch import Tensor
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.evaluate import Estimate, EvalConfig, bootstrap, pairs_each, per_prompt
-from rlhf_bilevel.labelling import Labeller, make_labeller
+from rlhf_bilevel.labelling import Labeller
 from rlhf_bilevel.types import LAMBDA, Rollout
 
 CURVE_FILE = "overoptimisation.json"
@@ -173,46 +172,6 @@ def curve(
     }
 
 
-def curve_run(run_dir: Path, cfg: CurveConfig, out: Path | None = None, overrides: Sequence[str] = ()) -> dict:
-    """The over-optimisation curve of the run in `run_dir`, one point per checkpoint that loads, and the
-    best-of-n curve under its newest reward model; writes overoptimisation.json and .png to `out` (default RUN/eval)."""
-    from rlhf_bilevel.checkpoint import CheckpointError, checkpoints
-    from rlhf_bilevel.evaluate import held_out_prompts, load_run
-    from rlhf_bilevel.run_folder import RunFolder
-    from rlhf_bilevel.lm.heads import REWARD_ADAPTER
-    from rlhf_bilevel.report import plain
-
-    recipe, base_dir, policy, reward = load_run(run_dir, overrides)  # the newest checkpoint that loads: the final φ
-    labeller = make_labeller(recipe.oracle)
-    if not labeller.offers_score:
-        kind = recipe.oracle.kind
-        raise ConfigError(f"--all-checkpoints: the oracle '{kind}' gives no gold score; pick one that does, e.g. --set oracle.kind=sentiment")
-    prompts = held_out_prompts(recipe, base_dir)
-    prompts = list(prompts[: cfg.eval.prompts] if cfg.eval.prompts else prompts)
-    skipped = []
-
-    folder = RunFolder(run_dir)
-    adapters = (LAMBDA, REWARD_ADAPTER) if recipe.reward.lora else (LAMBDA,)
-
-    def states() -> Iterator[tuple[int, dict]]:
-        for step, path in checkpoints(run_dir):
-            try:
-                yield step, folder.load(path, policy.model, adapters)
-            except CheckpointError as error:
-                skipped.append(str(error))
-
-    result = {
-        "source": {"run": str(run_dir), "oracle": recipe.oracle.kind, "model": recipe.model.name},
-        **curve(policy, reward, labeller, prompts, states(), cfg),
-        "skipped": skipped,
-    }
-    out = out or run_dir / "eval"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / CURVE_FILE).write_text(json.dumps(plain(result), indent=1, ensure_ascii=False), encoding="utf-8")
-    plot(result, out / PLOT_FILE, title=run_dir.name)
-    return result
-
-
 def gain(mean: float, reference_mean: float, reference_std: float) -> float:
     """(mean − reference mean) / reference std; NaN (not drawn) where the reference's responses all score alike."""
     return (mean - reference_mean) / reference_std if reference_std > 0 else math.nan
@@ -249,19 +208,3 @@ def plot(result: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def describe(result: dict) -> str:
-    """The table the command prints."""
-    ref = result["reference"]
-    lines = [
-        f"over-optimisation curve of {result['source']['run']} on {result['prompts']} prompts × {result['responses_per_prompt']} responses",
-        f"{'point':>12} {'√KL':>6} {'gold':>22} {'proxy (own φ)':>22} {'proxy (final φ)':>22}",
-        f"{'reference':>12} {0.0:6.3f} {str(ref['gold']):>22} {'':>22} {str(ref['proxy_final']):>22}",
-    ]
-    for p in result["checkpoints"]:
-        lines.append(f"{'step ' + str(p['step']):>12} {p['sqrt_kl']:6.3f} {str(p['gold']):>22} {str(p['proxy']):>22} {str(p['proxy_final']):>22}")
-    for r in result["best_of_n"]["rows"]:
-        lines.append(f"{'best-of-' + str(r['n']):>12} {r['sqrt_kl']:6.3f} {str(r['gold']):>22} {'':>22} {str(r['proxy']):>22}")
-    lines += [f"skipped: {reason}" for reason in result["skipped"]]
-    return "\n".join(lines)

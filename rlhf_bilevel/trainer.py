@@ -53,7 +53,7 @@ class Summary:
 
 @dataclass(eq=False)
 class Trainer:
-    """The parts of a run (train.py assembles them) and the loop that runs, evaluates and checkpoints them."""
+    """The parts of a run (commands/train.py assembles them) and the loop that runs, evaluates and checkpoints them."""
 
     recipe: Recipe
     folder: RunFolder

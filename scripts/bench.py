@@ -1,6 +1,6 @@
 """Benchmark: seconds per labelled pair of Algorithm 1, the alternating baseline and TRL's Online DPO,
 each in float32 and in bf16 and compared at its best, against the floor of plain generation and a
-plain LoRA step (see rlhf_bilevel/bench.py). Writes bench.json and bench.md (the same tables).
+plain LoRA step (see rlhf_bilevel/commands/bench.py). Writes bench.json and bench.md (the same tables).
 
     .venv/bin/python scripts/bench.py --threads 1 --out bench.json   # SmolLM2-135M-Instruct, 32 new tokens, both dtypes: ~12 min on 2 idle cores
     .venv/bin/python scripts/bench.py --quick                        # the tiny model, about a minute
@@ -15,7 +15,7 @@ from rlhf_bilevel.allocator import huge_pages
 
 huge_pages()  # as the command runs, in every worker (they inherit it); before torch is imported
 
-from rlhf_bilevel.bench import main  # noqa: E402
+from rlhf_bilevel.commands.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -47,7 +47,7 @@ def test_freed_tensors_leave_the_resident_set_once_the_threshold_is_fixed():
 def test_a_run_fixes_the_threshold_only_when_its_recipe_asks(monkeypatch, tmp_path, asked):
     from pathlib import Path
 
-    from rlhf_bilevel import train
+    from rlhf_bilevel.commands import train
     from rlhf_bilevel.recipe import load_recipe
 
     calls = []

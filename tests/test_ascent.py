@@ -10,7 +10,7 @@ import torch
 from conftest import flat, perturb
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.nonfinite import tensors_in
-from rlhf_bilevel.theory import TheoryConfig
+from rlhf_bilevel.exact.lab import TheoryConfig
 from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME
 
 

@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhf_bilevel.bench import (
+from rlhf_bilevel.commands.bench import (
     BILEVEL_PHASES, CONFIGS, SHARED_SETTINGS, PhaseTimer, best_of, check_settings, headline, instrument, main,
     measure_floors, run_benchmark, summarise, table, worker,
 )
+from rlhf_bilevel.commands.train import build
 from rlhf_bilevel.recipe import load_recipe
-from rlhf_bilevel.train import build
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 
@@ -311,7 +311,7 @@ def test_a_comparison_on_unequal_settings_is_refused():
 
 def test_the_outer_step_is_measured_on_the_device_of_the_recipe(monkeypatch):
     """The trainer the benchmark times is placed where `train.device` says, not on the CPU a default `World` is."""
-    import rlhf_bilevel.bench as bench
+    import rlhf_bilevel.commands.bench as bench
 
     class Placed(Exception):
         pass

@@ -6,7 +6,7 @@ import torch
 
 from conftest import flat
 from rlhf_bilevel.config import BilevelConfig
-from rlhf_bilevel.theory import Lab, TheoryConfig
+from rlhf_bilevel.exact.lab import Lab, TheoryConfig
 from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME
 
 
@@ -68,7 +68,7 @@ def test_reward_descends_and_policies_ascend(testbed):
 def lab():
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    lab = Lab(TheoryConfig(inner_steps=10), log=lambda line: None)
+    lab = Lab(TheoryConfig(inner_steps=10))
     yield lab, lab.phi_star()["phi_star"]
     torch.set_default_dtype(previous)
 

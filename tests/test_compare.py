@@ -6,7 +6,7 @@ import math
 import pytest
 from conftest import run_cli
 
-from rlhf_bilevel.compare import METHODS, QUICK, t_interval
+from rlhf_bilevel.commands.compare import METHODS, QUICK, t_interval
 from rlhf_bilevel.recipe import load_recipe
 from test_train import TINY
 

@@ -30,9 +30,9 @@ from torch.overrides import TorchFunctionMode
 from safetensors.torch import load_file
 
 from rlhf_bilevel import estimators as est
+from rlhf_bilevel.collectives import World
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, TDCritic
-from rlhf_bilevel.collectives import World
 from rlhf_bilevel.distributed import ProcessGroup, resolve_device
 from rlhf_bilevel.types import ADAPTERS, Rollout
 
@@ -204,9 +204,9 @@ def test_the_check_of_placement_fails_a_library_tensor_made_without_a_device():
 
 @pytest.mark.parametrize("extra", [["bilevel.critic.kind=td", "reward.lora=true"], ["bilevel.critic.kind=mc", "bilevel.micro_batch=2"]])
 def test_every_tensor_of_a_run_is_made_on_the_device_of_the_run(tmp_path, extra):
-    from rlhf_bilevel.evaluate import EvalConfig, eval_run
+    from rlhf_bilevel.commands.eval import EvalConfig, eval_run
+    from rlhf_bilevel.commands.train import resume, train
     from rlhf_bilevel.recipe import load_recipe
-    from rlhf_bilevel.train import resume, train
 
     recipe = load_recipe(TINY, [*SETTINGS, "bilevel.outer_steps=1", "train.save_every=1", *extra])
     with UnplacedOnMeta():
@@ -221,7 +221,7 @@ def test_the_trainer_loads_the_base_and_moves_every_head_to_the_device_of_its_wo
     """The meta device stands for a GPU: a head built on the CPU and not moved would stay there. (The
     base itself stays on the CPU here: peft cannot put LoRA weights on meta; where it is loaded is what
     is checked.)"""
-    import rlhf_bilevel.train as train
+    import rlhf_bilevel.commands.train as train
     from rlhf_bilevel.recipe import load_recipe
 
     loaded, load = [], train.load_base
@@ -237,8 +237,8 @@ def test_the_trainer_loads_the_base_and_moves_every_head_to_the_device_of_its_wo
 
 
 def test_batches_that_do_not_split_evenly_are_refused_naming_the_field():
+    from rlhf_bilevel.commands.train import check_shards
     from rlhf_bilevel.recipe import load_recipe
-    from rlhf_bilevel.train import check_shards
 
     recipe = load_recipe(TINY)
     check_shards(recipe, ProcessGroup(0, 2))

@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import run_cli
 
+from rlhf_bilevel.commands.train import train
 from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate
 from rlhf_bilevel.labelling import Labeller, both_orders
 from rlhf_bilevel.oracles import oracle_config
 from rlhf_bilevel.oracles.rules import length_oracle
-from rlhf_bilevel.train import train
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
 from test_train import RECIPES, TINY, tiny_recipe
 
@@ -172,7 +172,8 @@ def test_eval_bad_input_is_one_line(args, message):
 def test_eval_of_the_last_checkpoint_reproduces_what_the_run_logged(tiny_run):
     """The run's periodic evaluation and `eval` are one function: given the run's evaluation
     prompts and seed, evaluating the saved checkpoint gives the numbers the run logged at its end."""
-    from rlhf_bilevel.evaluate import EVAL_SEED_OFFSET, held_out_prompts, load_run
+    from rlhf_bilevel.commands.eval import held_out_prompts, load_run
+    from rlhf_bilevel.evaluate import EVAL_SEED_OFFSET
     from rlhf_bilevel.labelling import make_labeller
 
     recipe, _, policy, reward = load_run(tiny_run)

@@ -18,10 +18,10 @@ import torch
 from typer.testing import CliRunner
 
 from rlhf_bilevel.checkpoint import load_checkpoint
+from rlhf_bilevel.commands.train import build, resume, train
 from rlhf_bilevel.lm.heads import TokenReward
 from rlhf_bilevel.nonfinite import NonFiniteError, tensors_in
 from rlhf_bilevel.recipe import load_recipe
-from rlhf_bilevel.train import build, resume, train
 from rlhf_bilevel.trainer import Trainer
 from rlhf_bilevel.types import LAMBDA
 from rlhf_bilevel_cli.app import app

@@ -9,7 +9,7 @@ import torch
 from conftest import flat, perturb
 from rlhf_bilevel.collectives import World
 from rlhf_bilevel.hypergradient import Hypergradient
-from rlhf_bilevel.theory import TheoryConfig
+from rlhf_bilevel.exact.lab import TheoryConfig
 from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: conftest.one_thread says why

@@ -1,4 +1,6 @@
-"""The package's imports point one way: the graph of `rlhf_bilevel/` has no cycle.
+"""The package's imports point one way: the graph of `rlhf_bilevel/` has no cycle, and its layers
+are `cli → commands → the library`: no library module imports a command, and the cli takes from the
+library only what the commands run and the configuration it parses and reports.
 
 A cycle hides in an import inside a function as well as at the top of a file, so every
 import statement counts, wherever it stands.
@@ -10,6 +12,9 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).parents[1] / "rlhf_bilevel"
+CLI = Path(__file__).parents[1] / "cli" / "app.py"
+COMMANDS = "rlhf_bilevel.commands"
+CONFIGURATION = {"rlhf_bilevel.config", "rlhf_bilevel.recipe"}  # the recipe the cli parses, and its ConfigError
 
 
 def module_name(file: Path, root: Path) -> str:
@@ -90,7 +95,7 @@ def test_the_cycle_finder_finds_a_cycle_through_a_function_level_import(tmp_path
 
 def test_the_package_has_no_import_cycle():
     graph = import_graph(PACKAGE)
-    assert "rlhf_bilevel.bilevel" in graph and graph["rlhf_bilevel.train"]
+    assert "rlhf_bilevel.bilevel" in graph and graph["rlhf_bilevel.commands.train"]
     assert cycles(graph) == []
 
 
@@ -101,3 +106,51 @@ def test_the_algorithm_knows_nothing_of_processes_or_files():
     names |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     forbidden = {"torch.distributed", "rlhf_bilevel.distributed", "rlhf_bilevel.run_folder", "rlhf_bilevel.checkpoint", "transformers"}
     assert not names & forbidden
+
+
+def is_command(module: str) -> bool:
+    return module == COMMANDS or module.startswith(COMMANDS + ".")
+
+
+def library_importing_commands(graph: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Each module outside the commands that imports one, with the commands it imports."""
+    found = {name: sorted(filter(is_command, imports)) for name, imports in graph.items() if not is_command(name)}
+    return {name: commands for name, commands in found.items() if commands}
+
+
+def cli_strays(source: str) -> list[str]:
+    """The cli's imports of the library other than the commands, the configuration, and `…Error`
+    and `…Config` types (what it builds from options and reports)."""
+    strays = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            strays += [a.name for a in node.names if a.name.startswith("rlhf_bilevel") and not is_command(a.name)]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("rlhf_bilevel"):
+            if is_command(node.module) or node.module in CONFIGURATION:
+                continue
+            strays += [f"{node.module}.{a.name}" for a in node.names if not a.name.endswith(("Error", "Config"))]
+    return strays
+
+
+def test_the_layer_checks_find_an_import_against_the_arrows(tmp_path):
+    package = tmp_path / "rlhf_bilevel"
+    (package / "commands").mkdir(parents=True)
+    for file in ("__init__.py", "commands/__init__.py", "commands/train.py", "bilevel.py"):
+        (package / file).write_text("")
+    (package / "trainer.py").write_text("def fit():\n    from rlhf_bilevel.commands.train import build\n")
+    (package / "commands" / "eval.py").write_text("from rlhf_bilevel.commands.train import build\nfrom rlhf_bilevel import bilevel\n")
+    assert library_importing_commands(import_graph(package)) == {"rlhf_bilevel.trainer": ["rlhf_bilevel.commands.train"]}
+    source = "from rlhf_bilevel.commands.train import train\nfrom rlhf_bilevel.bilevel import Bilevel, NonFiniteError\nimport rlhf_bilevel.store\n"
+    assert cli_strays(source) == ["rlhf_bilevel.bilevel.Bilevel", "rlhf_bilevel.store"]
+
+
+def test_no_library_module_imports_a_command():
+    graph = import_graph(PACKAGE)
+    assert "rlhf_bilevel.commands.train" in graph and "rlhf_bilevel.trainer" in graph
+    assert library_importing_commands(graph) == {}
+
+
+def test_the_cli_imports_only_the_commands_and_the_configuration():
+    source = CLI.read_text(encoding="utf-8")
+    assert "rlhf_bilevel.commands.train" in source
+    assert cli_strays(source) == []

@@ -39,7 +39,7 @@ def policy():
 
 
 def test_the_log_odds_are_the_base_models_next_token_after_the_question(policy):
-    judge = Judge(policy, JUDGE)
+    judge = Judge(policy.trunk, policy.tokenizer, policy.chat_template, JUDGE)
     responses = ["pleasant little dog", "horrible", "a b c d e f"]
     base, tokenizer = tiny.build()
     base.eval()

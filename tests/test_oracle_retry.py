@@ -180,8 +180,8 @@ def test_retry_fields_are_validated_and_named(data, match):
         build(OracleConfig, data, "oracle")
 
 def test_a_run_whose_oracle_stays_down_stops_and_keeps_the_pairs_labelled_before(user_module, tmp_path):
+    from rlhf_bilevel.commands.train import train
     from rlhf_bilevel.recipe import load_recipe
-    from rlhf_bilevel.train import train
 
     recipes = Path(__file__).parents[1] / "recipes"
     overrides = [f"oracle.kind=python:{user_module}:dies_after_five_calls", "oracle.retries=1", "oracle.backoff=0", "train.tensorboard=false"]

@@ -9,11 +9,12 @@ import pytest
 import torch
 from conftest import run_cli
 
+from rlhf_bilevel.commands.eval import curve_run, held_out_prompts, load_run
+from rlhf_bilevel.commands.train import train
 from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.evaluate import EvalConfig, held_out_prompts, load_run
+from rlhf_bilevel.evaluate import EvalConfig
 from rlhf_bilevel.labelling import make_labeller
-from rlhf_bilevel.overoptimisation import CurveConfig, best_of_n, best_of_n_kl, curve_run, evaluate_checkpoint
-from rlhf_bilevel.train import train
+from rlhf_bilevel.overoptimisation import CurveConfig, best_of_n, best_of_n_kl, evaluate_checkpoint
 from rlhf_bilevel.types import LAMBDA
 from test_train import RECIPES, tiny_recipe
 

@@ -7,7 +7,7 @@ import pytest
 from conftest import flat
 from rlhf_bilevel.steps import StepConfig
 from rlhf_bilevel.store import RewardFitConfig
-from rlhf_bilevel.theory import TheoryConfig
+from rlhf_bilevel.exact.lab import TheoryConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: conftest.one_thread says why
 

@@ -7,9 +7,9 @@ import pytest
 from peft import PeftModel
 
 from rlhf_bilevel import environment
+from rlhf_bilevel.commands.train import train
 from rlhf_bilevel.lm.model import ModelConfig, load_base, resolve
 from rlhf_bilevel.recipe import load_recipe
-from rlhf_bilevel.train import train
 from rlhf_bilevel.types import LAMBDA
 
 RECIPES = Path(__file__).parents[1] / "recipes"

@@ -5,9 +5,9 @@ import torch
 
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.checkpoint import load_checkpoint, save_checkpoint
+from rlhf_bilevel.exact.lab import TheoryConfig
 from rlhf_bilevel.steps import StepConfig
 from rlhf_bilevel.store import PreferenceStore, RewardFitConfig
-from rlhf_bilevel.theory import TheoryConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: conftest.one_thread says why
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from rlhf_bilevel import environment
+from rlhf_bilevel.commands.theory import run_lab
 from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.exact.lab import ConvergenceStudy, Lab, TheoryConfig, fit_slope
 from rlhf_bilevel.exact.testbed import TestbedConfig
-from rlhf_bilevel.theory import Lab, TheoryConfig, fit_slope, run_lab
 
 
 @pytest.fixture(scope="module")
@@ -19,9 +20,9 @@ def sweep(one_thread):
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     testbed = TestbedConfig(prompts=2, vocab=3, horizon=2, reward_hidden=0)
-    lab = Lab(TheoryConfig.quick(testbed=testbed, outer_steps=150, sigmas=(0.8, 0.2)), log=lambda line: None)
+    lab = Lab(TheoryConfig.quick(testbed=testbed, outer_steps=150, sigmas=(0.8, 0.2)))
     star = lab.phi_star()
-    yield star, lab.sigma_sweep(star["phi_star"])
+    yield star, ConvergenceStudy(lab).sigma_sweep(star["phi_star"])
     torch.set_default_dtype(previous)
 
 
@@ -57,7 +58,7 @@ def replay(one_thread):
     torch.set_default_dtype(torch.float64)
     testbed = TestbedConfig(prompts=2, vocab=3, horizon=2, reward_hidden=0)
     cfg = TheoryConfig.quick(testbed=testbed, outer_steps=24, replay_outer_steps=24, sampled_outer_steps=4)
-    lab = Lab(cfg, log=lambda line: None)
+    lab = Lab(cfg)
     phi_star = lab.phi_star()["phi_star"]
     yield {
         "theorem": lab.run(phi_star, True, cfg.outer_steps),

@@ -11,11 +11,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from rlhf_bilevel import environment, tracking
+from rlhf_bilevel.commands.train import build, resume, train
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER
 from rlhf_bilevel.recipe import load_recipe
 from rlhf_bilevel.run_folder import RunFolder
-from rlhf_bilevel.train import build, resume, train
 from rlhf_bilevel.types import ADAPTERS, LAMBDA
 
 RECIPES = Path(__file__).parents[1] / "recipes"

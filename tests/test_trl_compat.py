@@ -8,9 +8,9 @@ import torch
 from transformers import LlamaForSequenceClassification
 from trl import DPOConfig, DPOTrainer, RewardConfig, RewardTrainer
 
+from rlhf_bilevel.commands.train import train
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.recipe import load_recipe
-from rlhf_bilevel.train import train
 
 RECIPES = Path(__file__).parents[1] / "recipes"
 

@@ -108,7 +108,8 @@ class TokenReward(nn.Module):
         layer = None if cfg.layer == last else cfg.layer
         judged = None
         if cfg.judge.asks:
-            policy.judge, judged = Judge(policy, cfg.judge), policy.judged
+            policy.judge = Judge(policy.trunk, policy.tokenizer, policy.chat_template, cfg.judge)
+            judged = policy.judged
         if not cfg.lora:
             policy.reward_layer = layer
             return cls(policy.reward_features, policy.feature_dim, cfg, judged=judged)

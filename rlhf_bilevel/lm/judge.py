@@ -11,15 +11,14 @@ prior anchors it there, so labels correct the judge rather than replace it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
 
 from rlhf_bilevel.config import ConfigError
-
-if TYPE_CHECKING:
-    from rlhf_bilevel.lm.policy import LMPolicy
+from rlhf_bilevel.lm.trunk import Trunk
 
 
 @dataclass(frozen=True)
@@ -53,21 +52,22 @@ class JudgeConfig:
 
 
 class Judge:
-    """The log-odds of the base model answering `cfg.answers[0]` rather than `cfg.answers[1]` when
-    asked `cfg.question` about a response, in the policy's chat format."""
+    """The log-odds of the base model (`trunk` with its adapters off) answering `cfg.answers[0]`
+    rather than `cfg.answers[1]` when asked `cfg.question` about a response, in the chat format
+    where `chat_template`. `tokenizer` pads on the left: the answer follows each prompt's end."""
 
-    def __init__(self, policy: LMPolicy, cfg: JudgeConfig):
-        self.policy, self.cfg = policy, cfg
-        tokens = [policy.tokenizer.encode(answer, add_special_tokens=False) for answer in cfg.answers]
+    def __init__(self, trunk: Trunk, tokenizer: PreTrainedTokenizerBase, chat_template: bool, cfg: JudgeConfig):
+        self.trunk, self.tokenizer, self.chat_template, self.cfg = trunk, tokenizer, chat_template, cfg
+        tokens = [tokenizer.encode(answer, add_special_tokens=False) for answer in cfg.answers]
         if any(not t for t in tokens) or tokens[0][0] == tokens[1][0]:
             raise ConfigError(f"reward.judge.answers: {list(cfg.answers)} must begin with different tokens of the model's vocabulary")
         self.answer_tokens = torch.tensor([tokens[0][0], tokens[1][0]])
 
     def prompts(self, responses: Sequence[str]) -> list[str]:
         asked = [f"{self.cfg.question}\n\n{response}" for response in responses]
-        if not self.policy.chat_template:
+        if not self.chat_template:
             return [f"{question}\n{self.cfg.answer_prefix}" for question in asked]
-        template = self.policy.tokenizer.apply_chat_template
+        template = self.tokenizer.apply_chat_template
         return [
             template([{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True) + self.cfg.answer_prefix
             for question in asked
@@ -76,13 +76,11 @@ class Judge:
     @torch.no_grad()
     def log_odds(self, responses: Sequence[str]) -> Tensor:
         """[N] log P(answers[0]) − log P(answers[1]) of the base's next token after each judge prompt."""
-        policy = self.policy
-        batch = policy.tokenizer(
-            self.prompts(responses), return_tensors="pt", padding=True, add_special_tokens=not policy.chat_template
-        )
-        with policy.adapter(None):
-            hidden = policy.trunk(batch["input_ids"].to(policy.device), batch["attention_mask"].to(policy.device))[:, -1]
-            with policy.trunk.autocast():
-                logits = policy.head(hidden).float()
+        trunk = self.trunk
+        batch = self.tokenizer(self.prompts(responses), return_tensors="pt", padding=True, add_special_tokens=not self.chat_template)
+        with trunk.adapter(None):
+            hidden = trunk(batch["input_ids"].to(trunk.device), batch["attention_mask"].to(trunk.device))[:, -1]
+            with trunk.autocast():
+                logits = trunk.head(hidden).float()
         chosen = logits.log_softmax(-1)[:, self.answer_tokens.to(logits.device)]
         return chosen[:, 0] - chosen[:, 1]

@@ -50,9 +50,10 @@ from typing import TYPE_CHECKING, Sequence, TextIO
 import torch
 
 from rlhf_bilevel.checkpoint import checkpoints
+from rlhf_bilevel.commands.eval import held_out_prompts, load_policy, load_run
 from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.environment import available_cores
-from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, gold_score, held_out_prompts, load_policy, load_run
+from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, gold_score
 from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.preflight import check_output_dir
 from rlhf_bilevel.report import plain, write_eval
@@ -231,7 +232,7 @@ class Comparison:
 
     def train_and_evaluate(self, method: str, seed: int, setting: str | None) -> dict:
         from rlhf_bilevel.online_dpo import train_online_dpo
-        from rlhf_bilevel.train import train
+        from rlhf_bilevel.commands.train import train
 
         recipe = self.recipe(seed, method, setting)
         labeller = make_labeller(recipe.oracle, seed)

@@ -48,16 +48,16 @@ from transformers import GenerationConfig
 from rlhf_bilevel.allocator import heap_reuse, return_freed_memory
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.collectives import World
+from rlhf_bilevel.commands.train import build
 from rlhf_bilevel.distributed import resolve_device
 from rlhf_bilevel.environment import quiet_libraries
 from rlhf_bilevel.lm.model import DTYPES, adapter_settings, load_base, native_bf16, resolve, resolve_dtype
 from rlhf_bilevel.online_dpo import rendered, single_adapter, train_online_dpo
 from rlhf_bilevel.prompts import load_prompts
 from rlhf_bilevel.recipe import Recipe, load_recipe
-from rlhf_bilevel.train import build
 from rlhf_bilevel.trainer import Trainer
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPE = RECIPES / "smollm2-sentiment.yaml"
 QUICK_RECIPE = RECIPES / "tiny-debug.yaml"
 SETTINGS = ["rollout.max_new_tokens=32", "adapters.r=16", "adapters.alpha=32", "adapters.target_modules=[all-linear]"]
@@ -290,7 +290,7 @@ Runner = Callable[..., dict[str, dict]]  # `worker`'s arguments
 def run_worker(config: str, recipe_path: Path, overrides: list[str], repeats: int, warmup: int, threads: int | None = None) -> dict[str, dict]:
     """`worker` in a fresh interpreter, so that its peak memory is its own."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, "-m", "rlhf_bilevel.bench", "--worker", config, "--recipe", str(recipe_path),
+        command = [sys.executable, "-m", "rlhf_bilevel.commands.bench", "--worker", config, "--recipe", str(recipe_path),
                    "--repeats", str(repeats), "--warmup", str(warmup), "--result", out.name]
         command += ["--threads", str(threads)] if threads else []
         command += [arg for override in overrides for arg in ("--set", override)]

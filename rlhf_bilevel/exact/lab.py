@@ -1,7 +1,7 @@
 """The convergence lab: Algorithm 1 on the exact testbed, measured against Φ* (Theorem 1).
 
-Writes `theory.json` and `theory.png`: (Φ* − Φ_t)² against t for exact and sampled
-gradients with fitted slopes; against σ, the gap the algorithm reached next to the gap of
+Its experiments (`ConvergenceStudy`; `rlhf-bilevel theory` writes them to `theory.json` and
+`theory.png`): (Φ* − Φ_t)² against t for exact and sampled gradients with fitted slopes; against σ, the gap the algorithm reached next to the gap of
 argmin L_σ itself (the bias it converges to, Theorem 1's σ term); against B, the floor of
 sampled runs (its 1/B term); the alternating and printed-pseudo-code runs beside them; and
 the practical φ update (docs/algorithm.md, "Deviations from Algorithm 1"): the preference store
@@ -18,12 +18,10 @@ the same for every σ.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -32,7 +30,6 @@ from rlhf_bilevel import estimators as est
 from rlhf_bilevel.bilevel import Bilevel
 from rlhf_bilevel.config import BilevelConfig, ConfigError, positive
 from rlhf_bilevel.critic import CriticConfig
-from rlhf_bilevel.environment import default_dtype, threads
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.exact.models import ExactReward
 from rlhf_bilevel.exact.testbed import Testbed, TestbedConfig
@@ -165,9 +162,10 @@ def summarise(gap: list[float], window: float) -> dict:
 
 
 class Lab:
-    def __init__(self, cfg: TheoryConfig, log: Callable[[str], None] = print):
+    """The exact testbed, Φ and Φ* on it, and one run of Algorithm 1 measured against Φ*."""
+
+    def __init__(self, cfg: TheoryConfig):
         self.cfg = cfg
-        self.log = log
         self.testbed = Testbed(cfg.testbed, beta=cfg.beta, gamma=cfg.gamma, loss="bt_nll")
         self.problem = self.testbed.problem
 
@@ -245,6 +243,15 @@ class Lab:
         error = norm([a - b for a, b in zip(replayed, fresh)]) / norm(fresh)
         return {"relative_error": error.item(), "cosine": est.cosine(replayed, fresh)}
 
+
+class ConvergenceStudy:
+    """Every experiment of the lab, each a set of `Lab` runs: the theorem's update with exact and
+    sampled gradients, the alternating and printed-pseudo-code runs, the practical φ update against
+    the theorem's, and the σ and B sweeps."""
+
+    def __init__(self, lab: Lab, log: Callable[[str], None] = print):
+        self.lab, self.cfg, self.log = lab, lab.cfg, log
+
     def practical(self, phi_star: float, theorem: dict, theorem_sampled: dict) -> tuple[dict, dict]:
         """The practical φ update's runs (`TheoryConfig.replay_fit`), and its figures against the
         theorem's update (`theorem`, `theorem_sampled`: the `exact` and `sampled` runs) over the same
@@ -252,9 +259,9 @@ class Lab:
         cfg = self.cfg
         T = cfg.replay_outer_steps
         runs = {
-            "exact_replay": self.run(phi_star, True, T, probe=self.store_bias, reward_fit=cfg.replay_fit(1, exact=True)),
-            "exact_replay_steps": self.run(phi_star, True, T, reward_fit=cfg.replay_fit(cfg.replay_steps, exact=True)),
-            "sampled_replay": self.run(
+            "exact_replay": self.lab.run(phi_star, True, T, probe=self.lab.store_bias, reward_fit=cfg.replay_fit(1, exact=True)),
+            "exact_replay_steps": self.lab.run(phi_star, True, T, reward_fit=cfg.replay_fit(cfg.replay_steps, exact=True)),
+            "sampled_replay": self.lab.run(
                 phi_star, False, cfg.sampled_outer_steps, labels="sample", reward_fit=cfg.replay_fit(cfg.replay_steps, exact=False)
             ),
         }
@@ -280,8 +287,8 @@ class Lab:
 
     def sigma_sweep(self, phi_star: float) -> dict:
         cfg = self.cfg
-        runs = [self.run(phi_star, True, cfg.outer_steps, sigma=s) for s in cfg.sigmas]
-        bias = [self.bias(phi_star, s) for s in cfg.sigmas]
+        runs = [self.lab.run(phi_star, True, cfg.outer_steps, sigma=s) for s in cfg.sigmas]
+        bias = [self.lab.bias(phi_star, s) for s in cfg.sigmas]
         reached = [r["median_gap"] for r in runs]
         return {
             "sigma": list(cfg.sigmas),
@@ -295,18 +302,29 @@ class Lab:
             "oracle_pairs": [r["oracle_pairs"] for r in runs],
         }
 
-    def all(self) -> dict:
+    def batch_sweep(self, phi_star: float) -> dict:
         cfg = self.cfg
-        star = self.phi_star()
+        runs = [self.lab.run(phi_star, False, cfg.sampled_outer_steps, labels="sample", pairs_per_step=b) for b in cfg.batch_sizes]
+        return {
+            "B": list(cfg.batch_sizes),
+            "floor": [r["floor"] for r in runs],  # max (Φ* − Φ_t)² over the last window of a sampled run
+            "oracle_pairs": [r["oracle_pairs"] for r in runs],
+            "slope": fit_slope(list(cfg.batch_sizes), [r["floor"] for r in runs]),
+        }
+
+    def all(self) -> dict:
+        """Every experiment, as theory.json holds them; Φ* first: the σ sweep's exact bias starts from its minimiser."""
+        cfg = self.cfg
+        star = self.lab.phi_star()
         phi_star = star["phi_star"]
         self.log(f"Φ* = {phi_star:.6f} ({star['reached']}/{cfg.starts} starts reached it; ρ = {cfg.reward_decay:g})")
         runs = {}
-        runs["exact"] = self.run(phi_star, True, cfg.outer_steps)
+        runs["exact"] = self.lab.run(phi_star, True, cfg.outer_steps)
         self.log(f"exact gradients: slope {runs['exact']['slope']:.2f}, floor {runs['exact']['floor']:.2e}")
-        runs["sampled"] = self.run(phi_star, False, cfg.sampled_outer_steps, labels="sample")
+        runs["sampled"] = self.lab.run(phi_star, False, cfg.sampled_outer_steps, labels="sample")
         self.log(f"sampled gradients: slope {runs['sampled']['slope']:.2f}, floor {runs['sampled']['floor']:.2e}")
-        runs["alternating"] = self.run(phi_star, True, cfg.outer_steps, method="alternating")
-        runs["printed"] = self.run(phi_star, True, cfg.outer_steps, pseudocode="printed")
+        runs["alternating"] = self.lab.run(phi_star, True, cfg.outer_steps, method="alternating")
+        runs["printed"] = self.lab.run(phi_star, True, cfg.outer_steps, pseudocode="printed")
         self.log(f"alternating floor {runs['alternating']['floor']:.2e}, printed pseudo-code floor {runs['printed']['floor']:.2e}")
         practical, replay = self.practical(phi_star, runs["exact"], runs["sampled"])
         runs.update(practical)
@@ -322,15 +340,7 @@ class Lab:
             f"σ sweep: |Φ_T − Φ*| ∝ σ^{sigma_sweep['slope']:.2f} (reached), "
             f"Φ(argmin L_σ) − Φ* ∝ σ^{sigma_sweep['bias_slope']:.2f} (exact bias)"
         )
-        batch_runs = [
-            self.run(phi_star, False, cfg.sampled_outer_steps, labels="sample", pairs_per_step=b) for b in cfg.batch_sizes
-        ]
-        batch_sweep = {
-            "B": list(cfg.batch_sizes),
-            "floor": [r["floor"] for r in batch_runs],
-            "oracle_pairs": [r["oracle_pairs"] for r in batch_runs],
-            "slope": fit_slope(list(cfg.batch_sizes), [r["floor"] for r in batch_runs]),
-        }
+        batch_sweep = self.batch_sweep(phi_star)
         self.log(f"B sweep: floor ∝ B^{batch_sweep['slope']:.2f}")
         return {
             "config": dataclasses.asdict(cfg),
@@ -344,51 +354,3 @@ class Lab:
             "replay_bias": replay,
             "oracle_pairs": {name: run["oracle_pairs"] for name, run in runs.items()},
         }
-
-
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
-    ax = axes[0]
-    for name, run in result["runs"].items():
-        t = range(1, len(run["gap_sq"]) + 1)
-        ax.loglog(t, [max(g, 1e-30) for g in run["gap_sq"]], label=f"{name} (slope {run['slope']:.2f})")
-    ax.set(xlabel="outer iteration t", ylabel="(Φ* − Φ_t)²", title="Convergence of Algorithm 1")
-    ax.legend(fontsize=8)
-    sweep = result["sigma"]
-    ax = axes[1]
-    ax.loglog(sweep["sigma"], sweep["gap"], "o-", label=f"Algorithm 1, median of last window (slope {sweep['slope']:.2f})")
-    ax.loglog(sweep["sigma"], [max(abs(b), 1e-30) for b in sweep["bias"]], "s--", label=f"argmin L_σ, exact (slope {sweep['bias_slope']:.2f})")
-    ax.set(xlabel="σ", ylabel="|Φ_T − Φ*|", title="The σ floor")
-    ax.legend(fontsize=8)
-    sweep = result["B"]
-    ax = axes[2]
-    ax.loglog(sweep["B"], sweep["floor"], "o-", label=f"slope {sweep['slope']:.2f}")
-    ax.set(xlabel="B (pairs per step)", ylabel="floor of (Φ* − Φ_t)²", title="Floor against B (sampled)")
-    ax.legend(fontsize=8)
-    bias = result["replay_bias"]
-    ax = axes[3]
-    t = range(1, len(bias["relative_error"]) + 1)
-    ax.semilogy(t, bias["relative_error"], label="‖d_t(store) − d_t(fresh)‖ / ‖d_t(fresh)‖")
-    ax.semilogy(t, [max(1 - c, 1e-16) for c in bias["cosine"]], label="1 − cosine")
-    ax.set(xlabel="outer iteration t", title="exact_replay: the replayed d_t against fresh pairs'")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run_lab(cfg: TheoryConfig, out: Path, log: Callable[[str], None] = print) -> dict:
-    """Runs every experiment and writes theory.json and theory.png under `out`. The caller's default
-    dtype and thread count are back when it returns."""
-    # gaps reach 1e-10, where float32 would be the floor; tensors this small only pay for thread hand-offs
-    with default_dtype(torch.float64), threads(1):
-        result = Lab(cfg, log).all()
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "theory.json").write_text(json.dumps(result, indent=1))
-    plot(result, out / "theory.png")
-    return result
