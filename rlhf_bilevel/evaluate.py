@@ -32,7 +32,7 @@ from torch import Tensor
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.config import ConfigError, positive
-from rlhf_bilevel.labelling import Labeller, both_orders
+from rlhf_bilevel.labelling import Labeller
 from rlhf_bilevel.sampling import consecutive_pairs
 from rlhf_bilevel.types import LAMBDA, Rollout
 
@@ -189,11 +189,10 @@ def evaluate(
                 rollout = answered.rollout
                 margins[name] = world.cat(est.pair_margins(reward.token_rewards(rollout), consecutive_pairs(rollout)))
     wins = None
-    if cfg.win_rate:  # every process asks: the labeller hands the main one's verdicts to all
-        wins = both_orders(
-            labeller.evaluation_labels(repeated, ours.responses, ref.responses).double(),
-            labeller.evaluation_labels(repeated, ref.responses, ours.responses).double(),
-        )
+    if cfg.win_rate:
+        # every process asks: the labeller hands the main one's verdicts to all, and asks a positional
+        # judge both ways round itself
+        wins = labeller.evaluation_labels(repeated, ours.responses, ref.responses).double()
     if not world.is_main:
         return {}
     rng = np.random.default_rng(cfg.seed)

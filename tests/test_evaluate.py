@@ -13,6 +13,7 @@ from conftest import run_cli
 from rlhf_bilevel.commands.train import train
 from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate
 from rlhf_bilevel.labelling import Labeller, both_orders
+from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.oracles import oracle_config
 from rlhf_bilevel.oracles.rules import length_oracle
 from rlhf_bilevel.types import LAMBDA, AdapterSwitch, Rollout
@@ -111,8 +112,32 @@ def test_evaluate_by_hand_with_a_scripted_policy(samples):
     # the reward model orders the policy's pairs as the oracle does; the reference's pairs are all ties
     assert result["agreement"]["policy"].mean == 1.0 and result["agreement"]["reference"].n == 0
     assert result["agreement"]["policy"].n == 3 * samples and result["win_rate"].n == 3  # pairs; the unit stays the prompt
-    # 3 prompts: 2 responses × 2 orders for the win rate, one pair each for agreement on both sides, per sample
-    assert result["oracle_pairs"] == (3 * 4 + 3 * 2) * samples
+    # 3 prompts: 2 responses against the reference for the win rate, one pair each for agreement on both sides, per sample
+    assert result["oracle_pairs"] == (3 * 2 + 3 * 2) * samples  # win rate, then agreement: 2 pairs a prompt each
+
+
+class FirstShownJudge:
+    """A positional judge: P(longer ≻ shorter) = 0.9, a tie ½, plus `bias` for the response it reads
+    first; it counts the comparisons it is asked."""
+
+    name, offers, positional = "first-shown", Offers.COMPARISON, True
+
+    def __init__(self, bias: float):
+        self.bias, self.asked = bias, 0
+
+    def compare(self, prompts, first, second):
+        self.asked += len(prompts)
+        return torch.tensor([0.5 + 0.4 * ((len(a) > len(b)) - (len(a) < len(b))) + self.bias for a, b in zip(first, second)])
+
+
+def test_a_positional_judge_is_asked_each_pair_once_both_ways_and_its_bias_cancels():
+    policy = ScriptedPolicy({LAMBDA: ["a b c d", "a"], None: ["a", "a"]})
+    judge = FirstShownJudge(bias=0.07)
+    result = evaluate(policy, Labeller(judge), ["p1", "p2", "p3"], EvalConfig(resamples=200))
+    # each response of the policy against the reference's: long ≻ short (0.9), and a tie (½); asked one
+    # way only, the bias would give (0.97 + 0.57)/2
+    assert result["win_rate"].mean == pytest.approx((0.9 + 0.5) / 2)
+    assert judge.asked == 2 * result["oracle_pairs"] == 2 * 3 * 2
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +153,7 @@ def test_eval_command_writes_json_report_and_plot(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "win rate vs reference" in result.stdout
     report = json.loads((out / "eval.json").read_text())
-    assert report["prompts"] == 6 and report["oracle_pairs"] == (6 * 4 + 6 * 2) * 2
+    assert report["prompts"] == 6 and report["oracle_pairs"] == (6 * 2 + 6 * 2) * 2
     assert 0 <= report["win_rate"]["low"] <= report["win_rate"]["mean"] <= report["win_rate"]["high"] <= 1
     assert set(report["agreement"]) == {"policy", "reference"} and set(report["gold"]) == {"policy", "reference"}
     assert (out / "training.png").stat().st_size > 0
