@@ -6,6 +6,7 @@ weighted, on the last token alone.
 """
 
 import dataclasses
+import statistics
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import perturb
 from rlhf_bilevel.config import ConfigError
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.lm.heads import RewardConfig, TokenReward
-from rlhf_bilevel.lm.judge import Judge, JudgeConfig
+from rlhf_bilevel.lm.judge import NEUTRAL_WORDS, Judge, JudgeConfig
 from rlhf_bilevel.lm.model import AdapterConfig, ModelConfig, load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy, RolloutConfig
 from rlhf_bilevel.recipe import parse_recipe, recipe_dict
@@ -53,6 +54,33 @@ def test_the_log_odds_are_the_base_models_next_token_after_the_question(policy):
         by_hand.append(logp[lovely] - logp[horrible])
     with policy.adapter(LAMBDA):  # whatever adapter is active, the judge is the base
         torch.testing.assert_close(judge.log_odds(responses), torch.stack(by_hand), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.01])  # on the tiny model, 0.01 drops "the" and "a" and keeps the rest
+def test_with_words_each_word_that_stands_out_adds_its_own_log_odds(policy, margin):
+    """j(τ) = judge(τ) + Σ_w [s(w) − s₀ where |s(w) − s₀| > margin]: s asked of each word alone, s₀ the
+    neutral words' median; words are letters, counted with repeats, whatever their case."""
+    judge = Judge(policy.trunk, policy.tokenizer, policy.chat_template, dataclasses.replace(JUDGE, words=True, word_margin=margin))
+    responses = ["the dog, the DOG!", "a good day 42", "..."]
+    typical = statistics.median(judge.ask(NEUTRAL_WORDS).tolist())
+    def stands_out(word):
+        deviation = judge.ask([word]).item() - typical
+        return deviation if abs(deviation) > margin else 0.0
+    by_hand = torch.tensor([2 * stands_out("the") + 2 * stands_out("dog"), stands_out("a") + stands_out("good") + stands_out("day"), 0.0])
+    assert (by_hand != 0).sum() >= 2  # the check is not of zeros
+    torch.testing.assert_close(judge.log_odds(responses), judge.ask(responses) + by_hand, atol=1e-5, rtol=1e-4)
+
+
+def test_with_words_each_distinct_word_is_asked_once(policy):
+    judge = Judge(policy.trunk, policy.tokenizer, policy.chat_template, dataclasses.replace(JUDGE, words=True))
+    asked = []
+    ask = judge.ask
+    judge.ask = lambda texts: asked.extend(texts) or ask(texts)
+    first = judge.word_evidence(["the dog the", "a dog"])
+    assert sorted(asked) == sorted(NEUTRAL_WORDS + ["the", "dog", "a"])
+    asked.clear()
+    again = judge.word_evidence(["a dog", "my cat"])
+    assert asked == ["cat", "my"] and again[0] == first[1]
 
 
 def test_sampling_keeps_the_log_odds_with_each_rollout_and_its_rows(policy):
@@ -99,6 +127,7 @@ def test_a_judge_whose_answers_begin_alike_is_a_config_error(policy):
         ("reward.judge={question: ' '}", "reward.judge.question: ask the judge something"),
         ("reward.judge={question: ok, answers: [maybe]}", "reward.judge.answers: two non-empty answers"),
         ("reward.judge={question: ok, scale: -1}", "reward.judge.scale: must be ≥ 0"),
+        ("reward.judge={question: ok, words: true, word_margin: -0.1}", "reward.judge.word_margin: must be ≥ 0"),
         ("reward.judge={question: ok, tone: 1}", "reward.judge.tone: unknown key"),
     ],
 )
