@@ -107,6 +107,14 @@ def bootstrap(values: Tensor, resamples: int, confidence: float, rng: np.random.
     return Estimate(mean, float(interval.low), float(interval.high), n)
 
 
+def pooled(values: Tensor, unit: Tensor, units: int, resamples: int, confidence: float, rng: np.random.Generator) -> Estimate:
+    """The mean of `values` [n], observation i made on unit `unit[i]` of `units` (a prompt, whose pairs
+    are not independent), with the `bootstrap` interval that resamples whole units."""
+    unit = unit.cpu()
+    sums = torch.zeros(units, dtype=torch.double).index_add_(0, unit, values.double().cpu())
+    return bootstrap(sums, resamples, confidence, rng, counts=torch.bincount(unit, minlength=units))
+
+
 def per_prompt(values: Tensor, groups: int) -> Tensor:
     """Means of consecutive equal-size groups: the rows of one prompt count as one bootstrap unit."""
     return values.reshape(groups, -1).mean(-1)
@@ -214,9 +222,8 @@ def evaluate(
         for name, answered in everyone.items():
             # the agreements of a prompt's pairs summed, over as many pairs as the oracle decided there
             prompt = prompt_of_pair[decided(answered.prob)]
-            hits = agreement(margins[name].double(), answered.prob).cpu()
-            hits = torch.zeros(n, dtype=torch.double, device="cpu").index_add_(0, prompt, hits)
-            result["agreement"][name] = interval(hits, torch.bincount(prompt, minlength=n))
+            hits = agreement(margins[name].double(), answered.prob)
+            result["agreement"][name] = pooled(hits, prompt, n, cfg.resamples, cfg.confidence, rng)
         result["agreement_shift"] = result["agreement"]["policy"].mean - result["agreement"]["reference"].mean
     result["oracle_pairs"] = labeller.counts.evaluation - asked
     result["examples"] = [

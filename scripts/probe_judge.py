@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf_bilevel.evaluate import agreement, bootstrap, decided as decided_by
+from rlhf_bilevel.evaluate import agreement, decided as decided_by, pooled
 from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.lm.heads import TokenReward
 from rlhf_bilevel.lm.model import load_base, with_adapters
@@ -57,9 +57,7 @@ def main() -> None:
     unit = torch.tensor([prompts.index(p) for p in prompts_of])
     decided = decided_by(prob)
     hits = agreement(margin.double(), prob)  # on the pairs the oracle decided
-    sums = torch.zeros(len(prompts), dtype=hits.dtype).index_add_(0, unit[decided], hits)
-    counts = torch.zeros(len(prompts), dtype=hits.dtype).index_add_(0, unit[decided], torch.ones_like(hits))
-    estimate = bootstrap(sums, 2000, 0.95, np.random.default_rng(0), counts=counts)
+    estimate = pooled(hits, unit[decided], len(prompts), 2000, 0.95, np.random.default_rng(0))
     judge = recipe.reward.judge
     words = f", words beyond {judge.word_margin}" if judge.words else ""
     print(f"judge: {judge.question!r} → {judge.answer_prefix!r} {list(judge.answers)}{words}")

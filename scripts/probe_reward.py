@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from rlhf_bilevel import estimators as est
-from rlhf_bilevel.evaluate import agreement, bootstrap
+from rlhf_bilevel.evaluate import agreement, pooled
 from rlhf_bilevel.lm.heads import RewardConfig, TokenReward
 from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
@@ -222,9 +222,7 @@ def interval(values: Tensor, prompts: list[str], signed: bool = False) -> str:
     decided = ~per_pair.isnan()
     units = sorted(set(prompts))
     unit = torch.tensor([units.index(p) for p in prompts])[decided]
-    sums = torch.zeros(len(units)).index_add_(0, unit, per_pair[decided])
-    counts = torch.zeros(len(units)).index_add_(0, unit, torch.ones(len(unit)))
-    estimate = bootstrap(sums, 2000, 0.95, np.random.default_rng(0), counts=counts)
+    estimate = pooled(per_pair[decided], unit, len(units), 2000, 0.95, np.random.default_rng(0))
     return f"{estimate.mean:{'+' if signed else ''}.3f} [{estimate.low:.2f}, {estimate.high:.2f}]"
 
 

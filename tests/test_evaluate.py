@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 
 from rlhf_bilevel.commands.train import train
-from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate
+from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate, pooled
 from rlhf_bilevel.labelling import Labeller, both_orders
 from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.oracles import oracle_config
@@ -215,3 +215,11 @@ def test_eval_of_the_last_checkpoint_reproduces_what_the_run_logged(tiny_run):
     assert result["agreement"]["policy"].mean == pytest.approx(last["eval/agreement"], abs=1e-6)
     assert result["agreement"]["reference"].mean == pytest.approx(last["eval/agreement_reference"], abs=1e-6)
     assert "win_rate" not in result and result["oracle_pairs"] == 2 * recipe.train.eval_pairs
+
+
+def test_pooled_weighs_each_observation_and_resamples_whole_prompts():
+    """Three hits on prompt 0 and a miss on prompt 1 pool to 3/4, not to the prompts' mean 1/2; a
+    resample holds whole prompts, so its means are 1, 3/4 or 0 and the interval spans [0, 1]."""
+    estimate = pooled(torch.tensor([1.0, 1.0, 1.0, 0.0]), torch.tensor([0, 0, 0, 1]), 2, 2000, 0.95, np.random.default_rng(0))
+    assert estimate.mean == pytest.approx(0.75) and estimate.n == 4
+    assert estimate.low == pytest.approx(0.0) and estimate.high == pytest.approx(1.0)
