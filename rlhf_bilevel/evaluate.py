@@ -111,7 +111,7 @@ def pooled(values: Tensor, unit: Tensor, units: int, resamples: int, confidence:
     """The mean of `values` [n], observation i made on unit `unit[i]` of `units` (a prompt, whose pairs
     are not independent), with the `bootstrap` interval that resamples whole units."""
     unit = unit.cpu()
-    sums = torch.zeros(units, dtype=torch.double).index_add_(0, unit, values.double().cpu())
+    sums = torch.zeros(units, dtype=torch.double, device="cpu").index_add_(0, unit, values.double().cpu())
     return bootstrap(sums, resamples, confidence, rng, counts=torch.bincount(unit, minlength=units))
 
 

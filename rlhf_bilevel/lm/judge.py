@@ -144,7 +144,7 @@ class Judge:
             n, length = len(texts), self.start_states[0][0].shape[-2]
             past = PrefixCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self.start_states])
             # the padding of the shorter rests lies between the start and the rest: masked, and not counted in positions
-            mask = torch.cat([torch.ones(n, length, dtype=torch.long), rest["attention_mask"]], 1).to(device)
+            mask = torch.cat([torch.ones(n, length, dtype=torch.long, device=device), rest["attention_mask"].to(device)], 1)
             hidden = trunk(rest["input_ids"].to(device), mask, past=past)[:, -1]
             with trunk.autocast():
                 # the two answers' logits alone: their difference is the log-odds, the softmax's normaliser cancelling
