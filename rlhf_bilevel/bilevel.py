@@ -96,7 +96,9 @@ class Bilevel:
         """Step k of the inner loop; its metrics come from the rollouts it drew anyway."""
         cfg = self.cfg
         self.on_phase("lambda_step")
-        rollout = self.source.rollouts(LAMBDA, cfg.trajectories_per_step)
+        g = cfg.responses_per_prompt
+        n = cfg.trajectories_per_step
+        rollout = self.source.groups(LAMBDA, n // g, g) if g > 1 else self.source.rollouts(LAMBDA, n)
         self.drawn[LAMBDA].append(rollout)
         d_k, metrics = self.ascent.direction(LAMBDA, rollout)
         metrics["lower/d_norm"] = self.ascent.step(LAMBDA, self.world.mean(d_k))

@@ -85,6 +85,9 @@ class BilevelConfig:
     trajectories_per_step: int = field(
         default=8, metadata={"help": "n, trajectories of π_λ per inner step, for the critic and eq. 12 (> 0)"}
     )
+    responses_per_prompt: int = field(
+        default=1, metadata={"help": "g: λ's n trajectories answer n/g prompts, g responses each (n a multiple of g; > 0)"}
+    )
     gamma: float = field(default=1.0, metadata={"help": "discount γ, in (0, 1]"})
     beta: float = field(default=0.1, metadata={"help": "KL weight β of eq. 2 (≥ 0)"})
     upper_loss: Literal["bt_nll", "disagreement"] = field(
@@ -121,7 +124,19 @@ class BilevelConfig:
     critic: CriticConfig = field(default_factory=CriticConfig, metadata={"help": "the critic Q of Algorithm 2"})
 
     def __post_init__(self) -> None:
-        positive(self, "sigma", "outer_steps", "inner_steps", "pairs_per_step", "trajectories_per_step")
+        positive(self, "sigma", "outer_steps", "inner_steps", "pairs_per_step", "trajectories_per_step", "responses_per_prompt")
+        if self.trajectories_per_step % self.responses_per_prompt:
+            raise ConfigError(
+                f"responses_per_prompt: {self.responses_per_prompt} responses per prompt do not divide "
+                f"trajectories_per_step={self.trajectories_per_step}; use a divisor of it"
+            )
+        # λ′'s pairs answer their prompts twice whatever this says, but λ's rows would each be alone
+        # and fall back to the batch's baseline: an mc run under another name
+        if self.critic.kind == "rloo" and self.responses_per_prompt < 2:
+            raise ConfigError(
+                "critic.kind: rloo baselines each response against the others to its prompt, and λ draws one per prompt; "
+                "set bilevel.responses_per_prompt=4"
+            )
         if self.micro_batch is not None:
             positive(self, "micro_batch")
         if not 0 < self.gamma <= 1:

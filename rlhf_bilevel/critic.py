@@ -1,6 +1,7 @@
 """The critics of eq. 12. `TDCritic` is Algorithm 2: Q_θ ≈ Q^π_φ by TD(0), with a target
 network, experience replay, projection onto a ball around the initial weights, and iterate
-averaging. `MCCritic` uses Monte-Carlo returns with a leave-one-out baseline instead.
+averaging. `MCCritic` uses Monte-Carlo returns with a leave-one-out baseline instead, and
+`RLOOCritic` the same with the baseline taken over the other responses to the same prompt.
 
 The Q head maps a state's features to one value per action (the vocabulary), so the
 baseline V(s) = Σ_a π(a|s) Q(s, a) used by eq. 12 is exact rather than learned.
@@ -23,7 +24,11 @@ from rlhf_bilevel.types import TRANSITION_FIELDS, Rollout, Transitions
 
 @dataclass(frozen=True)
 class CriticConfig:
-    kind: Literal["td", "mc"] = field(default="td", metadata={"help": "td: Algorithm 2; mc: Monte-Carlo returns (no learned weights)"})
+    kind: Literal["td", "mc", "rloo"] = field(
+        default="td",
+        metadata={"help": "td: Algorithm 2; mc: Monte-Carlo returns (no learned weights) less the batch's; "
+                          "rloo: less those of the other responses to the same prompt (set bilevel.responses_per_prompt)"},
+    )
     hidden: int = field(default=64, metadata={"help": "the exact lab's Q head: width of its hidden layer, 0 for a linear one (a language model's Q reads its output embeddings instead)"})
     lr: float = field(default=0.05, metadata={"help": "β′, the TD step size (> 0)"})
     optimizer: str = field(default="adam", metadata={"help": "adam or sgd: sgd is the paper's plain step; adam converges in fewer steps"})
@@ -247,3 +252,28 @@ class MCCritic:
     def state_dict(self) -> dict:
         return {}
 
+
+class RLOOCritic(MCCritic):
+    """Monte-Carlo returns minus the mean return of the other responses to the same prompt (REINFORCE
+    leave-one-out, RLOO): A_h = G_h − mean of G_h over the prompt's other trajectories still running at h.
+
+    Responses to one prompt share what the prompt alone decides about their reward (some prompts
+    invite warmer words than others); MCCritic's baseline, over the whole batch, leaves that in every
+    advantage as noise. Still unbiased: the other responses are drawn independently of this one. A
+    trajectory with no other response to its prompt running at h (on this process) is baselined
+    against the batch's, as MCCritic does.
+    """
+
+    def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
+        batch = super().advantages(rollout, shaped, log_probs)  # every process takes part in its sums
+        to_go = est.rewards_to_go(rollout, shaped, self.gamma)
+        alive = rollout.mask
+        others = same_prompt(rollout.prompts, alive.device)
+        running = others @ alive
+        baseline = (others @ (to_go * alive)) / running.clamp(min=1)
+        return torch.where(running > 0, ((to_go - baseline) * alive).detach(), batch)
+
+
+def same_prompt(prompts: list, device: torch.device | str) -> Tensor:
+    """[N, N] 1 where rows i ≠ j answer the same prompt, else 0."""
+    return torch.tensor([[float(i != j and a == b) for j, b in enumerate(prompts)] for i, a in enumerate(prompts)], device=device)

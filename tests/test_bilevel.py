@@ -39,6 +39,13 @@ def test_common_random_numbers_cancel_the_penalty_when_lambda_prime_is_lambda(te
     assert (metrics["penalty/gap"] == 0) == crn, metrics["penalty/gap"]
 
 
+def test_lambda_draws_responses_per_prompt_in_groups(testbed):
+    algorithm = testbed.algorithm(config(responses_per_prompt=2), testbed.reward(seed=3), exact=False)
+    algorithm.inner_step(0)
+    (rollout,) = algorithm.drawn[LAMBDA]
+    assert len(rollout) == 4 and rollout.prompts[0::2] == rollout.prompts[1::2]
+
+
 @pytest.mark.parametrize("method", ["bilevel", "alternating"])
 def test_oracle_budget_is_B_times_K_plus_one(testbed, method):
     cfg = config(method=method, labels="sample")

@@ -44,6 +44,14 @@ def test_exponent_floats_read_as_numbers_and_out_of_range_numbers_are_refused():
         build(BilevelConfig, {"sigma": "x" * 10_000})  # a quoted value is cut: the error stays one readable line
 
 
+def test_responses_per_prompt_divides_the_batch_and_rloo_needs_two():
+    assert build(BilevelConfig, {"trajectories_per_step": 8, "responses_per_prompt": 4, "critic": {"kind": "rloo"}}).responses_per_prompt == 4
+    with pytest.raises(ConfigError, match=r"^responses_per_prompt: 3 responses per prompt do not divide trajectories_per_step=8; use a divisor"):
+        build(BilevelConfig, {"trajectories_per_step": 8, "responses_per_prompt": 3})
+    with pytest.raises(ConfigError, match=r"^critic\.kind: rloo .* set bilevel\.responses_per_prompt=4$"):
+        build(BilevelConfig, {"critic": {"kind": "rloo"}})
+
+
 def test_a_partial_section_keeps_its_default_in_the_parent():
     """`policy_step: {lr: 0.2}` changes lr only: the rule stays the parent's Adam, not StepConfig's own default."""
     cfg = build(BilevelConfig, {"policy_step": {"lr": 0.2}, "critic": {"lr": 0.5}})

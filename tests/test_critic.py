@@ -6,10 +6,10 @@ import torch
 from conftest import perturb
 from rlhf_bilevel import estimators as est
 from rlhf_bilevel.checkpoint import load_checkpoint, save_checkpoint
-from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, TDCritic, project_to_ball
+from rlhf_bilevel.critic import CriticConfig, MCCritic, QHead, RLOOCritic, TDCritic, project_to_ball
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
-from rlhf_bilevel.types import LAMBDA
+from rlhf_bilevel.types import LAMBDA, Rollout
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: conftest.one_thread says why
 
@@ -57,6 +57,24 @@ def test_projection_onto_ball():
     inside = [torch.tensor([0.1, 0.0, 0.0]), torch.tensor([0.0, 0.1])]
     project_to_ball(inside, centre, radius=1.0)
     torch.testing.assert_close(inside[0], torch.tensor([0.1, 0.0, 0.0]))
+
+
+def test_rloo_baselines_each_response_against_the_others_to_its_prompt():
+    # prompts a, a, a, b: row 2 ends after one step; b's row has no other response to its prompt
+    mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    shaped = torch.tensor([[1.0, 2.0], [0.0, 4.0], [3.0, 0.0], [5.0, 1.0]])
+    zeros = torch.zeros(4, 2)
+    rollout = Rollout(["a", "a", "a", "b"], [None] * 4, torch.zeros(4, 2, dtype=torch.long), mask, zeros, zeros, torch.full((4,), 0.25))
+    # rewards to go (γ = 1): a: (3, 2), (4, 4), (3, 0); b: (6, 1)
+    expected = torch.tensor([
+        [3 - (4 + 3) / 2, 2 - 4],  # at h = 1 the prompt's only other response still running is row 1
+        [4 - (3 + 3) / 2, 4 - 2],
+        [3 - (3 + 4) / 2, 0],
+        # alone: the batch's leave-one-out baseline, as MCCritic's
+        [6 - (3 + 4 + 3) / 3, 1 - (2 + 4) / 2],
+    ])
+    torch.testing.assert_close(RLOOCritic(1.0).advantages(rollout, shaped, None), expected)
+    torch.testing.assert_close(MCCritic(1.0).advantages(rollout, shaped, None)[3], expected[3])
 
 
 def test_transitions_stop_at_eos(testbed):

@@ -246,6 +246,10 @@ def test_batches_that_do_not_split_evenly_are_refused_naming_the_field():
         check_shards(recipe, ProcessGroup(0, 3))
     with pytest.raises(ConfigError, match=r"^bilevel\.critic\.batch_size: 9 "):
         check_shards(load_recipe(TINY, ["bilevel.critic.batch_size=9"]), ProcessGroup(0, 2))
+    grouped = load_recipe(TINY, ["bilevel.critic.kind=rloo", "bilevel.responses_per_prompt=4"])
+    check_shards(grouped, ProcessGroup(0, 1))
+    with pytest.raises(ConfigError, match=r"^bilevel\.trajectories_per_step: 4 over 2 processes splits a prompt's 4 responses; use a multiple of 8$"):
+        check_shards(grouped, ProcessGroup(0, 2))
 
 
 # -- the collectives and the critics in a two-process gloo group -----------------------------------------

@@ -13,7 +13,7 @@ import torch
 
 from conftest import flat, perturb
 from rlhf_bilevel import estimators as est
-from rlhf_bilevel.critic import MCCritic
+from rlhf_bilevel.critic import MCCritic, RLOOCritic
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.sampling import SampledRollouts
 from rlhf_bilevel.types import LAMBDA, LAMBDA_PRIME
@@ -66,12 +66,21 @@ def test_monte_carlo_critic_gives_unbiased_grad_J(setup):
     agree(sampled_grad_J(testbed, policy, reward, source, MCCritic(testbed.problem.gamma)), exact, seed=1)
 
 
-def sampled_grad_J(testbed, policy, reward, source, critic):
-    """BATCHES independent estimates of ∇_λ J by eq. 12 with `critic`'s advantages."""
+def test_leave_one_out_per_prompt_gives_unbiased_grad_J(setup):
+    testbed, policy, reward, source, _ = setup
+    params = policy.parameters_of(LAMBDA)
+    with policy.adapter(LAMBDA):
+        exact = flat(torch.autograd.grad(solve.objective(testbed.problem, policy.table(), reward.node_rewards().detach()), params))
+    agree(sampled_grad_J(testbed, policy, reward, source, RLOOCritic(testbed.problem.gamma), responses_per_prompt=4), exact, seed=1)
+
+
+def sampled_grad_J(testbed, policy, reward, source, critic, responses_per_prompt=1):
+    """BATCHES independent estimates of ∇_λ J by eq. 12 with `critic`'s advantages, each on
+    BATCH / `responses_per_prompt` prompts."""
     params = policy.parameters_of(LAMBDA)
     samples = []
     for _ in range(BATCHES):
-        rollout = source.rollouts(LAMBDA, BATCH)
+        rollout = source.groups(LAMBDA, BATCH // responses_per_prompt, responses_per_prompt)
         shaped = est.shaped_rewards(rollout, reward.token_rewards(rollout).detach(), testbed.problem.beta)
         with policy.adapter(LAMBDA):
             log_probs = policy.log_probs(rollout)

@@ -149,7 +149,9 @@ def test_killed_run_resumes_to_the_same_metrics(tmp_path, monkeypatch, finished_
 
 
 def test_alternating_switch_uses_lambda_pairs(tmp_path):
-    summary = train(tiny_recipe("bilevel.method=alternating", "bilevel.outer_steps=2", "bilevel.critic.kind=mc"), tmp_path, RECIPES)
+    # with the per-prompt leave-one-out critic, λ's rollouts drawn two to a prompt
+    recipe = tiny_recipe("bilevel.method=alternating", "bilevel.outer_steps=2", "bilevel.critic.kind=rloo", "bilevel.responses_per_prompt=2")
+    summary = train(recipe, tmp_path, RECIPES)
     data = records(tmp_path, "preferences.jsonl")
     assert {r["policy"] for r in data} == {"lambda"} and len(data) == summary.oracle_pairs == 2 * 4 * 3
 

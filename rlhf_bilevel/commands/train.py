@@ -16,7 +16,7 @@ from rlhf_bilevel.bilevel import Bilevel
 from rlhf_bilevel.checkpoint import CheckpointError
 from rlhf_bilevel.collectives import Collectives, World
 from rlhf_bilevel.config import ConfigError
-from rlhf_bilevel.critic import MCCritic, TDCritic
+from rlhf_bilevel.critic import MCCritic, RLOOCritic, TDCritic
 from rlhf_bilevel.distributed import launched_world
 from rlhf_bilevel.environment import describe, reproducible, run_threads
 from rlhf_bilevel.evaluate import PeriodicEval
@@ -59,6 +59,8 @@ def build(recipe: Recipe, run_dir: Path, base_dir: Path, world: Collectives = Wo
     def make_critic(adapter: str) -> Critic:
         if cfg.critic.kind == "mc":
             return MCCritic(cfg.gamma, world)
+        if cfg.critic.kind == "rloo":
+            return RLOOCritic(cfg.gamma, world)
         with init_rng:
             head = VocabQHead(model.get_output_embeddings().weight, policy.feature_dim).to(world.device)
         return TDCritic(policy.state_features, head, cfg.gamma, cfg.critic, generator, world)
@@ -88,6 +90,13 @@ def check_shards(recipe: Recipe, world: Collectives) -> None:
     for name, n in sizes.items():
         if n % world.size:
             raise ConfigError(f"{name}: {n} does not split evenly over {world.size} processes; use a multiple of {world.size}")
+    # a prompt's responses baseline one another only where one process holds them all
+    g = cfg.responses_per_prompt
+    if cfg.critic.kind == "rloo" and (cfg.trajectories_per_step // world.size) % g:
+        raise ConfigError(
+            f"bilevel.trajectories_per_step: {cfg.trajectories_per_step} over {world.size} processes splits a prompt's "
+            f"{g} responses; use a multiple of {g * world.size}"
+        )
 
 
 def run(trainer: Trainer, base_dir: Path) -> Summary | None:
