@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 SHORT = [
     "bilevel.outer_steps=1", "bilevel.inner_steps=1", "bilevel.pairs_per_step=2",
-    "bilevel.trajectories_per_step=2", "rollout.max_new_tokens=6", "train.eval_pairs=2",
+    "bilevel.trajectories_per_step=2", "bilevel.responses_per_prompt=2", "rollout.max_new_tokens=6", "train.eval_pairs=2",
 ]
 
 
