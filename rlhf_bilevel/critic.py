@@ -242,7 +242,10 @@ class MCCritic:
         pass
 
     def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
-        to_go = est.rewards_to_go(rollout, shaped, self.gamma)
+        return self.batch_advantages(rollout, est.rewards_to_go(rollout, shaped, self.gamma))
+
+    def batch_advantages(self, rollout: Rollout, to_go: Tensor) -> Tensor:
+        """[N, H] `to_go` less the mean of the batch's other trajectories still running at each step."""
         alive = rollout.mask
         running, total = self.world.sum([alive.sum(0, keepdim=True), (to_go * alive).sum(0, keepdim=True)])
         others = (running - alive).clamp(min=1)
@@ -265,8 +268,8 @@ class RLOOCritic(MCCritic):
     """
 
     def advantages(self, rollout: Rollout, shaped: Tensor, log_probs: Tensor) -> Tensor:
-        batch = super().advantages(rollout, shaped, log_probs)  # every process takes part in its sums
         to_go = est.rewards_to_go(rollout, shaped, self.gamma)
+        batch = self.batch_advantages(rollout, to_go)  # every process takes part in its sums
         alive = rollout.mask
         others = same_prompt(rollout.prompts, alive.device)
         running = others @ alive
