@@ -257,15 +257,15 @@ def table(train: PairSet, test: PairSet, seeds: int, steps: int, lr: float) -> s
     return "\n".join(lines)
 
 
-def write(doc: Path, result: str, command: str) -> None:
-    """Puts `result` between the BEGIN and END markers of `doc` (appended when it has none)."""
+def write(doc: Path, result: str, command: str, begin: str = BEGIN, end: str = END) -> None:
+    """Puts `result` between the `begin` and `end` markers of `doc` (appended when it has none)."""
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     state = f"`{head}`" + (" with uncommitted changes" if dirty else "")
-    block = f"{BEGIN}\nMeasured at {state} by\n\n    {command}\n\n{result}\n{END}"
+    block = f"{begin}\nMeasured at {state} by\n\n    {command}\n\n{result}\n{end}"
     text = doc.read_text() if doc.is_file() else ""
-    if BEGIN in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    if begin in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end) :]
     else:
         text = text + ("\n" if text else "") + block + "\n"
     doc.write_text(text)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import datasets
+import probe_store
 import pytest
 import torch
 from conftest import run_cli
@@ -11,6 +12,7 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from rlhf_bilevel import environment, tracking
+from rlhf_bilevel import estimators as est
 from rlhf_bilevel.commands.train import build, resume, train
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.lm.heads import REWARD_ADAPTER
@@ -74,6 +76,31 @@ def test_every_labelled_pair_is_kept_in_trl_format(finished_run):
     assert per_outer == [cfg.pairs_per_outer_step] * cfg.outer_steps
     for row in data:
         assert {row["chosen"], row["rejected"]} == {row["first"], row["second"]}
+
+
+def test_the_store_a_run_saves_refits_its_reward_model_offline(finished_run):
+    """scripts/probe_store.py reads every labelled pair back from the last checkpoint, and refits φ
+    on them from φ₀: the labels' loss falls, while a strong prior keeps the margins near φ₀'s zeros."""
+    run_dir, summary = finished_run
+    run = probe_store.load_run(run_dir)
+    assert len(run.pairs) == summary.oracle_pairs
+    reward_cfg = tiny_recipe().reward
+    dim = run.pairs.rollout.context.features.shape[-1]
+    start = probe_store.reward_model(reward_cfg, dim)
+    assert probe_store.agreement_on(start, [run]) == 0.5  # a zero-initialised head ties every pair
+    ones = torch.ones(1, dtype=torch.float64)
+
+    def nll(reward):
+        with torch.no_grad():
+            return est.store_loss([reward.member_rewards(run.pairs.rollout)], [run.pairs], ones, "bt_nll").item()
+
+    fitted = probe_store.refit(probe_store.reward_model(reward_cfg, dim), [run.pairs], prior=0.0, steps=50, lr=0.05)
+    assert nll(fitted) < nll(start) - 0.05
+    held = probe_store.refit(probe_store.reward_model(reward_cfg, dim), [run.pairs], prior=1e4, steps=50, lr=0.05)
+    assert probe_store.margins(held, run.pairs).abs().mean() < 0.25 * probe_store.margins(fitted, run.pairs).abs().mean()
+    in_run = probe_store.reward_model(reward_cfg, dim)
+    in_run.load_state_dict(run.reward_state)  # φ as the run left it
+    assert probe_store.margins(in_run, run.pairs).abs().max() > 0
 
 
 def test_checkpoint_keeps_each_adapter_once_in_plain_peft(finished_run, tmp_path):
