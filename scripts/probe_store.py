@@ -14,8 +14,8 @@ ties left out), as `eval/agreement` scores fresh pairs:
   bilevel's runs (whose φ also follows the penalty) apart from alternating's;
 - φ refitted on one run's labels to convergence, Adam on the mean bt_nll plus the prior
   (c/N)‖φ − φ₀‖² of docs/algorithm.md, for each c of PRIORS;
-- the same fitted on the labels of half the runs together, about 7 runs' worth, scored on the other
-  half's pairs: what many more labels than a run has would buy.
+- the same fitted on the labels of half the runs together, scored on the other half's pairs: what
+  more labels than a run has would buy.
 Each row's figure is the mean over runs of the model's agreement, with a 95% Student-t interval over
 runs of its difference from the judge's agreement on the same pairs.
 """
@@ -113,10 +113,10 @@ def refit(reward: TokenReward, labelled: list[PreferencePairs], prior: float, st
     optimizer = torch.optim.Adam(params, lr=lr)
     weights = torch.tensor([len(p) / count for p in labelled])  # each pair counts the same
     for _ in range(steps):
-        loss = est.store_loss([reward.member_rewards(p.rollout) for p in labelled], labelled, weights, "bt_nll")
-        moved = sum(((p - p0) ** 2).sum() for p, p0 in zip(params, start))
         optimizer.zero_grad()
-        (loss + prior / count * moved).backward()
+        est.store_loss([reward.member_rewards(p.rollout) for p in labelled], labelled, weights, "bt_nll").backward()
+        for p, pull in zip(params, est.grad_anchor_prior(params, start, prior, count)):
+            p.grad += pull
         optimizer.step()
     return reward
 
@@ -153,12 +153,12 @@ def table(runs: list[Run], recipe_reward, steps: int, lr: float) -> str:
         rows[f"φ refitted on one run's {labels} labels, c = {prior:g}"] = fitted
         print(f"c = {prior:g}: one run's labels done", file=sys.stderr, flush=True)
     halves = [runs[0::2], runs[1::2]]
+    judged = [agreement_on(reward_model(recipe_reward, dim), [run]) for run in halves[1] + halves[0]]  # each test run alone
     for prior in PRIORS:
-        fitted, judged = [], []
+        fitted = []
         for learn, test in (halves, halves[::-1]):
             reward = refit(reward_model(recipe_reward, dim), [r.pairs for r in learn], prior, steps, lr)
             fitted += [agreement_on(reward, [run]) for run in test]
-            judged += [agreement_on(reward_model(recipe_reward, dim), [run]) for run in test]
         count = sum(len(r.pairs) for r in halves[0])
         rows[f"φ fitted on half the runs' labels (≈ {count}), c = {prior:g}"] = (fitted, judged)
         print(f"c = {prior:g}: half the runs' labels done", file=sys.stderr, flush=True)
