@@ -136,7 +136,9 @@ def interval(values: list[float], judge: list[float]) -> str:
 def table(runs: list[Run], recipe_reward, steps: int, lr: float) -> str:
     dim = runs[0].pairs.rollout.context.features.shape[-1]
     others = [[r for r in runs if r is not run] for run in runs]
-    judge = [agreement_on(reward_model(recipe_reward, dim), rest) for rest in others]
+    judge_model = reward_model(recipe_reward, dim)
+    judge_hits = {id(run): agreement(margins(judge_model, run.pairs), run.pairs.prob) for run in runs}  # one pass per run
+    judge = [torch.cat([judge_hits[id(r)] for r in rest]).mean().item() for rest in others]
     rows = {"the judge alone (φ₀, before any label)": judge}
     for method in dict.fromkeys(run.method for run in runs):
         in_run, judged = [], []
@@ -153,7 +155,7 @@ def table(runs: list[Run], recipe_reward, steps: int, lr: float) -> str:
         rows[f"φ refitted on one run's {labels} labels, c = {prior:g}"] = fitted
         print(f"c = {prior:g}: one run's labels done", file=sys.stderr, flush=True)
     halves = [runs[0::2], runs[1::2]]
-    judged = [agreement_on(reward_model(recipe_reward, dim), [run]) for run in halves[1] + halves[0]]  # each test run alone
+    judged = [judge_hits[id(run)].mean().item() for run in halves[1] + halves[0]]  # each test run alone
     for prior in PRIORS:
         fitted = []
         for learn, test in (halves, halves[::-1]):
