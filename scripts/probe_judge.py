@@ -10,12 +10,18 @@ each of the recipe's held-out prompts. Each pair is scored by the judge's log-od
 = j(τ0) − j(τ1), against the oracle's best order (P > ½) on the pairs the oracle does not tie, with a
 95% bootstrap interval over prompts, as `eval/agreement` is. An untrained reward head scores 0.5.
 With `--pairs`, the pairs are those stored in runs' preferences.jsonl instead: pairs of the policies
-that trained, scored against the oracle's P stored with each.
+that trained, scored against the oracle's P stored with each. The judge is scored asking about the whole
+response alone, then, with `words`, for each `--word-margin` on the same pairs and judge passes, each
+margin after the first also as its difference from the first, pair by pair:
+
+    .venv/bin/python scripts/probe_judge.py --pairs runs/compare/*/preferences.jsonl --word-margin 0.4 --word-margin 0.1
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import sys
 from pathlib import Path
@@ -42,6 +48,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16, help="prompts sampled per call")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pairs", type=Path, nargs="+", default=[], help="score the pairs of these preferences.jsonl files instead of sampling")
+    parser.add_argument("--word-margin", type=float, action="append", default=[], help="with words: score this margin (repeatable); default the recipe's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe, args.overrides)
@@ -51,52 +58,60 @@ def main() -> None:
     base, tokenizer = load_base(recipe.model)
     policy = LMPolicy(with_adapters(base, recipe.adapters), tokenizer, recipe.rollout, recipe.model.chat_template)
     TokenReward.on(policy, recipe.reward)
-    margins, probs, prompts_of = stored_pairs(policy, args.pairs) if args.pairs else sampled_pairs(policy, recipe, prompts, args)
-    margin, prob = torch.cat(margins), torch.cat(probs)
+    judge, policy.judge = policy.judge, None  # asked below, once per response, not again while sampling
+    firsts, seconds, prob, prompts_of = stored_pairs(args.pairs) if args.pairs else sampled_pairs(policy, recipe, prompts, args)
+    texts = firsts + seconds
+    asked = torch.cat([judge.ask(texts[start : start + 64]) for start in range(0, len(texts), 64)])
     prompts = sorted(set(prompts_of))
-    unit = torch.tensor([prompts.index(p) for p in prompts_of])
-    decided = decided_by(prob)
-    hits = agreement(margin.double(), prob)  # on the pairs the oracle decided
-    estimate = pooled(hits, unit[decided], len(prompts), 2000, 0.95, np.random.default_rng(0))
-    judge = recipe.reward.judge
-    words = f", words beyond {judge.word_margin}" if judge.words else ""
-    print(f"judge: {judge.question!r} → {judge.answer_prefix!r} {list(judge.answers)}{words}")
-    print(f"agreement with the oracle's best order before any label: {estimate.mean:.3f} [{estimate.low:.3f}, {estimate.high:.3f}] "
-          f"on {int(decided.sum())} decided pairs of {len(prob)} on {len(prompts)} prompts"
-          + (f", from {len(args.pairs)} runs' stores" if args.pairs else f" of the base, {args.pairs_per_prompt} a prompt"))
+    unit = torch.tensor([prompts.index(p) for p in prompts_of])[decided_by(prob)]
+    question = recipe.reward.judge
+    print(f"judge: {question.question!r} → {question.answer_prefix!r} {list(question.answers)}")
+    source = f"from {len(args.pairs)} runs' stores" if args.pairs else f"of the base, {args.pairs_per_prompt} a prompt"
+    print(f"{int(decided_by(prob).sum())} decided pairs of {len(prob)} on {len(prompts)} prompts, {source}; agreement with the oracle's best order before any label:")
+    score = functools.partial(agreement_line, prob=prob, unit=unit, prompts=len(prompts), pairs=len(firsts))
+    print(f"  the response as a whole: {score(asked)[0]}")
+    first = None
+    for margin in (args.word_margin or [question.word_margin]) if question.words else []:
+        judge.cfg = dataclasses.replace(question, word_margin=margin)
+        line, hits = score(asked + judge.word_evidence(texts), against=first)
+        first = hits if first is None else first
+        print(f"  and each word beyond {margin}: {line}")
 
 
-def sampled_pairs(policy: LMPolicy, recipe: Recipe, prompts: list[str], args: argparse.Namespace) -> tuple[list, list, list[str]]:
-    """Judge margins, the oracle's P and the prompt of pairs drawn from the base on `prompts`."""
+def agreement_line(judged: torch.Tensor, prob: torch.Tensor, unit: torch.Tensor, prompts: int, pairs: int, against: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
+    """The agreement of judge scores `judged` (the first responses', then the seconds') with the oracle's
+    best order, over the decided pairs, with a 95% bootstrap interval over prompts; and, `against` the
+    hits of other scores on the same pairs, their difference. Also the hits themselves."""
+    hits = agreement((judged[:pairs] - judged[pairs:]).double(), prob)
+    estimate = pooled(hits, unit, prompts, 2000, 0.95, np.random.default_rng(0))
+    line = f"{estimate.mean:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"
+    if against is not None:
+        difference = pooled(hits - against, unit, prompts, 2000, 0.95, np.random.default_rng(0))
+        line += f", {difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}] against the first margin"
+    return line, hits
+
+
+def sampled_pairs(policy: LMPolicy, recipe: Recipe, prompts: list[str], args: argparse.Namespace) -> tuple[list[str], list[str], torch.Tensor, list[str]]:
+    """The two responses, the oracle's P and the prompt of pairs drawn from the base on `prompts`."""
     labeller = make_labeller(recipe.oracle)
     generator = torch.Generator().manual_seed(0)
-    margins, probs, prompts_of = [], [], []
+    firsts, seconds, probs, prompts_of = [], [], [], []
     for start in range(0, len(prompts), args.batch):
         some = prompts[start : start + args.batch] * args.pairs_per_prompt
         with policy.adapter(None):
             rollout = policy.sample([p for p in some for _ in range(2)], generator)
-        judged = policy.judged(rollout)
-        margins.append(judged[0::2] - judged[1::2])
+        firsts += rollout.responses[0::2]
+        seconds += rollout.responses[1::2]
         probs.append(labeller.ask(some, rollout.responses[0::2], rollout.responses[1::2]).float())
         prompts_of += some
         print(f"sampled {len(prompts_of)} pairs", file=sys.stderr, flush=True)
-    return margins, probs, prompts_of
+    return firsts, seconds, torch.cat(probs), prompts_of
 
 
-def stored_pairs(policy: LMPolicy, files: list[Path]) -> tuple[list, list, list[str]]:
-    """Judge margins, the stored P and the prompt of every pair in `files` (preferences.jsonl)."""
-    margins, probs, prompts_of = [], [], []
-    for file in files:
-        rows = [json.loads(line) for line in file.read_text().splitlines()]
-        for start in range(0, len(rows), 32):
-            chunk = rows[start : start + 32]
-            judged = policy.judge.log_odds([r["first"] for r in chunk] + [r["second"] for r in chunk])
-            margins.append(judged[: len(chunk)] - judged[len(chunk) :])
-            probs.append(torch.tensor([r["prob"] for r in chunk]))
-            prompts_of += [r["prompt"] for r in chunk]
-        print(f"judged {len(prompts_of)} stored pairs", file=sys.stderr, flush=True)
-    return margins, probs, prompts_of
-
+def stored_pairs(files: list[Path]) -> tuple[list[str], list[str], torch.Tensor, list[str]]:
+    """The two responses, the stored P and the prompt of every pair in `files` (preferences.jsonl)."""
+    rows = [json.loads(line) for file in files for line in file.read_text().splitlines()]
+    return [r["first"] for r in rows], [r["second"] for r in rows], torch.tensor([r["prob"] for r in rows]), [r["prompt"] for r in rows]
 
 if __name__ == "__main__":
     main()

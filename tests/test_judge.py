@@ -2,17 +2,19 @@
 
 Checked on the tiny random Llama against a plain forward pass of the base: the log-odds are those of
 its next token after the judge's prompt, sampling keeps them with the rollout, and R_φ adds them,
-weighted, on the last token alone.
+weighted, on the last token alone. Also how scripts/probe_judge.py scores a judge against the oracle.
 """
 
 import dataclasses
 import statistics
 
+import probe_judge
 import pytest
 import torch
 
 from conftest import perturb
 from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.evaluate import decided
 from rlhf_bilevel.lm import tiny
 from rlhf_bilevel.lm.heads import RewardConfig, TokenReward
 from rlhf_bilevel.lm.judge import NEUTRAL_WORDS, Judge, JudgeConfig
@@ -141,3 +143,16 @@ def test_a_resolved_recipe_with_a_judge_loads_again():
     recipe = parse_recipe({"prompts": {"train": "prompts.jsonl"}}, ["reward.judge.question=Is it kind?"])
     assert recipe.reward.judge == JudgeConfig(question="Is it kind?")
     assert parse_recipe(recipe_dict(recipe)).reward == recipe.reward
+
+
+def test_probe_judge_scores_a_judge_on_the_decided_pairs_and_against_another():
+    """scripts/probe_judge.py: a pair's hit is 1 where the judge's margin has the oracle's sign, ½ at a zero
+    margin, ties of the oracle left out; a second judge's hits are compared with the first's pair by pair."""
+    prob = torch.tensor([0.9, 0.2, 0.5, 0.7, 0.4])  # the third pair a tie
+    unit = torch.tensor([0, 0, 1, 2, 2])[decided(prob)]  # the prompt of each decided pair
+    judged = torch.tensor([1.0, 0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 5.0, 1.0, 0.0])  # the firsts, then the seconds
+    line, hits = probe_judge.agreement_line(judged, prob, unit, prompts=3, pairs=5)
+    assert hits.tolist() == [1.0, 1.0, 0.0, 0.5] and line.startswith("0.625 [")
+    better = torch.tensor([1.0, 0.0, 5.0, 2.0, 0.0, 0.0, 1.0, 5.0, 1.0, 1.0])
+    line, hits = probe_judge.agreement_line(better, prob, unit, prompts=3, pairs=5, against=hits)
+    assert hits.tolist() == [1.0, 1.0, 1.0, 1.0] and line.startswith("1.000 [") and "+0.375 [" in line

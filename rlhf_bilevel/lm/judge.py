@@ -48,7 +48,7 @@ class JudgeConfig:
         metadata={"help": "also ask about each word of a response alone (once per distinct word) and add the log-odds of those that stand out from a typical word's by over word_margin"},
     )
     word_margin: float = field(
-        default=0.1, metadata={"help": "how far (≥ 0, in log-odds) a word's must lie from a typical word's to count"}
+        default=0.4, metadata={"help": "how far (≥ 0, in log-odds) a word's must lie from a typical word's to count"}
     )
 
     @property
