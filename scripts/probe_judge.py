@@ -20,7 +20,6 @@ margin after the first also as its difference from the first, pair by pair:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import sys
@@ -31,7 +30,7 @@ import torch
 
 from rlhf_bilevel.evaluate import agreement, decided as decided_by, pooled
 from rlhf_bilevel.labelling import make_labeller
-from rlhf_bilevel.lm.heads import TokenReward
+from rlhf_bilevel.lm.judge import Judge
 from rlhf_bilevel.lm.model import load_base, with_adapters
 from rlhf_bilevel.lm.policy import LMPolicy
 from rlhf_bilevel.prompts import load_prompts
@@ -57,23 +56,22 @@ def main() -> None:
     _, prompts = load_prompts(recipe.prompts, args.recipe.parent)
     base, tokenizer = load_base(recipe.model)
     policy = LMPolicy(with_adapters(base, recipe.adapters), tokenizer, recipe.rollout, recipe.model.chat_template)
-    TokenReward.on(policy, recipe.reward)
-    judge, policy.judge = policy.judge, None  # asked below, once per response, not again while sampling
+    cfg = recipe.reward.judge
+    judge = Judge(policy.trunk, tokenizer, policy.chat_template, cfg)  # not the policy's: sampling asks nothing
     firsts, seconds, prob, prompts_of = stored_pairs(args.pairs) if args.pairs else sampled_pairs(policy, recipe, prompts, args)
     texts = firsts + seconds
     asked = torch.cat([judge.ask(texts[start : start + 64]) for start in range(0, len(texts), 64)])
     prompts = sorted(set(prompts_of))
-    unit = torch.tensor([prompts.index(p) for p in prompts_of])[decided_by(prob)]
-    question = recipe.reward.judge
-    print(f"judge: {question.question!r} → {question.answer_prefix!r} {list(question.answers)}")
+    decided = decided_by(prob)
+    unit = torch.tensor([prompts.index(p) for p in prompts_of])[decided]
+    print(f"judge: {cfg.question!r} → {cfg.answer_prefix!r} {list(cfg.answers)}")
     source = f"from {len(args.pairs)} runs' stores" if args.pairs else f"of the base, {args.pairs_per_prompt} a prompt"
-    print(f"{int(decided_by(prob).sum())} decided pairs of {len(prob)} on {len(prompts)} prompts, {source}; agreement with the oracle's best order before any label:")
+    print(f"{int(decided.sum())} decided pairs of {len(prob)} on {len(prompts)} prompts, {source}; agreement with the oracle's best order before any label:")
     score = functools.partial(agreement_line, prob=prob, unit=unit, prompts=len(prompts), pairs=len(firsts))
     print(f"  the response as a whole: {score(asked)[0]}")
     first = None
-    for margin in (args.word_margin or [question.word_margin]) if question.words else []:
-        judge.cfg = dataclasses.replace(question, word_margin=margin)
-        line, hits = score(asked + judge.word_evidence(texts), against=first)
+    for margin in (args.word_margin or [cfg.word_margin]) if cfg.words else []:
+        line, hits = score(asked + judge.word_evidence(texts, margin), against=first)
         first = hits if first is None else first
         print(f"  and each word beyond {margin}: {line}")
 
@@ -112,6 +110,7 @@ def stored_pairs(files: list[Path]) -> tuple[list[str], list[str], torch.Tensor,
     """The two responses, the stored P and the prompt of every pair in `files` (preferences.jsonl)."""
     rows = [json.loads(line) for file in files for line in file.read_text().splitlines()]
     return [r["first"] for r in rows], [r["second"] for r in rows], torch.tensor([r["prob"] for r in rows]), [r["prompt"] for r in rows]
+
 
 if __name__ == "__main__":
     main()

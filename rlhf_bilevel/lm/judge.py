@@ -114,9 +114,10 @@ class Judge:
         asked = self.ask(responses)
         return asked + self.word_evidence(responses) if self.cfg.words else asked
 
-    def word_evidence(self, responses: Sequence[str]) -> Tensor:
-        """[N] Σ over a response's words w (with repeats) of s(w) − s₀ where |s(w) − s₀| > word_margin:
-        s(w) the judge's log-odds for w asked alone, s₀ the median over NEUTRAL_WORDS."""
+    def word_evidence(self, responses: Sequence[str], margin: float | None = None) -> Tensor:
+        """[N] Σ over a response's words w (with repeats) of s(w) − s₀ where |s(w) − s₀| > `margin`
+        (`cfg.word_margin` unless given): s(w) the judge's log-odds for w asked alone, s₀ the median
+        over NEUTRAL_WORDS."""
         words = [[w.lower() for w in WORD.findall(response)] for response in responses]
         if self.typical is None:
             self.typical = statistics.median(self.ask(NEUTRAL_WORDS).tolist())
@@ -124,7 +125,7 @@ class Judge:
         for start in range(0, len(new), WORD_BATCH):
             chunk = new[start : start + WORD_BATCH]
             self.word_log_odds.update(zip(chunk, self.ask(chunk).tolist()))
-        margin = self.cfg.word_margin
+        margin = self.cfg.word_margin if margin is None else margin
         deviations = [[self.word_log_odds[w] - self.typical for w in ws] for ws in words]
         return torch.tensor([sum(d for d in ds if abs(d) > margin) for ds in deviations], device=self.trunk.device)
 
