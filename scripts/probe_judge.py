@@ -67,7 +67,7 @@ def main() -> None:
     print(f"judge: {cfg.question!r} → {cfg.answer_prefix!r} {list(cfg.answers)}")
     source = f"from {len(args.pairs)} runs' stores" if args.pairs else f"of the base, {args.pairs_per_prompt} a prompt"
     print(f"{int(decided.sum())} decided pairs of {len(prob)} on {len(prompts)} prompts, {source}; agreement with the oracle's best order before any label:")
-    score = functools.partial(agreement_line, prob=prob, unit=unit, prompts=len(prompts), pairs=len(firsts))
+    score = functools.partial(agreement_line, prob=prob, unit=unit, prompts=len(prompts))
     print(f"  the response as a whole: {score(asked)[0]}")
     first = None
     for margin in (args.word_margin or [cfg.word_margin]) if cfg.words else []:
@@ -76,10 +76,11 @@ def main() -> None:
         print(f"  and each word beyond {margin}: {line}")
 
 
-def agreement_line(judged: torch.Tensor, prob: torch.Tensor, unit: torch.Tensor, prompts: int, pairs: int, against: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
+def agreement_line(judged: torch.Tensor, prob: torch.Tensor, unit: torch.Tensor, prompts: int, against: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
     """The agreement of judge scores `judged` (the first responses', then the seconds') with the oracle's
     best order, over the decided pairs, with a 95% bootstrap interval over prompts; and, `against` the
     hits of other scores on the same pairs, their difference. Also the hits themselves."""
+    pairs = len(prob)
     hits = agreement((judged[:pairs] - judged[pairs:]).double(), prob)
     estimate = pooled(hits, unit, prompts, 2000, 0.95, np.random.default_rng(0))
     line = f"{estimate.mean:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"

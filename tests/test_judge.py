@@ -151,8 +151,8 @@ def test_probe_judge_scores_a_judge_on_the_decided_pairs_and_against_another():
     prob = torch.tensor([0.9, 0.2, 0.5, 0.7, 0.4])  # the third pair a tie
     unit = torch.tensor([0, 0, 1, 2, 2])[decided(prob)]  # the prompt of each decided pair
     judged = torch.tensor([1.0, 0.0, 5.0, 0.0, 0.0, 0.0, 1.0, 5.0, 1.0, 0.0])  # the firsts, then the seconds
-    line, hits = probe_judge.agreement_line(judged, prob, unit, prompts=3, pairs=5)
+    line, hits = probe_judge.agreement_line(judged, prob, unit, prompts=3)
     assert hits.tolist() == [1.0, 1.0, 0.0, 0.5] and line.startswith("0.625 [")
     better = torch.tensor([1.0, 0.0, 5.0, 2.0, 0.0, 0.0, 1.0, 5.0, 1.0, 1.0])
-    line, hits = probe_judge.agreement_line(better, prob, unit, prompts=3, pairs=5, against=hits)
+    line, hits = probe_judge.agreement_line(better, prob, unit, prompts=3, against=hits)
     assert hits.tolist() == [1.0, 1.0, 1.0, 1.0] and line.startswith("1.000 [") and "+0.375 [" in line
