@@ -190,6 +190,23 @@ def compare(
     typer.echo(f"wrote {out / 'comparison.json'}, {out / 'comparison.md'} and the runs in {out}")
 
 
+@app.command()
+def merge(
+    sources: list[Path] = typer.Option(..., "--from", help="The --out folder of a finished comparison (repeatable)."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged comparison.json/.md/.png and comparison-time.png."),
+) -> None:
+    """Several comparisons of one problem (seeds added later, say) as one: tables and plots over all their seeds."""
+    from rlhf_bilevel.commands.compare import merge as merge_comparisons
+
+    quiet()
+    try:
+        comparison = merge_comparisons(sources, out)
+    except ConfigError as error:
+        fail(str(error))
+    typer.echo((out / "comparison.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out / 'comparison.json'} and {out / 'comparison.md'}: {len(comparison['runs'])} runs from {len(sources)} comparisons")
+
+
 def main() -> None:
     app()
 

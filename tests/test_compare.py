@@ -2,12 +2,16 @@
 
 import json
 import math
+import re
 
 import pytest
 from conftest import run_cli
 
-from rlhf_bilevel.commands.compare import METHODS, QUICK, t_interval
-from rlhf_bilevel.recipe import load_recipe
+import yaml
+
+from rlhf_bilevel.commands.compare import METHODS, QUICK, merge, t_interval
+from rlhf_bilevel.config import ConfigError
+from rlhf_bilevel.recipe import load_recipe, recipe_dict
 from test_train import TINY
 
 
@@ -37,9 +41,15 @@ def test_quick_comparison_spends_one_budget_on_every_method(tmp_path):
     gold = comparison["summary"]["bilevel"]["gold"]
     assert gold["mean"] == rows[0]["eval"]["gold"]["policy"]["mean"] and math.isnan(gold["low"]) and math.isnan(gold["high"])
     assert "agreement_policy" not in comparison["summary"]["online-dpo"]
-    runs_table, summary_table = (out / "comparison.md").read_text().split("\n\n")
+    runs_table, summary_table, differences_table = (out / "comparison.md").read_text().split("\n\n")
     assert len(runs_table.splitlines()) == 2 + len(METHODS) and len(summary_table.splitlines()) == 2 + len(METHODS)
     assert "| online-dpo | 1 |" in summary_table and "[—]" in summary_table
+    # each pair of methods, seed by seed: one seed's difference is that seed's, without an interval
+    assert list(comparison["differences"]) == ["bilevel − alternating", "bilevel − online-dpo", "alternating − online-dpo"]
+    difference = comparison["differences"]["bilevel − alternating"]
+    assert difference["gold"]["mean"] == pytest.approx(rows[0]["eval"]["gold"]["policy"]["mean"] - rows[1]["eval"]["gold"]["policy"]["mean"])
+    assert [point["oracle_pairs"] for point in difference["curve"]] == [point["oracle_pairs"] for point in rows[0]["curve"]]
+    assert len(differences_table.splitlines()) == 2 + 3 and "| bilevel − alternating | 1 |" in differences_table
     # every line a run prints names it
     assert all(f"{m}/seed0: training on {budget} oracle pairs" in result.stdout for m in METHODS)
     assert (out / "comparison.png").stat().st_size > 0 and (out / "comparison-time.png").stat().st_size > 0
@@ -133,6 +143,8 @@ def test_a_sweep_runs_each_value_as_its_own_set_of_runs_and_flips_only_where_ask
     # at 1/4 of the training labels, flips are all but certain in a budget of this size; evaluation labels are never flipped
     assert [row["labels_flipped"] > 0 for row in rows] == [False, False, True, True]
     assert list(comparison["summary"]) == [f"{m} (oracle.flip={v})" for v in ("0", "0.25") for m in ("alternating", "online-dpo")]
+    # paired within a swept value only
+    assert list(comparison["differences"]) == [f"alternating (oracle.flip={v}) − online-dpo (oracle.flip={v})" for v in ("0", "0.25")]
     for row in rows:
         assert (out / row["setting"] / f"{row['method']}-seed0" / "eval" / "eval.json").is_file()
     flipped = [json.loads(line) for line in (out / "oracle.flip=0.25" / "alternating-seed0" / "metrics.jsonl").read_text().splitlines()]
@@ -149,3 +161,94 @@ def test_a_bad_sweep_is_one_line_before_anything_runs(tmp_path, sweep, message):
     bad = run_cli("compare", "--quick", "--recipe", str(TINY), "--out", str(tmp_path / "x"), "--sweep", sweep)
     assert bad.returncode == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
     assert not (tmp_path / "x").exists()
+
+
+# -- merge: several comparisons as one ------------------------------------------------------------------
+def estimate(mean: float, n: int = 4) -> dict:
+    return {"mean": mean, "low": mean - 0.1, "high": mean + 0.1, "n": n}
+
+
+def comparison_folder(path, gold: dict[tuple[str, int], float], *overrides: str, samples: int = 1, budget: int = 8):
+    """A finished comparison as `compare` leaves it, with made-up numbers: one row per (method, seed) of `gold`,
+    its final gold score; each run folder holds its resolved recipe (with `overrides`), as `train` writes it."""
+    rows = []
+    for (method, seed), final in gold.items():
+        recipe = load_recipe(TINY, [*overrides, f"train.seed={seed}", f"train.threads={seed + 1}"]
+                             + ([f"bilevel.method={method}"] if method != "online-dpo" else []))
+        run = path / f"{method}-seed{seed}"
+        run.mkdir(parents=True)
+        if method != "online-dpo":  # TRL's runs keep no recipe
+            (run / "recipe.yaml").write_text(yaml.safe_dump(recipe_dict(recipe), sort_keys=False))
+        halfway = 0.3 + (final - 0.3) / 2
+        rows.append({
+            "method": method, "seed": seed, "oracle_pairs": budget, "labels_flipped": 0, "seconds": 10.0 + seed,
+            "eval": {"prompts": 4, "samples": samples, "seed": 0, "confidence": 0.95, "win_rate": estimate(0.6), "kl": 1.0 + seed,
+                     "gold": {"reference": estimate(0.3), "policy": estimate(final)}},
+            "curve": [{"oracle_pairs": p, "seconds": s, "gold": g} for p, s, g in ((0, 0.0, 0.3), (budget // 2, 5.0, halfway), (budget, 10.0, final))],
+        })
+    (path / "comparison.json").write_text(json.dumps({"runs": rows}))
+    return path
+
+
+def test_merge_pools_the_seeds_of_several_comparisons_into_one_report(tmp_path):
+    first = comparison_folder(tmp_path / "a", {("bilevel", 0): 0.6, ("alternating", 0): 0.5, ("bilevel", 1): 0.7, ("alternating", 1): 0.7})
+    later = comparison_folder(tmp_path / "b", {("alternating", 2): 0.4, ("bilevel", 2): 0.65, ("online-dpo", 2): 0.45})
+    result = run_cli("merge", "--from", str(first), "--from", str(later), "--out", str(tmp_path / "merged"))
+    assert result.returncode == 0, result.stderr
+    merged = json.loads((tmp_path / "merged" / "comparison.json").read_text())
+    assert merged["sources"] == [str(first), str(later)]
+    # the rows of both, in the order one comparison of every seed would give, each naming its run's folder
+    assert [(row["method"], row["seed"]) for row in merged["runs"]] == [
+        ("bilevel", 0), ("alternating", 0), ("bilevel", 1), ("alternating", 1), ("bilevel", 2), ("alternating", 2), ("online-dpo", 2)
+    ]
+    assert merged["runs"][-1]["folder"] == str(later / "online-dpo-seed2")
+    # over all three seeds, as if one comparison had run them
+    gold = merged["summary"]["bilevel"]["gold"]
+    expected = t_interval([0.6, 0.7, 0.65], 0.95)
+    assert merged["summary"]["bilevel"]["seeds"] == [0, 1, 2]
+    assert (gold["mean"], gold["low"], gold["high"]) == pytest.approx((expected.mean, expected.low, expected.high))
+    assert merged["summary"]["online-dpo"]["seeds"] == [2] and math.isnan(merged["summary"]["online-dpo"]["gold"]["low"])
+    # paired on the seeds both ran: +0.1, 0, +0.25; a tie is not "higher"
+    difference = merged["differences"]["bilevel − alternating"]
+    paired = t_interval([0.1, 0.0, 0.25], 0.95)
+    assert difference["seeds"] == [0, 1, 2] and difference["higher"] == 2
+    assert (difference["gold"]["mean"], difference["gold"]["high"]) == pytest.approx((paired.mean, paired.high))
+    assert [p["gold"]["mean"] for p in difference["curve"]] == pytest.approx([0.0, paired.mean / 2, paired.mean])
+    assert merged["differences"]["bilevel − online-dpo"]["seeds"] == [2]
+    assert "| bilevel − alternating | 3 | 0.117 [" in result.stdout and "| 2 of 3 |" in result.stdout
+    assert (tmp_path / "merged" / "comparison.png").stat().st_size > 0
+    # a merged comparison merges again: its rows name their runs' folders
+    third = comparison_folder(tmp_path / "c", {("bilevel", 3): 0.8, ("alternating", 3): 0.6})
+    again = merge([tmp_path / "merged", third], tmp_path / "again")
+    assert again["summary"]["bilevel"]["seeds"] == [0, 1, 2, 3] and again["differences"]["bilevel − alternating"]["higher"] == 3
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        ({"gold": {("bilevel", 0): 0.5}}, "--from: bilevel seed 0 is in both"),
+        ({"samples": 3}, "--from: evaluation samples is 1 in"),
+        ({"budget": 12}, "--from: bilevel spends 8 labels with snapshots at [0, 4, 8] in"),
+        ({"overrides": ["reward.pool=mean"]}, "--from: recipe field reward.pool is 'sum' in"),
+        ({"missing": True}, "holds no comparison.json; give the --out folder of a finished `rlhf-bilevel compare`"),
+    ],
+)
+def test_merge_refuses_runs_that_do_not_compare_before_writing_anything(tmp_path, second, message):
+    first = comparison_folder(tmp_path / "a", {("bilevel", 0): 0.6, ("alternating", 0): 0.5})
+    other = tmp_path / "b"
+    if second.get("missing"):
+        other.mkdir()
+    else:
+        comparison_folder(other, second.get("gold", {("bilevel", 1): 0.6}), *second.get("overrides", ()),
+                          samples=second.get("samples", 1), budget=second.get("budget", 8))
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        merge([first, other], tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_merge_is_one_line_for_a_user_mistake(tmp_path):
+    first = comparison_folder(tmp_path / "a", {("bilevel", 0): 0.6})
+    twice = run_cli("merge", "--from", str(first), "--from", str(first), "--out", str(tmp_path / "merged"))
+    assert twice.returncode == 2 and len(twice.stderr.strip().splitlines()) == 1 and "bilevel seed 0 is in both" in twice.stderr, twice.stderr
+    used = run_cli("merge", "--from", str(first), "--out", str(first))
+    assert used.returncode == 2 and "already holds a comparison" in used.stderr

@@ -83,7 +83,7 @@ def test_every_command_and_option_the_readme_shows_exists():
 
     cli = typer.main.get_command(app)
     found = commands_in_code()
-    assert {name for name, _ in found} == {"train", "eval", "compare", "theory"}
+    assert {name for name, _ in found} == {"train", "eval", "compare", "merge", "theory"}
     for name, options in found:
         assert name in cli.commands, name
         known = {opt for param in cli.commands[name].params for opt in param.opts}

@@ -24,10 +24,16 @@ if `--set FIELD=V` were given, e.g. `--sweep oracle.flip=0,0.25` for the methods
 noisy labels. Each value is a separate set of runs, in its own folder `OUT/FIELD=V/`, and its
 own rows of every table and line of every plot, named `method (FIELD=V)`.
 
+Two methods run on the same seeds are also compared seed by seed: the mean of the per-seed
+differences in gold and its interval, which is narrower than either method's own when a seed
+moves both alike. `rlhf-bilevel merge` pools the runs of several comparisons of one problem,
+seeds added later say, into one such report.
+
     OUT/
       bilevel-seed0/ alternating-seed0/ online-dpo-seed0/ ...   the runs (each with eval/)
-      comparison.json       {"runs": one row per run, "summary": per method (and swept value) over its seeds}
-      comparison.md         the runs table and the over-seeds table
+      comparison.json       {"runs": one row per run, "summary": per method (and swept value) over its seeds,
+                             "differences": per pair of methods, over the seeds both ran}
+      comparison.md         the runs table, the over-seeds table and the paired-differences table
       comparison.png        gold score against oracle pairs used: mean over seeds, interval shaded
       comparison-time.png   the same against wall-clock training seconds
 """
@@ -45,7 +51,7 @@ from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Iterator, Sequence, TextIO
 
 import torch
 
@@ -297,13 +303,21 @@ class Comparison:
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # the runs under way finish; the others never start
                     raise
-        comparison = {"runs": rows, "summary": summarise(rows, self.cfg.eval.confidence)}
-        (self.out / "comparison.json").write_text(json.dumps(plain(comparison), indent=1, ensure_ascii=False), encoding="utf-8")
-        (self.out / "comparison.md").write_text(table(rows) + "\n" + summary_table(comparison["summary"], self.cfg.eval.confidence), encoding="utf-8")
-        if any(row["curve"] for row in rows):
-            plot(comparison["summary"], "oracle_pairs", "oracle pairs used", self.out / "comparison.png")
-            plot(comparison["summary"], "seconds", "training seconds (wall clock)", self.out / "comparison-time.png")
-        return comparison
+        return write_comparison(rows, self.out, self.cfg.eval.confidence)
+
+
+def write_comparison(rows: list[dict], out: Path, confidence: float, **extra) -> dict:
+    """comparison.json, comparison.md and the two plots of `rows` in `out`; `extra` goes into the JSON as is."""
+    comparison = {**extra, "runs": rows, "summary": summarise(rows, confidence), "differences": differences(rows, confidence)}
+    (out / "comparison.json").write_text(json.dumps(plain(comparison), indent=1, ensure_ascii=False), encoding="utf-8")
+    tables = [table(rows), summary_table(comparison["summary"], confidence)]
+    if comparison["differences"]:
+        tables.append(differences_table(comparison["differences"], confidence))
+    (out / "comparison.md").write_text("\n".join(tables), encoding="utf-8")
+    if any(row["curve"] for row in rows):
+        plot(comparison["summary"], "oracle_pairs", "oracle pairs used", out / "comparison.png")
+        plot(comparison["summary"], "seconds", "training seconds (wall clock)", out / "comparison-time.png")
+    return comparison
 
 
 # -- over seeds ----------------------------------------------------------------------------------------
@@ -357,6 +371,32 @@ def summarise(rows: list[dict], confidence: float) -> dict[str, dict]:
     return summary
 
 
+def differences(rows: list[dict], confidence: float) -> dict[str, dict]:
+    """Gold of each method minus each later one's (within one swept setting), seed by seed on the seeds
+    both ran: at the end and at each curve point, with the Student-t interval of the per-seed differences
+    and how many seeds the first is higher on. A seed moves both methods' gold alike (its prompts, its
+    reference), so the paired interval is the one that says whether one method is ahead."""
+    by_run = {(run_name(row), row["seed"]): row for row in rows}
+    setting = {run_name(row): row.get("setting") for row in rows}
+    result = {}
+    for i, first in enumerate(setting):
+        for second in [name for name in list(setting)[i + 1 :] if setting[name] == setting[first]]:
+            pairs = [(by_run[first, seed], by_run[second, seed]) for name, seed in by_run if name == first and (second, seed) in by_run]
+            if not pairs or "gold" not in pairs[0][0]["eval"]:
+                continue
+            final = [a["eval"]["gold"]["policy"].mean - b["eval"]["gold"]["policy"].mean for a, b in pairs]
+            result[f"{first} − {second}"] = {
+                "seeds": [a["seed"] for a, _ in pairs],
+                "gold": t_interval(final, confidence),
+                "higher": sum(d > 0 for d in final),
+                "curve": [
+                    {"oracle_pairs": points[0][0]["oracle_pairs"], "gold": t_interval([p["gold"] - q["gold"] for p, q in points], confidence)}
+                    for points in zip(*(zip(a["curve"], b["curve"]) for a, b in pairs))
+                ],
+            }
+    return result
+
+
 # -- what a user reads ---------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
     """One line per method and seed; intervals are 95% bootstrap over held-out prompts."""
@@ -395,6 +435,17 @@ def summary_table(summary: dict[str, dict], confidence: float) -> str:
     return "\n".join(lines) + "\n"
 
 
+def differences_table(diffs: dict[str, dict], confidence: float) -> str:
+    """One line per pair of methods: the mean of their per-seed gold differences, its interval, and the seeds the first wins."""
+    lines = [
+        f"| paired difference | seeds | gold (mean [{confidence:.0%} CI]) | seeds the first is higher on |",
+        "|---|---|---|---|",
+    ]
+    for pair, diff in diffs.items():
+        lines.append(f"| {pair} | {len(diff['seeds'])} | {cell(diff['gold'], 3)} | {diff['higher']} of {len(diff['seeds'])} |")
+    return "\n".join(lines) + "\n"
+
+
 def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path) -> None:
     """Gold score against `x` of the mean curves, one line per method, its seeds' interval shaded where it exists."""
     import matplotlib
@@ -418,10 +469,111 @@ def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path) -> None:
     plt.close(fig)
 
 
-def compare(recipe_file: Path, out: Path, cfg: CompareConfig, overrides: Sequence[str] = (), quick: bool = False) -> dict:
-    """Runs every chosen method for every seed on `recipe_file`, evaluates them alike, and writes the tables and plots."""
+def check_new_comparison(out: Path) -> None:
+    """`out` is a folder this process can write a comparison in, and holds none yet."""
     check_output_dir(out, "--out")
     if (out / "comparison.json").exists():
         raise ConfigError(f"--out: {out} already holds a comparison; pick another folder")
+
+
+def compare(recipe_file: Path, out: Path, cfg: CompareConfig, overrides: Sequence[str] = (), quick: bool = False) -> dict:
+    """Runs every chosen method for every seed on `recipe_file`, evaluates them alike, and writes the tables and plots."""
+    check_new_comparison(out)
     overrides = [*(QUICK if quick else []), *overrides]
     return Comparison(recipe_file, out, cfg, overrides).all()
+
+
+# -- several comparisons as one ------------------------------------------------------------------------
+PER_RUN_FIELDS = ("train.seed", "bilevel.method", "train.threads")
+"""The recipe fields that may differ between runs merged into one comparison: those `compare` sets per
+run, and the thread count, which follows the machine's cores."""
+
+EVAL_PROTOCOL = ("prompts", "samples", "seed", "confidence")
+"""What makes two evaluations comparable: the same held-out prompts, pairs per prompt, random stream and interval."""
+
+
+def merge(sources: Sequence[Path], out: Path) -> dict:
+    """The runs of several finished comparisons, say seeds added on another day, as one comparison over all
+    their seeds: the tables and plots `compare` writes, in `out`. Only runs of one problem merge: the same
+    recipe but for `PER_RUN_FIELDS`, the same evaluation protocol, and per method the same budget and
+    snapshots. Each run stays where it is; the merged rows name its folder."""
+    check_new_comparison(out)
+    if not sources:
+        raise ConfigError("--from: give the --out folder of at least one finished `rlhf-bilevel compare`")
+    rows, source_of = [], {}
+    for source in sources:
+        file = source / "comparison.json"
+        if not file.is_file():
+            raise ConfigError(f"--from: {source} holds no comparison.json; give the --out folder of a finished `rlhf-bilevel compare`")
+        for row in revive(json.loads(file.read_text(encoding="utf-8")))["runs"]:
+            run = run_name(row), row["seed"]
+            if run in source_of:
+                raise ConfigError(f"--from: {run[0]} seed {run[1]} is in both {source_of[run]} and {source}; give each run once")
+            source_of[run] = source
+            rows.append(row | {"folder": str(run_folder(source, row).resolve())})
+    check_comparable(rows)
+    order = {name: i for i, name in enumerate(METHODS)}
+    settings = list(dict.fromkeys(row.get("setting") for row in rows))
+    rows.sort(key=lambda row: (settings.index(row.get("setting")), row["seed"], order[row["method"]]))
+    out.mkdir(parents=True, exist_ok=True)
+    return write_comparison(rows, out, rows[0]["eval"]["confidence"], sources=[str(source.resolve()) for source in sources])
+
+
+def revive(node: Any) -> Any:
+    """A comparison.json tree with each estimate, a {mean, low, high, n} dict there, an `Estimate` again."""
+    if isinstance(node, dict):
+        if node.keys() == {"mean", "low", "high", "n"}:
+            return Estimate(**node)
+        return {key: revive(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [revive(value) for value in node]
+    return node
+
+
+def run_folder(source: Path, row: dict) -> Path:
+    """Where a row's run is: the folder a merged row names, or the one `compare` made for it in `source`."""
+    if "folder" in row:
+        return Path(row["folder"])
+    return (source / row["setting"] if "setting" in row else source) / f"{row['method']}-seed{row['seed']}"
+
+
+def check_comparable(rows: list[dict]) -> None:
+    """Raises a `ConfigError` naming the first difference that makes two runs' numbers incomparable."""
+    from rlhf_bilevel.recipe import read_yaml
+
+    first = rows[0]
+    for row in rows:
+        for key in EVAL_PROTOCOL:
+            if row["eval"][key] != first["eval"][key]:
+                raise ConfigError(
+                    f"--from: evaluation {key} is {first['eval'][key]} in {first['folder']} but {row['eval'][key]} in {row['folder']}; "
+                    "merge only comparisons run with the same --prompts and --pairs-per-prompt"
+                )
+    budgets = {}
+    for row in rows:
+        budget = row["oracle_pairs"], [point["oracle_pairs"] for point in row["curve"]]
+        name = run_name(row)
+        if budgets.setdefault(name, (budget, row["folder"]))[0] != budget:
+            raise ConfigError(
+                f"--from: {name} spends {budgets[name][0][0]} labels with snapshots at {budgets[name][0][1]} in {budgets[name][1]} "
+                f"but {budget[0]} at {budget[1]} in {row['folder']}; merge only runs of one budget and --snapshots"
+            )
+    recipes = [(row["folder"], Path(row["folder"]) / "recipe.yaml") for row in rows]
+    recipes = [(folder, dict(recipe_fields(read_yaml(path)))) for folder, path in recipes if path.is_file()]  # Online DPO's runs keep none
+    for folder, fields in recipes[1:]:
+        reference_folder, reference = recipes[0]
+        for key in sorted(reference.keys() | fields.keys()):
+            if key not in PER_RUN_FIELDS and reference.get(key) != fields.get(key):
+                raise ConfigError(
+                    f"--from: recipe field {key} is {reference.get(key)!r} in {reference_folder} but {fields.get(key)!r} in {folder}; "
+                    "merge only runs of one recipe"
+                )
+
+
+def recipe_fields(tree: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted field, value) of every field of a recipe read from YAML, as `--set` names it."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from recipe_fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
