@@ -194,13 +194,15 @@ def compare(
 def merge(
     sources: list[Path] = typer.Option(..., "--from", help="The --out folder of a finished comparison (repeatable)."),
     out: Path = typer.Option(..., "--out", help="Folder for the merged comparison.json/.md/.png and comparison-time.png."),
+    methods: list[str] = typer.Option([], "--method", help="A method to keep (repeatable): bilevel, alternating, online-dpo (default: all)."),
 ) -> None:
     """Several comparisons of one problem (seeds added later, say) as one: tables and plots over all their seeds."""
+    from rlhf_bilevel.commands.compare import METHODS
     from rlhf_bilevel.commands.compare import merge as merge_comparisons
 
     quiet()
     try:
-        comparison = merge_comparisons(sources, out)
+        comparison = merge_comparisons(sources, out, tuple(methods) or METHODS)
     except ConfigError as error:
         fail(str(error))
     typer.echo((out / "comparison.md").read_text(encoding="utf-8"))

@@ -221,6 +221,11 @@ def test_merge_pools_the_seeds_of_several_comparisons_into_one_report(tmp_path):
     third = comparison_folder(tmp_path / "c", {("bilevel", 3): 0.8, ("alternating", 3): 0.6})
     again = merge([tmp_path / "merged", third], tmp_path / "again")
     assert again["summary"]["bilevel"]["seeds"] == [0, 1, 2, 3] and again["differences"]["bilevel − alternating"]["higher"] == 3
+    # and keeps only the methods asked for
+    two = merge([first, later], tmp_path / "two", methods=("bilevel", "online-dpo"))
+    assert list(two["summary"]) == ["bilevel", "online-dpo"] and list(two["differences"]) == ["bilevel − online-dpo"]
+    with pytest.raises(ConfigError, match="--method: the --from folders hold no run of online-dpo"):
+        merge([first], tmp_path / "none", methods=("online-dpo",))
 
 
 @pytest.mark.parametrize(
@@ -250,5 +255,7 @@ def test_merge_is_one_line_for_a_user_mistake(tmp_path):
     first = comparison_folder(tmp_path / "a", {("bilevel", 0): 0.6})
     twice = run_cli("merge", "--from", str(first), "--from", str(first), "--out", str(tmp_path / "merged"))
     assert twice.returncode == 2 and len(twice.stderr.strip().splitlines()) == 1 and "bilevel seed 0 is in both" in twice.stderr, twice.stderr
-    used = run_cli("merge", "--from", str(first), "--out", str(first))
+    used = run_cli("merge", "--from", str(first), "--out", str(first), "--method", "ppo")
     assert used.returncode == 2 and "already holds a comparison" in used.stderr
+    with pytest.raises(ConfigError, match="--method: unknown method 'ppo'"):
+        merge([first], tmp_path / "merged", methods=("ppo",))

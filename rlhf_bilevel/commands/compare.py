@@ -492,25 +492,32 @@ EVAL_PROTOCOL = ("prompts", "samples", "seed", "confidence")
 """What makes two evaluations comparable: the same held-out prompts, pairs per prompt, random stream and interval."""
 
 
-def merge(sources: Sequence[Path], out: Path) -> dict:
-    """The runs of several finished comparisons, say seeds added on another day, as one comparison over all
-    their seeds: the tables and plots `compare` writes, in `out`. Only runs of one problem merge: the same
-    recipe but for `PER_RUN_FIELDS`, the same evaluation protocol, and per method the same budget and
-    snapshots. Each run stays where it is; the merged rows name its folder."""
+def merge(sources: Sequence[Path], out: Path, methods: Sequence[str] = METHODS) -> dict:
+    """The runs of `methods` in several finished comparisons, say seeds added on another day, as one
+    comparison over all their seeds: the tables and plots `compare` writes, in `out`. Only runs of one
+    problem merge: the same recipe but for `PER_RUN_FIELDS`, the same evaluation protocol, and per method
+    the same budget and snapshots. Each run stays where it is; the merged rows name its folder."""
     check_new_comparison(out)
     if not sources:
         raise ConfigError("--from: give the --out folder of at least one finished `rlhf-bilevel compare`")
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"--method: unknown method '{method}' (choose from {', '.join(METHODS)})")
     rows, source_of = [], {}
     for source in sources:
         file = source / "comparison.json"
         if not file.is_file():
             raise ConfigError(f"--from: {source} holds no comparison.json; give the --out folder of a finished `rlhf-bilevel compare`")
         for row in revive(json.loads(file.read_text(encoding="utf-8")))["runs"]:
+            if row["method"] not in methods:
+                continue
             run = run_name(row), row["seed"]
             if run in source_of:
                 raise ConfigError(f"--from: {run[0]} seed {run[1]} is in both {source_of[run]} and {source}; give each run once")
             source_of[run] = source
             rows.append(row | {"folder": str(run_folder(source, row).resolve())})
+    if not rows:
+        raise ConfigError(f"--method: the --from folders hold no run of {', '.join(methods)}")
     check_comparable(rows)
     order = {name: i for i, name in enumerate(METHODS)}
     settings = list(dict.fromkeys(row.get("setting") for row in rows))
