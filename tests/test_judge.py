@@ -76,13 +76,39 @@ def test_with_words_each_word_that_stands_out_adds_its_own_log_odds(policy, marg
 def test_with_words_each_distinct_word_is_asked_once(policy):
     judge = Judge(policy.trunk, policy.tokenizer, policy.chat_template, dataclasses.replace(JUDGE, words=True))
     asked = []
-    ask = judge.ask
-    judge.ask = lambda texts: asked.extend(texts) or ask(texts)
+    read = judge.read
+    judge.read = lambda texts: asked.extend(texts) or read(texts)
     first = judge.word_evidence(["the dog the", "a dog"])
     assert sorted(asked) == sorted(NEUTRAL_WORDS + ["the", "dog", "a"])
     asked.clear()
     again = judge.word_evidence(["a dog", "my cat"])
     assert asked == ["cat", "my"] and again[0] == first[1]
+
+
+ANCHORED = dataclasses.replace(JUDGE, words=True, word_margin=0.0, anchors_first=("lovely", "Kind"), anchors_second=("horrible", "mean"))
+
+
+def test_anchors_add_each_words_place_between_them_in_log_odds_units(policy):
+    """s(w) = log-odds(w) + weight · u · z(h_w)·d: h_w the base's state where it answers about w, z standardising
+    over the neutral words and the anchors, d the first anchors' mean z minus the second's, and u the units
+    that give the anchors the separation their log-odds give them."""
+    judge = Judge(policy.trunk, policy.tokenizer, policy.chat_template, dataclasses.replace(ANCHORED, anchor_weight=0.5))
+    reference = [*NEUTRAL_WORDS, "lovely", "kind", "horrible", "mean"]
+    hidden = judge.read(reference).float()
+    log_odds = judge.ask(reference)
+    z = (hidden - hidden.mean(0)) / hidden.std(0)
+    d = z[-4:-2].mean(0) - z[-2:].mean(0)
+    units = abs(log_odds[-4:-2].mean() - log_odds[-2:].mean()) / ((z[-4:-2] @ d).mean() - (z[-2:] @ d).mean())
+    words = ["dog", "walk", "the", "lovely"]
+    by_hand = judge.ask(words) + 0.5 * units * ((judge.read(words).float() - hidden.mean(0)) / hidden.std(0)) @ d
+    torch.testing.assert_close(judge.score_words(words), by_hand, atol=1e-4, rtol=1e-4)
+    # in log-odds units: the anchor scores part the two sets as far as the base's answers do
+    anchor = judge.anchor.score(hidden)
+    assert (anchor[-4:-2].mean() - anchor[-2:].mean()).item() == pytest.approx(abs(log_odds[-4:-2].mean() - log_odds[-2:].mean()).item(), rel=1e-4)
+    # and they enter the evidence as the log-odds do, the typical word's score taken off
+    plain = Judge(policy.trunk, policy.tokenizer, policy.chat_template, dataclasses.replace(ANCHORED, anchor_weight=0.0))
+    assert plain.score_words(words).tolist() == pytest.approx(judge.ask(words).tolist(), abs=1e-5)
+    assert not torch.allclose(judge.word_evidence(["dog walk", "the"]), plain.word_evidence(["dog walk", "the"]))
 
 
 def test_sampling_keeps_the_log_odds_with_each_rollout_and_its_rows(policy):
@@ -131,6 +157,11 @@ def test_a_judge_whose_answers_begin_alike_is_a_config_error(policy):
         ("reward.judge={question: ok, scale: -1}", "reward.judge.scale: must be ≥ 0"),
         ("reward.judge={question: ok, words: true, word_margin: -0.1}", "reward.judge.word_margin: must be ≥ 0"),
         ("reward.judge={question: ok, tone: 1}", "reward.judge.tone: unknown key"),
+        ("reward.judge={question: ok, words: true, anchors_first: [good]}", "reward.judge.anchors_second: anchors need words for both answers"),
+        ("reward.judge={question: ok, anchors_first: [good], anchors_second: [bad]}", "reward.judge.anchors_first: anchors score words, so they need words: true"),
+        ("reward.judge={question: ok, words: true, anchors_first: [very good], anchors_second: [bad]}", "reward.judge.anchors_first: 'very good' is not one word"),
+        ("reward.judge={question: ok, words: true, anchors_first: [good], anchors_second: [Good]}", "reward.judge.anchors_second: a word cannot anchor both"),
+        ("reward.judge={question: ok, words: true, anchor_weight: -1}", "reward.judge.anchor_weight: must be ≥ 0"),
     ],
 )
 def test_a_bad_judge_field_is_a_config_error_naming_it(override, message):

@@ -10,6 +10,10 @@ prior anchors it there, so labels correct the judge rather than replace it.
 With `words`, the judge is also asked about each word of a response on its own, once per distinct
 word, and the log-odds of the words that stand out from a typical word's add to the response's: the
 oracle's notion of sentiment (VADER) is a sum over words, which asking about the whole text blurs.
+
+With anchors, a word's score also reads the base's state after the word's prompt along the direction
+from words the second answer fits to words the first answer fits (`AnchorDirection`): the base's own
+sense of the words, beyond the two answer tokens it happens to put next.
 """
 
 from __future__ import annotations
@@ -50,10 +54,24 @@ class JudgeConfig:
     word_margin: float = field(
         default=0.4, metadata={"help": "how far (≥ 0, in log-odds) a word's must lie from a typical word's to count"}
     )
+    anchors_first: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "with words: words the first answer fits, e.g. [good, nice, excellent]; with anchors_second, each word's score adds anchor_weight × its place along the direction between the two sets (docs/reward-model.md)"},
+    )
+    anchors_second: tuple[str, ...] = field(
+        default=(), metadata={"help": "with words: words the second answer fits, e.g. [bad, nasty, poor]"}
+    )
+    anchor_weight: float = field(
+        default=1.0, metadata={"help": "the weight (≥ 0) of a word's anchor score, which is in the judge's log-odds units, against its log-odds"}
+    )
 
     @property
     def asks(self) -> bool:
         return self.question is not None
+
+    @property
+    def anchored(self) -> bool:
+        return bool(self.anchors_first)
 
     def __post_init__(self) -> None:
         if self.question is not None and not self.question.strip():
@@ -64,6 +82,19 @@ class JudgeConfig:
             raise ConfigError(f"scale: must be ≥ 0, got {self.scale}")
         if not self.word_margin >= 0:
             raise ConfigError(f"word_margin: must be ≥ 0, got {self.word_margin}")
+        if not self.anchor_weight >= 0:
+            raise ConfigError(f"anchor_weight: must be ≥ 0, got {self.anchor_weight}")
+        if bool(self.anchors_first) != bool(self.anchors_second):
+            empty = "anchors_second" if self.anchors_first else "anchors_first"
+            raise ConfigError(f"{empty}: anchors need words for both answers; give both lists or neither")
+        for name in ("anchors_first", "anchors_second"):
+            for word in getattr(self, name):
+                if not WORD.fullmatch(word):
+                    raise ConfigError(f"{name}: {word!r} is not one word (letters, one inner apostrophe at most)")
+        if self.anchored and not self.words:
+            raise ConfigError("anchors_first: anchors score words, so they need words: true")
+        if set(map(str.lower, self.anchors_first)) & set(map(str.lower, self.anchors_second)):
+            raise ConfigError("anchors_second: a word cannot anchor both answers")
 
 
 # what a word is: letters, with one inner apostrophe ("don't"); lower-cased, so "Happy" is asked once
@@ -91,8 +122,9 @@ class Judge:
         self.answer_tokens = torch.tensor([tokens[0][0], tokens[1][0]])
         # with `words`: what the base said of each word met so far, and of a typical word. Both follow from
         # the frozen base alone, so a resumed run asks again and gets the same
-        self.word_log_odds: dict[str, float] = {}
+        self.word_scores: dict[str, float] = {}
         self.typical: float | None = None
+        self.anchor: AnchorDirection | None = None
         # every judge prompt is start + text + end; start ends with the question, before the newlines that
         # part it from the text, so that splitting the prompt there changes no token
         asked = f"{cfg.question}\n\n{TEXT}"
@@ -116,22 +148,53 @@ class Judge:
 
     def word_evidence(self, responses: Sequence[str], margin: float | None = None) -> Tensor:
         """[N] Σ over a response's words w (with repeats) of s(w) − s₀ where |s(w) − s₀| > `margin`
-        (`cfg.word_margin` unless given): s(w) the judge's log-odds for w asked alone, s₀ the median
-        over NEUTRAL_WORDS."""
+        (`cfg.word_margin` unless given): s(w) the `score_words` of w, s₀ their median over NEUTRAL_WORDS."""
         words = [[w.lower() for w in WORD.findall(response)] for response in responses]
         if self.typical is None:
-            self.typical = statistics.median(self.ask(NEUTRAL_WORDS).tolist())
-        new = sorted({w for ws in words for w in ws}.difference(self.word_log_odds))
+            self.typical = statistics.median(self.score_words(NEUTRAL_WORDS).tolist())
+        new = sorted({w for ws in words for w in ws}.difference(self.word_scores))
         for start in range(0, len(new), WORD_BATCH):
             chunk = new[start : start + WORD_BATCH]
-            self.word_log_odds.update(zip(chunk, self.ask(chunk).tolist()))
+            self.word_scores.update(zip(chunk, self.score_words(chunk).tolist()))
         margin = self.cfg.word_margin if margin is None else margin
-        deviations = [[self.word_log_odds[w] - self.typical for w in ws] for ws in words]
+        deviations = [[self.word_scores[w] - self.typical for w in ws] for ws in words]
         return torch.tensor([sum(d for d in ds if abs(d) > margin) for ds in deviations], device=self.trunk.device)
 
-    @torch.no_grad()
+    def score_words(self, words: Sequence[str]) -> Tensor:
+        """[N] s(w): the judge's log-odds for each word asked alone; with anchors, plus `anchor_weight` times
+        its anchor score, read from the same forward pass."""
+        hidden = self.read(words)
+        scores = self.answer_log_odds(hidden)
+        if self.cfg.anchored:
+            if self.anchor is None:
+                self.anchor = self.fit_anchor()
+            scores = scores + self.cfg.anchor_weight * self.anchor.score(hidden)
+        return scores
+
+    def fit_anchor(self) -> AnchorDirection:
+        """The anchors' direction, standardised on the states of NEUTRAL_WORDS and the anchors: fixed words,
+        so a resumed run scores every word as before."""
+        first, second = ([w.lower() for w in words] for words in (self.cfg.anchors_first, self.cfg.anchors_second))
+        hidden = self.read([*NEUTRAL_WORDS, *first, *second]).float()
+        log_odds = self.answer_log_odds(hidden)
+        _, *anchors = torch.split(torch.arange(len(hidden)), [len(NEUTRAL_WORDS), len(first), len(second)])
+        return AnchorDirection.fit(hidden, log_odds, *anchors)
+
     def ask(self, texts: Sequence[str]) -> Tensor:
-        """[N] log P(answers[0]) − log P(answers[1]) of the base's next token after each text's judge prompt.
+        """[N] log P(answers[0]) − log P(answers[1]) of the base's next token after each text's judge prompt."""
+        return self.answer_log_odds(self.read(texts))
+
+    def answer_log_odds(self, hidden: Tensor) -> Tensor:
+        """[N] log P(answers[0]) − log P(answers[1]) of the next token, from the base's last hidden states [N, d]."""
+        trunk = self.trunk
+        with torch.no_grad(), trunk.autocast():
+            # the two answers' logits alone: their difference is the log-odds, the softmax's normaliser cancelling
+            logits = (hidden.to(trunk.head.weight.dtype) @ trunk.head.weight[self.answer_tokens.to(hidden.device)].T).float()
+        return logits[:, 0] - logits[:, 1]
+
+    @torch.no_grad()
+    def read(self, texts: Sequence[str]) -> Tensor:
+        """[N, d] the base's last hidden state after each text's judge prompt, where it puts the answer.
         The prompts' common start is encoded once per judge: it is most of a word's prompt."""
         trunk, device = self.trunk, self.trunk.device
         rest = [self.before_text + text + self.end for text in texts]
@@ -146,8 +209,35 @@ class Judge:
             past = PrefixCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self.start_states])
             # the padding of the shorter rests lies between the start and the rest: masked, and not counted in positions
             mask = torch.cat([torch.ones(n, length, dtype=torch.long, device=device), rest["attention_mask"].to(device)], 1)
-            hidden = trunk(rest["input_ids"].to(device), mask, past=past)[:, -1]
-            with trunk.autocast():
-                # the two answers' logits alone: their difference is the log-odds, the softmax's normaliser cancelling
-                logits = (hidden @ trunk.head.weight[self.answer_tokens.to(device)].T).float()
-        return logits[:, 0] - logits[:, 1]
+            return trunk(rest["input_ids"].to(device), mask, past=past)[:, -1]
+
+
+@dataclass(frozen=True)
+class AnchorDirection:
+    """A word's place between two sets of anchor words, in the base's state after the word's judge prompt.
+
+    States are standardised per dimension (`mean`, `spread`) over a fixed reference set of words; the
+    direction is the first anchors' mean standardised state minus the second's. A word's score is its
+    projection on that direction, in units that give the two anchor sets the same separation as the
+    judge's own log-odds give them, so that the two add. (Its offset is left to the typical word's
+    score, which `Judge.word_evidence` subtracts.)
+    """
+
+    mean: Tensor  # [d]
+    spread: Tensor  # [d]
+    direction: Tensor  # [d], per log-odds unit
+
+    @classmethod
+    def fit(cls, hidden: Tensor, log_odds: Tensor, first: Tensor, second: Tensor) -> AnchorDirection:
+        """From the states [N, d] and log-odds [N] of the reference words, of which `first` and `second` index the anchors."""
+        mean, spread = hidden.mean(0), hidden.std(0) + 1e-6
+        standard = (hidden - mean) / spread
+        direction = standard[first].mean(0) - standard[second].mean(0)
+        projection = standard @ direction
+        # the anchors' separation in log-odds, made positive: the direction, not the base's answer, says which is first
+        units = (log_odds[first].mean() - log_odds[second].mean()).abs() / (projection[first].mean() - projection[second].mean())
+        return cls(mean, spread, direction * units)
+
+    def score(self, hidden: Tensor) -> Tensor:
+        """[N] the anchor score of each state [N, d]."""
+        return ((hidden.float() - self.mean) / self.spread) @ self.direction
