@@ -15,11 +15,15 @@ response alone, then, with `words`, for each `--word-margin` on the same pairs a
 margin after the first also as its difference from the first, pair by pair:
 
     .venv/bin/python scripts/probe_judge.py --pairs runs/compare/*/preferences.jsonl --word-margin 0.4 --word-margin 0.1
+
+With anchors (`judge.anchors_first` and `anchors_second`), each `--anchor-weight` is scored at each
+margin, 0 being the words' log-odds alone, on the same pairs and compared with the first line alike.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -48,11 +52,14 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--pairs", type=Path, nargs="+", default=[], help="score the pairs of these preferences.jsonl files instead of sampling")
     parser.add_argument("--word-margin", type=float, action="append", default=[], help="with words: score this margin (repeatable); default the recipe's")
+    parser.add_argument("--anchor-weight", type=float, action="append", default=[], help="with anchors: score this anchor_weight (repeatable); default the recipe's")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     recipe = load_recipe(args.recipe, args.overrides)
     if not recipe.reward.judge.asks:
         raise SystemExit("reward.judge.question: the recipe asks no judge; set one with --set reward.judge.question=...")
+    if args.anchor_weight and not recipe.reward.judge.anchored:
+        raise SystemExit("--anchor-weight: the recipe's judge has no anchors; set reward.judge.anchors_first and anchors_second")
     _, prompts = load_prompts(recipe.prompts, args.recipe.parent)
     base, tokenizer = load_base(recipe.model)
     policy = LMPolicy(with_adapters(base, recipe.adapters), tokenizer, recipe.rollout, recipe.model.chat_template)
@@ -70,10 +77,12 @@ def main() -> None:
     score = functools.partial(agreement_line, prob=prob, unit=unit, prompts=len(prompts))
     print(f"  the response as a whole: {score(asked)[0]}")
     first = None
-    for margin in (args.word_margin or [cfg.word_margin]) if cfg.words else []:
-        line, hits = score(asked + judge.word_evidence(texts, margin), against=first)
-        first = hits if first is None else first
-        print(f"  and each word beyond {margin}: {line}")
+    for weight in (args.anchor_weight or [cfg.anchor_weight]) if cfg.words else []:
+        weighted = Judge(policy.trunk, tokenizer, policy.chat_template, dataclasses.replace(cfg, anchor_weight=weight))
+        for margin in args.word_margin or [cfg.word_margin]:
+            line, hits = score(asked + weighted.word_evidence(texts, margin), against=first)
+            first = hits if first is None else first
+            print(f"  and each word beyond {margin}{f', anchors × {weight}' if cfg.anchored else ''}: {line}")
 
 
 def agreement_line(judged: torch.Tensor, prob: torch.Tensor, unit: torch.Tensor, prompts: int, against: torch.Tensor | None = None) -> tuple[str, torch.Tensor]:
@@ -86,7 +95,7 @@ def agreement_line(judged: torch.Tensor, prob: torch.Tensor, unit: torch.Tensor,
     line = f"{estimate.mean:.3f} [{estimate.low:.3f}, {estimate.high:.3f}]"
     if against is not None:
         difference = pooled(hits - against, unit, prompts, 2000, 0.95, np.random.default_rng(0))
-        line += f", {difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}] against the first margin"
+        line += f", {difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}] against the first line"
     return line, hits
 
 
