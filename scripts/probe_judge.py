@@ -17,13 +17,13 @@ margin after the first also as its difference from the first, pair by pair:
     .venv/bin/python scripts/probe_judge.py --pairs runs/compare/*/preferences.jsonl --word-margin 0.4 --word-margin 0.1
 
 With anchors (`judge.anchors_first` and `anchors_second`), each `--anchor-weight` is scored at each
-margin, 0 being the words' log-odds alone, on the same pairs and compared with the first line alike.
+margin, 0 being the words' log-odds alone, on the same pairs and judge passes, and compared with the
+first line alike.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import sys
@@ -78,9 +78,8 @@ def main() -> None:
     print(f"  the response as a whole: {score(asked)[0]}")
     first = None
     for weight in (args.anchor_weight or [cfg.anchor_weight]) if cfg.words else []:
-        weighted = Judge(policy.trunk, tokenizer, policy.chat_template, dataclasses.replace(cfg, anchor_weight=weight))
         for margin in args.word_margin or [cfg.word_margin]:
-            line, hits = score(asked + weighted.word_evidence(texts, margin), against=first)
+            line, hits = score(asked + judge.word_evidence(texts, margin, weight), against=first)
             first = hits if first is None else first
             print(f"  and each word beyond {margin}{f', anchors × {weight}' if cfg.anchored else ''}: {line}")
 

@@ -123,11 +123,15 @@ class CompareConfig:
             raise ConfigError(f"--seed: each seed once, got {', '.join(map(str, self.seeds))}")
         if not self.methods:
             raise ConfigError(f"--method: give at least one of {', '.join(METHODS)}")
-        for method in self.methods:
-            if method not in METHODS:
-                raise ConfigError(f"--method: unknown method '{method}' (choose from {', '.join(METHODS)})")
+        check_methods(self.methods)
         if self.jobs < 1:
             raise ConfigError(f"--jobs: must be at least 1, got {self.jobs}")
+
+
+def check_methods(methods: Sequence[str]) -> None:
+    for method in methods:
+        if method not in METHODS:
+            raise ConfigError(f"--method: unknown method '{method}' (choose from {', '.join(METHODS)})")
 
 
 def snapshot_every(recipe: Recipe, snapshots: int) -> int:
@@ -500,9 +504,7 @@ def merge(sources: Sequence[Path], out: Path, methods: Sequence[str] = METHODS) 
     check_new_comparison(out)
     if not sources:
         raise ConfigError("--from: give the --out folder of at least one finished `rlhf-bilevel compare`")
-    for method in methods:
-        if method not in METHODS:
-            raise ConfigError(f"--method: unknown method '{method}' (choose from {', '.join(METHODS)})")
+    check_methods(methods)
     rows, source_of = [], {}
     for source in sources:
         file = source / "comparison.json"

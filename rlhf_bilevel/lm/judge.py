@@ -122,8 +122,10 @@ class Judge:
         self.answer_tokens = torch.tensor([tokens[0][0], tokens[1][0]])
         # with `words`: what the base said of each word met so far, and of a typical word. Both follow from
         # the frozen base alone, so a resumed run asks again and gets the same
-        self.word_scores: dict[str, float] = {}
-        self.typical: float | None = None
+        # (log-odds, anchor score) of each word met, and of NEUTRAL_WORDS, read apart; kept apart so that
+        # any anchor weight combines them without another pass
+        self.word_parts: dict[str, tuple[float, float]] = {}
+        self.neutral_parts: list[tuple[float, float]] | None = None
         self.anchor: AnchorDirection | None = None
         # every judge prompt is start + text + end; start ends with the question, before the newlines that
         # part it from the text, so that splitting the prompt there changes no token
@@ -146,30 +148,42 @@ class Judge:
         asked = self.ask(responses)
         return asked + self.word_evidence(responses) if self.cfg.words else asked
 
-    def word_evidence(self, responses: Sequence[str], margin: float | None = None) -> Tensor:
+    def word_evidence(self, responses: Sequence[str], margin: float | None = None, anchor_weight: float | None = None) -> Tensor:
         """[N] Σ over a response's words w (with repeats) of s(w) − s₀ where |s(w) − s₀| > `margin`
-        (`cfg.word_margin` unless given): s(w) the `score_words` of w, s₀ their median over NEUTRAL_WORDS."""
+        (`cfg.word_margin` unless given): s(w) the `score_words` of w at `anchor_weight` (`cfg.anchor_weight`
+        unless given), s₀ their median over NEUTRAL_WORDS."""
+        weight = self.cfg.anchor_weight if anchor_weight is None else anchor_weight
         words = [[w.lower() for w in WORD.findall(response)] for response in responses]
-        if self.typical is None:
-            self.typical = statistics.median(self.score_words(NEUTRAL_WORDS).tolist())
-        new = sorted({w for ws in words for w in ws}.difference(self.word_scores))
-        for start in range(0, len(new), WORD_BATCH):
-            chunk = new[start : start + WORD_BATCH]
-            self.word_scores.update(zip(chunk, self.score_words(chunk).tolist()))
+        if self.neutral_parts is None:
+            self.neutral_parts = self.parts(self.read(NEUTRAL_WORDS))
+        typical = statistics.median(log_odds + weight * anchor for log_odds, anchor in self.neutral_parts)
+        scores = self.scores_of({w for ws in words for w in ws}, weight)
         margin = self.cfg.word_margin if margin is None else margin
-        deviations = [[self.word_scores[w] - self.typical for w in ws] for ws in words]
+        deviations = [[scores[w] - typical for w in ws] for ws in words]
         return torch.tensor([sum(d for d in ds if abs(d) > margin) for ds in deviations], device=self.trunk.device)
 
-    def score_words(self, words: Sequence[str]) -> Tensor:
-        """[N] s(w): the judge's log-odds for each word asked alone; with anchors, plus `anchor_weight` times
-        its anchor score, read from the same forward pass."""
-        hidden = self.read(words)
-        scores = self.answer_log_odds(hidden)
-        if self.cfg.anchored:
-            if self.anchor is None:
-                self.anchor = self.fit_anchor()
-            scores = scores + self.cfg.anchor_weight * self.anchor.score(hidden)
-        return scores
+    def score_words(self, words: Sequence[str], anchor_weight: float | None = None) -> Tensor:
+        """[N] s(w): the judge's log-odds for each word asked alone; with anchors, plus `anchor_weight`
+        (`cfg.anchor_weight` unless given) times its anchor score, read from the same forward pass."""
+        scores = self.scores_of(set(words), self.cfg.anchor_weight if anchor_weight is None else anchor_weight)
+        return torch.tensor([scores[w] for w in words])
+
+    def scores_of(self, words: set[str], weight: float) -> dict[str, float]:
+        """s(w) of each word at anchor weight `weight`; a word is read once per judge, whatever the weight."""
+        new = sorted(words.difference(self.word_parts))
+        for start in range(0, len(new), WORD_BATCH):
+            chunk = new[start : start + WORD_BATCH]
+            self.word_parts.update(zip(chunk, self.parts(self.read(chunk))))
+        return {w: self.word_parts[w][0] + weight * self.word_parts[w][1] for w in words}
+
+    def parts(self, hidden: Tensor) -> list[tuple[float, float]]:
+        """(log-odds, anchor score) of each state [N, d] of a word's prompt; the anchor score is 0 without anchors."""
+        log_odds = self.answer_log_odds(hidden)
+        if not self.cfg.anchored:
+            return [(x, 0.0) for x in log_odds.tolist()]
+        if self.anchor is None:
+            self.anchor = self.fit_anchor()
+        return list(zip(log_odds.tolist(), self.anchor.score(hidden).tolist()))
 
     def fit_anchor(self) -> AnchorDirection:
         """The anchors' direction, standardised on the states of NEUTRAL_WORDS and the anchors: fixed words,
