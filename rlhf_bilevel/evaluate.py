@@ -139,10 +139,21 @@ def pairs_each(policy, adapter: str | None, prompts: Sequence[Any], seed: int, s
         return policy.sample(repeated, generator, rows=world.shard(len(repeated)))
 
 
-def gold_score(policy, labeller: Labeller, prompts: Sequence[Any], cfg: EvalConfig, adapter: str | None = LAMBDA) -> float:
-    """Mean gold score of the responses `evaluate` draws: the cheap measure for a curve along a run."""
+def snapshot_measures(
+    policy, labeller: Labeller, prompts: Sequence[Any], cfg: EvalConfig, reward=None, adapter: str | None = LAMBDA
+) -> dict[str, float]:
+    """The cheap measures of one point along a run, on the responses `evaluate` draws from `adapter` (π_λ;
+    None for π_ref): their mean gold score and, given `reward` (the run's reward model at that point,
+    built on `policy` before it samples), how often it orders their pairs as the oracle does, over the
+    pairs the oracle decides (the mean of `evaluate`'s agreement, without its interval)."""
     rollout = pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples)
-    return labeller.score(rollout.prompts, rollout.responses).mean().item()
+    measures = {"gold": labeller.score(rollout.prompts, rollout.responses).mean().item()}
+    if reward is not None:
+        prob = labeller.evaluation_labels(rollout.prompts[0::2], rollout.responses[0::2], rollout.responses[1::2]).double()
+        with torch.no_grad():
+            margins = est.pair_margins(reward.token_rewards(rollout), consecutive_pairs(rollout))
+        measures["agreement"] = agreement(margins.double(), prob).mean().item()
+    return measures
 
 
 @dataclass

@@ -35,13 +35,23 @@ def test_quick_comparison_spends_one_budget_on_every_method(tmp_path):
         assert 0 <= row["eval"]["win_rate"]["mean"] <= 1
         assert row["eval"]["samples"] == 2 and row["eval"]["gold"]["policy"]["n"] == 6
         assert (out / f"{row['method']}-seed0" / "eval" / "eval.json").is_file()
-    # only the two methods that learn a reward model report its agreement
+    # only the two methods that learn a reward model report its agreement, and at every snapshot too; the
+    # last snapshot is the final policy and reward model, measured on the pairs the final evaluation scored
     assert ["agreement" in row["eval"] for row in rows] == [True, True, False]
+    for row in rows[:2]:
+        # before any label R_φ₀ is 0 everywhere (no judge here): it calls every decided pair a draw
+        assert row["curve"][0]["agreement"] == 0.5 and all(0 <= point["agreement"] <= 1 for point in row["curve"][1:])
+        assert row["curve"][-1]["agreement"] == pytest.approx(row["eval"]["agreement"]["policy"]["mean"])
+        assert row["curve"][-1]["gold"] == pytest.approx(row["eval"]["gold"]["policy"]["mean"])
+    assert not any("agreement" in point for point in rows[2]["curve"])
+    assert [len(over["curve"]) for over in comparison["summary"].values()] == [3, 3, 3]
+    assert ["agreement" in point for point in comparison["summary"]["bilevel"]["curve"]] == [True, True, True]
     # one seed: the mean is that seed's number, the interval undefined rather than made up
     gold = comparison["summary"]["bilevel"]["gold"]
     assert gold["mean"] == rows[0]["eval"]["gold"]["policy"]["mean"] and math.isnan(gold["low"]) and math.isnan(gold["high"])
     assert "agreement_policy" not in comparison["summary"]["online-dpo"]
-    runs_table, summary_table, differences_table = (out / "comparison.md").read_text().split("\n\n")
+    runs_table, summary_table, differences_table, agreement_table = (out / "comparison.md").read_text().split("\n\n")
+    assert len(agreement_table.splitlines()) == 2 + 2 * 3 and "| alternating | 1 | 0 | 0.500 [—] |" in agreement_table
     assert len(runs_table.splitlines()) == 2 + len(METHODS) and len(summary_table.splitlines()) == 2 + len(METHODS)
     assert "| online-dpo | 1 |" in summary_table and "[—]" in summary_table
     # each pair of methods, seed by seed: one seed's difference is that seed's, without an interval
@@ -52,7 +62,7 @@ def test_quick_comparison_spends_one_budget_on_every_method(tmp_path):
     assert len(differences_table.splitlines()) == 2 + 3 and "| bilevel − alternating | 1 |" in differences_table
     # every line a run prints names it
     assert all(f"{m}/seed0: training on {budget} oracle pairs" in result.stdout for m in METHODS)
-    assert (out / "comparison.png").stat().st_size > 0 and (out / "comparison-time.png").stat().st_size > 0
+    assert all((out / name).stat().st_size > 0 for name in ("comparison.png", "comparison-time.png", "comparison-agreement.png"))
 
 
 def test_t_interval_by_hand():
@@ -168,9 +178,10 @@ def estimate(mean: float, n: int = 4) -> dict:
     return {"mean": mean, "low": mean - 0.1, "high": mean + 0.1, "n": n}
 
 
-def comparison_folder(path, gold: dict[tuple[str, int], float], *overrides: str, samples: int = 1, budget: int = 8):
+def comparison_folder(path, gold: dict[tuple[str, int], float], *overrides: str, samples: int = 1, budget: int = 8, agreement: bool = False):
     """A finished comparison as `compare` leaves it, with made-up numbers: one row per (method, seed) of `gold`,
-    its final gold score; each run folder holds its resolved recipe (with `overrides`), as `train` writes it."""
+    its final gold score; each run folder holds its resolved recipe (with `overrides`), as `train` writes it.
+    With `agreement`, the runs with a reward model measured it: 0.55 before any label, 0.6 + seed/10 halfway, 0.1 more at the end."""
     rows = []
     for (method, seed), final in gold.items():
         recipe = load_recipe(TINY, [*overrides, f"train.seed={seed}", f"train.threads={seed + 1}"]
@@ -186,6 +197,9 @@ def comparison_folder(path, gold: dict[tuple[str, int], float], *overrides: str,
                      "gold": {"reference": estimate(0.3), "policy": estimate(final)}},
             "curve": [{"oracle_pairs": p, "seconds": s, "gold": g} for p, s, g in ((0, 0.0, 0.3), (budget // 2, 5.0, halfway), (budget, 10.0, final))],
         })
+        if agreement and method != "online-dpo":
+            for point, value in zip(rows[-1]["curve"], (0.55, 0.6 + seed / 10, 0.7 + seed / 10)):
+                point["agreement"] = value
     (path / "comparison.json").write_text(json.dumps({"runs": rows}))
     return path
 
@@ -226,6 +240,24 @@ def test_merge_pools_the_seeds_of_several_comparisons_into_one_report(tmp_path):
     assert list(two["summary"]) == ["bilevel", "online-dpo"] and list(two["differences"]) == ["bilevel − online-dpo"]
     with pytest.raises(ConfigError, match="--method: the --from folders hold no run of online-dpo"):
         merge([first], tmp_path / "none", methods=("online-dpo",))
+
+
+def test_merge_pools_the_agreement_along_the_runs_where_every_seed_measured_it(tmp_path):
+    first = comparison_folder(tmp_path / "a", {("bilevel", 0): 0.6, ("bilevel", 1): 0.7, ("online-dpo", 0): 0.5}, agreement=True)
+    later = comparison_folder(tmp_path / "b", {("bilevel", 2): 0.65}, agreement=True)
+    merged = merge([first, later], tmp_path / "merged")
+    curve = merged["summary"]["bilevel"]["curve"]
+    assert curve[0]["agreement"].mean == pytest.approx(0.55) and not any("agreement" in point for point in merged["summary"]["online-dpo"]["curve"])
+    halfway, end = t_interval([0.6, 0.7, 0.8], 0.95), t_interval([0.7, 0.8, 0.9], 0.95)
+    assert [curve[1]["agreement"].mean, curve[1]["agreement"].low, curve[2]["agreement"].mean] == pytest.approx([halfway.mean, halfway.low, end.mean])
+    table = (tmp_path / "merged" / "comparison.md").read_text().split("\n\n")[-1]
+    assert table.splitlines()[3:] == ["| bilevel | 3 | 4 | 0.700 [0.452, 0.948] |", "| bilevel | 3 | 8 | 0.800 [0.552, 1.048] |"]
+    assert (tmp_path / "merged" / "comparison-agreement.png").stat().st_size > 0
+    # a seed from a comparison that did not measure it leaves the pooled curve without agreement, not a partial mean
+    older = comparison_folder(tmp_path / "c", {("bilevel", 3): 0.65})
+    mixed = merge([first, older], tmp_path / "mixed")
+    assert not any("agreement" in point for point in mixed["summary"]["bilevel"]["curve"])
+    assert not (tmp_path / "mixed" / "comparison-agreement.png").exists()
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 
 from rlhf_bilevel.commands.train import train
-from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate, pooled
+from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate, pooled, snapshot_measures
 from rlhf_bilevel.labelling import Labeller, both_orders
 from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.oracles import oracle_config
@@ -114,6 +114,26 @@ def test_evaluate_by_hand_with_a_scripted_policy(samples):
     assert result["agreement"]["policy"].n == 3 * samples and result["win_rate"].n == 3  # pairs; the unit stays the prompt
     # 3 prompts: 2 responses against the reference for the win rate, one pair each for agreement on both sides, per sample
     assert result["oracle_pairs"] == (3 * 2 + 3 * 2) * samples  # win rate, then agreement: 2 pairs a prompt each
+
+
+class ShorterReward(LengthReward):
+    """The length reward turned round: it orders every decided pair against the length oracle."""
+
+    def token_rewards(self, rollout):
+        return -super().token_rewards(rollout)
+
+
+def test_snapshot_measures_by_hand_agree_with_evaluate():
+    # the policy's pairs are [long, short], of 4 and 1 words: gold 2.5; a reward for length orders every
+    # pair as the length oracle does, its reverse none
+    policy = ScriptedPolicy({LAMBDA: ["a b c d", "a"], None: ["a", "a"]})
+    oracle = length_oracle(oracle_config(kind="length", labels="deterministic"))
+    cfg, prompts = EvalConfig(resamples=200, samples=2), ["p1", "p2", "p3"]
+    assert snapshot_measures(policy, Labeller(oracle), prompts, cfg) == {"gold": pytest.approx(2.5)}
+    assert snapshot_measures(policy, Labeller(oracle), prompts, cfg, LengthReward()) == {"gold": pytest.approx(2.5), "agreement": 1.0}
+    assert snapshot_measures(policy, Labeller(oracle), prompts, cfg, ShorterReward())["agreement"] == 0.0
+    full = evaluate(policy, Labeller(oracle), prompts, cfg, reward=LengthReward())
+    assert (full["gold"]["policy"].mean, full["agreement"]["policy"].mean) == pytest.approx((2.5, 1.0))
 
 
 class FirstShownJudge:

@@ -9,9 +9,10 @@ each seed of a seed set, and spend the same number of oracle-labelled pairs,
     online-dpo    TRL's Online DPO trainer, the same oracle labelling its pairs
 
 Then one evaluation protocol scores all of them (`rlhf_bilevel.evaluate`): the final
-policies in full, and snapshots along the way by gold score only, on the same held-out
-prompts and random stream, so the curves of gold score against oracle pairs used are
-comparable point for point.
+policies in full, and snapshots along the way by two cheap measures: the gold score, and for the
+methods that learn a reward model, how often that snapshot's reward model orders its policy's
+pairs as the oracle does. All use the same held-out prompts and random stream, so the curves
+against oracle pairs used are comparable point for point.
 
 Each (method, seed) run trains and is evaluated on its own, so `--jobs N` runs them as N
 worker processes, each on its share of the cores. One seed says little: a seed changes the
@@ -33,13 +34,16 @@ seeds added later say, into one such report.
       bilevel-seed0/ alternating-seed0/ online-dpo-seed0/ ...   the runs (each with eval/)
       comparison.json       {"runs": one row per run, "summary": per method (and swept value) over its seeds,
                              "differences": per pair of methods, over the seeds both ran}
-      comparison.md         the runs table, the over-seeds table and the paired-differences table
+      comparison.md         the runs table, the over-seeds table, the paired-differences table and the
+                            reward model's agreement at each snapshot
       comparison.png        gold score against oracle pairs used: mean over seeds, interval shaded
       comparison-time.png   the same against wall-clock training seconds
+      comparison-agreement.png  the reward model's agreement against oracle pairs used, for the methods that learn one
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -56,14 +60,15 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence, TextIO
 import torch
 
 from rlhf_bilevel.checkpoint import checkpoints
-from rlhf_bilevel.commands.eval import held_out_prompts, load_policy, load_run
+from rlhf_bilevel.commands.eval import held_out_prompts, load_checkpoint_policy, load_policy, load_run
 from rlhf_bilevel.config import ConfigError, positive
+from rlhf_bilevel.distributed import resolve_device
 from rlhf_bilevel.environment import available_cores
-from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, gold_score
+from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, snapshot_measures
 from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.preflight import check_output_dir
 from rlhf_bilevel.report import plain, write_eval
-from rlhf_bilevel.types import LAMBDA
+from rlhf_bilevel.run_folder import RunFolder
 
 if TYPE_CHECKING:  # the recipe, the trainers and TRL are imported where used: a bad option is then reported in seconds
     from rlhf_bilevel.recipe import Recipe
@@ -175,6 +180,11 @@ def start_worker(threads: int, warning_filters: list, library_logging: tuple[int
     (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
+def unrewarded(recipe: Recipe, adapter: Path) -> tuple[Any, None]:
+    """(policy, reward model) of a snapshot of a run that learns no reward model (Online DPO's): π_λ at `adapter`, and None."""
+    return load_policy(recipe, adapter), None
+
+
 def labels_flipped(metrics_file: Path) -> int:
     """Training labels a run's `oracle.flip` flipped, from the last outer record of its metrics.jsonl (0 without flips)."""
     flipped = 0
@@ -256,7 +266,7 @@ class Comparison:
                 recipe, folder, self.base_dir, pairs=budget, beta=self.cfg.dpo_beta, snapshot_every=self.every[setting] * per_outer_step,
             )
             wall, pairs, flipped = trained.seconds, trained.oracle_pairs, trained.labels_flipped
-            snapshots = {p: (Path(a), trained.snapshot_seconds[p]) for p, a in trained.snapshots.items()}
+            snapshots = {p: (functools.partial(unrewarded, recipe, Path(a)), trained.snapshot_seconds[p]) for p, a in trained.snapshots.items()}
             final = load_policy(recipe, Path(trained.adapter_dir))
             result = evaluate(final, labeller, self.prompts, self.cfg.eval)
             write_eval(result, folder / "eval", name=folder.name)
@@ -265,18 +275,22 @@ class Comparison:
             wall, pairs = summary.seconds, summary.oracle_pairs
             flipped = labels_flipped(folder / "metrics.jsonl")
             elapsed = outer_seconds(folder / "metrics.jsonl")
-            snapshots = {step * per_outer_step: (path / "adapters" / LAMBDA, elapsed[step]) for step, path in checkpoints(folder)}
+            run = RunFolder(folder)
+            snapshots = {
+                step * per_outer_step: (functools.partial(load_checkpoint_policy, run, path, recipe), elapsed[step]) for step, path in checkpoints(folder)
+            }
             _, _, final, reward = load_run(folder)
             result = evaluate(final, labeller, self.prompts, self.cfg.eval, reward)
             write_eval(result, folder / "eval", name=folder.name, metrics_file=folder / "metrics.jsonl")
         print(f"{time.perf_counter() - start:.0f} s, win rate {result['win_rate']}")
+        # snapshots: oracle pairs → (loads that point's policy and reward model, seconds), loaded only when
+        # measured, so one snapshot's model is in memory at a time
         curve = []
         if "gold" in result:  # the oracle has a gold score
             curve = [{"oracle_pairs": 0, "seconds": 0.0, "gold": result["gold"]["reference"].mean}]
-            curve += [
-                {"oracle_pairs": p, "seconds": s, "gold": gold_score(load_policy(recipe, a), labeller, self.prompts, self.cfg.eval)}
-                for p, (a, s) in sorted(snapshots.items())
-            ]
+            for p, (load, s) in sorted(snapshots.items()):
+                policy, reward = load()
+                curve.append({"oracle_pairs": p, "seconds": s, **snapshot_measures(policy, labeller, self.prompts, self.cfg.eval, reward)})
         row = {"method": method, "seed": seed, "oracle_pairs": pairs, "labels_flipped": flipped, "seconds": wall, "eval": result, "curve": curve}
         return row | ({"setting": setting} if setting else {})
 
@@ -307,20 +321,44 @@ class Comparison:
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # the runs under way finish; the others never start
                     raise
+        self.measure_before_labels(rows)
         return write_comparison(rows, self.out, self.cfg.eval.confidence)
+
+    def measure_before_labels(self, rows: list[dict]) -> None:
+        """Starts the agreement curve of each run that learns a reward model at 0 labels: R_φ₀ on the
+        reference's pairs. Both are the same in every seed's run (the heads start at a zero mean,
+        leaving the judge's prior alone), so it is measured once per swept setting, here."""
+        from rlhf_bilevel.commands.train import initial_parts
+
+        for setting in self.settings:
+            learners = [row for row in rows if row.get("setting") == setting and row["method"] != "online-dpo" and row["curve"]]
+            if not learners:
+                continue
+            recipe = self.recipe(learners[0]["seed"], learners[0]["method"], setting)
+            _, _, policy, reward = initial_parts(recipe, resolve_device(recipe.train.device))
+            labeller = make_labeller(recipe.oracle, learners[0]["seed"])
+            before = snapshot_measures(policy, labeller, self.prompts, self.cfg.eval, reward, adapter=None)
+            print(f"{setting + ': ' if setting else ''}the reward model before any label orders {before['agreement']:.3f} of the reference's pairs as the oracle does")
+            for row in learners:
+                row["curve"][0]["agreement"] = before["agreement"]
 
 
 def write_comparison(rows: list[dict], out: Path, confidence: float, **extra) -> dict:
-    """comparison.json, comparison.md and the two plots of `rows` in `out`; `extra` goes into the JSON as is."""
+    """comparison.json, comparison.md and the plots of `rows` in `out`; `extra` goes into the JSON as is."""
     comparison = {**extra, "runs": rows, "summary": summarise(rows, confidence), "differences": differences(rows, confidence)}
     (out / "comparison.json").write_text(json.dumps(plain(comparison), indent=1, ensure_ascii=False), encoding="utf-8")
     tables = [table(rows), summary_table(comparison["summary"], confidence)]
     if comparison["differences"]:
         tables.append(differences_table(comparison["differences"], confidence))
+    along = any("agreement" in point for over in comparison["summary"].values() for point in over["curve"])
+    if along:
+        tables.append(agreement_table(comparison["summary"], confidence))
     (out / "comparison.md").write_text("\n".join(tables), encoding="utf-8")
     if any(row["curve"] for row in rows):
         plot(comparison["summary"], "oracle_pairs", "oracle pairs used", out / "comparison.png")
         plot(comparison["summary"], "seconds", "training seconds (wall clock)", out / "comparison-time.png")
+    if along:
+        plot(comparison["summary"], "oracle_pairs", "oracle pairs used", out / "comparison-agreement.png", measure="agreement")
     return comparison
 
 
@@ -370,6 +408,8 @@ def summarise(rows: list[dict], confidence: float) -> dict[str, dict]:
                 "seconds": sum(p["seconds"] for p in points) / len(points),
                 "gold": t_interval([p["gold"] for p in points], confidence),
             }
+            # a point's agreement where every seed's run measured one (not those of compares before it was measured)
+            | ({"agreement": t_interval([p["agreement"] for p in points], confidence)} if all("agreement" in p for p in points) else {})
             for points in zip(*(row["curve"] for row in runs))
         ]
     return summary
@@ -450,8 +490,28 @@ def differences_table(diffs: dict[str, dict], confidence: float) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path) -> None:
-    """Gold score against `x` of the mean curves, one line per method, its seeds' interval shaded where it exists."""
+def agreement_table(summary: dict[str, dict], confidence: float) -> str:
+    """One line per method and snapshot: its reward model's agreement with the oracle on its policy's pairs, over seeds."""
+    lines = [
+        f"| method | seeds | oracle pairs used | agreement on the snapshot policy's pairs (mean [{confidence:.0%} CI]) |",
+        "|---|---|---|---|",
+    ]
+    for method, over in summary.items():
+        for point in over["curve"]:
+            if "agreement" in point:
+                lines.append(f"| {method} | {len(over['seeds'])} | {point['oracle_pairs']:.0f} | {cell(point['agreement'], 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+PLOTTED = {  # measure of a curve point: (y label, title)
+    "gold": ("gold score (held-out)", "Gold score at equal feedback, mean over seeds"),
+    "agreement": ("agreement with the oracle (policy pairs)", "The reward model along the run, mean over seeds"),
+}
+
+
+def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path, measure: str = "gold") -> None:
+    """`measure` against `x` of the mean curves, one line per method, its seeds' interval shaded where it exists;
+    a method's line joins the points that have the measure."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -459,14 +519,16 @@ def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for method, over in summary.items():
-        if not over["curve"]:
+        points = [point for point in over["curve"] if measure in point]
+        if not points:
             continue
-        xs = [point[x] for point in over["curve"]]
-        gold = [point["gold"] for point in over["curve"]]
-        (line,) = ax.plot(xs, [g.mean for g in gold], marker="o", label=f"{method} ({len(over['seeds'])} seeds)")
+        xs = [point[x] for point in points]
+        ys = [point[measure] for point in points]
+        (line,) = ax.plot(xs, [y.mean for y in ys], marker="o", label=f"{method} ({len(over['seeds'])} seeds)")
         if len(over["seeds"]) > 1:
-            ax.fill_between(xs, [g.low for g in gold], [g.high for g in gold], color=line.get_color(), alpha=0.2)
-    ax.set(xlabel=xlabel, ylabel="gold score (held-out)", title="Gold score at equal feedback, mean over seeds")
+            ax.fill_between(xs, [y.low for y in ys], [y.high for y in ys], color=line.get_color(), alpha=0.2)
+    ylabel, title = PLOTTED[measure]
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

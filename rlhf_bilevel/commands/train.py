@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from rlhf_bilevel.allocator import return_freed_memory
 from rlhf_bilevel.bilevel import Bilevel
@@ -36,6 +37,17 @@ from rlhf_bilevel.trainer import Summary, Trainer
 from rlhf_bilevel.types import ADAPTERS, Critic
 
 
+def initial_parts(recipe: Recipe, device: torch.device) -> tuple[PeftModel, tuple[str, ...], LMPolicy, TokenReward]:
+    """What a run of `recipe` starts from: the base with its fresh adapters (the peft model and their
+    names), as the policy, and the reward model as initialised. The initialisations draw from torch's
+    global streams; whatever they draw, R_φ₀ is the judge's prior alone (or 0), as the heads start at a zero mean."""
+    base, tokenizer = load_base(recipe.model, device)
+    adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
+    model = with_adapters(base, recipe.adapters, extra=adapters[len(ADAPTERS):])
+    policy = LMPolicy(model, tokenizer, recipe.rollout, recipe.model.chat_template)
+    return model, adapters, policy, TokenReward.on(policy, recipe.reward).to(device)
+
+
 def build(recipe: Recipe, run_dir: Path, base_dir: Path, world: Collectives = World()) -> Trainer:
     """The parts of a run of `recipe` in `run_dir`, relative paths read from `base_dir`; `world`: the
     processes the run is split over (the main one writes every file). Nothing is written yet."""
@@ -48,11 +60,7 @@ def build(recipe: Recipe, run_dir: Path, base_dir: Path, world: Collectives = Wo
     labeller = make_labeller(recipe.oracle, seed, world)
     init_rng = GlobalRNG(seed)  # LoRA and head initialisation: peft and torch draw from the global streams
     with init_rng:
-        base, tokenizer = load_base(recipe.model, world.device)
-        adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
-        model = with_adapters(base, recipe.adapters, extra=adapters[len(ADAPTERS):])
-        policy = LMPolicy(model, tokenizer, recipe.rollout, recipe.model.chat_template)
-        reward = TokenReward.on(policy, recipe.reward).to(world.device)
+        model, adapters, policy, reward = initial_parts(recipe, world.device)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws on every device
     cfg = recipe.bilevel
 
