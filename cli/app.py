@@ -206,7 +206,7 @@ def merge(
     except ConfigError as error:
         fail(str(error))
     typer.echo((out / "comparison.md").read_text(encoding="utf-8"))
-    typer.echo(f"wrote {out / 'comparison.json'} and {out / 'comparison.md'}: {len(comparison['runs'])} runs from {len(sources)} comparisons")
+    typer.echo(f"wrote {out / 'comparison.json'} and {out / 'comparison.md'}: {len(comparison['runs'])} runs from {len(sources)} comparison{'s' if len(sources) > 1 else ''}")
 
 
 def main() -> None:
