@@ -326,8 +326,8 @@ class Comparison:
 
     def measure_before_labels(self, rows: list[dict]) -> None:
         """Starts the agreement curve of each run that learns a reward model at 0 labels: R_φ₀ on the
-        reference's pairs. Both are the same in every seed's run (the heads start at a zero mean,
-        leaving the judge's prior alone), so it is measured once per swept setting, here."""
+        reference's pairs. Both are the same in every seed's run (`initial_parts`), so it is
+        measured once per swept setting, here."""
         from rlhf_bilevel.commands.train import initial_parts
 
         for setting in self.settings:

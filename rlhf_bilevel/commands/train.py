@@ -40,7 +40,8 @@ from rlhf_bilevel.types import ADAPTERS, Critic
 def initial_parts(recipe: Recipe, device: torch.device) -> tuple[PeftModel, tuple[str, ...], LMPolicy, TokenReward]:
     """What a run of `recipe` starts from: the base with its fresh adapters (the peft model and their
     names), as the policy, and the reward model as initialised. The initialisations draw from torch's
-    global streams; whatever they draw, R_φ₀ is the judge's prior alone (or 0), as the heads start at a zero mean."""
+    global streams; whatever they draw, R_φ₀ is the same, as the heads' mean starts the same everywhere
+    (0 with `reward.center`, leaving the judge's prior alone)."""
     base, tokenizer = load_base(recipe.model, device)
     adapters = (*ADAPTERS, REWARD_ADAPTER) if recipe.reward.lora else ADAPTERS
     model = with_adapters(base, recipe.adapters, extra=adapters[len(ADAPTERS):])
