@@ -156,6 +156,16 @@ def snapshot_measures(
     return measures
 
 
+def policy_measures(result: dict) -> dict[str, float]:
+    """What `snapshot_measures` takes of π_λ, read off an `evaluate` result on the same policy, prompts
+    and config: both draw the same responses and ask the oracle the same, so the figures are the same,
+    without the sampling and the oracle's labels a second time."""
+    measures = {"gold": result["gold"]["policy"].mean}
+    if "agreement" in result:
+        measures["agreement"] = result["agreement"]["policy"].mean
+    return measures
+
+
 @dataclass
 class Answers:
     """What one policy wrote on the evaluation prompts, and what the oracle said of it. A run

@@ -114,6 +114,9 @@ def test_two_processes_give_the_rows_of_one_and_a_t_interval_over_seeds(tmp_path
     assert [(row["method"], row["seed"]) for row in sequential["runs"]] == [("alternating", 0), ("alternating", 1)]
     assert list(sequential["summary"]) == ["alternating"]
     assert all(f"alternating/seed{s}: training on" in two.stdout for s in (0, 1))
+    # R_φ₀ measured once, by a worker, after the runs
+    assert two.stdout.count("the reward model before any label orders") == 1
+    assert ["agreement" in row["curve"][0] for row in parallel["runs"]] == [True, True]
     assert "FutureWarning" not in two.stderr  # the workers keep the command's warning filters
     # two seeds: mean ± t_{0.975, 1} · s/√2, where s/√2 = |a − b| / 2 (on KL: the tiny model's gold scores often tie)
     a, b = (row["eval"]["kl"] for row in sequential["runs"])

@@ -11,7 +11,7 @@ import torch
 from conftest import run_cli
 
 from rlhf_bilevel.commands.train import train
-from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate, pooled, snapshot_measures
+from rlhf_bilevel.evaluate import EvalConfig, agreement, bootstrap, evaluate, policy_measures, pooled, snapshot_measures
 from rlhf_bilevel.labelling import Labeller, both_orders
 from rlhf_bilevel.oracles.base import Offers
 from rlhf_bilevel.oracles import oracle_config
@@ -134,6 +134,29 @@ def test_snapshot_measures_by_hand_agree_with_evaluate():
     assert snapshot_measures(policy, Labeller(oracle), prompts, cfg, ShorterReward())["agreement"] == 0.0
     full = evaluate(policy, Labeller(oracle), prompts, cfg, reward=LengthReward())
     assert (full["gold"]["policy"].mean, full["agreement"]["policy"].mean) == pytest.approx((2.5, 1.0))
+
+
+class WordAReward(LengthReward):
+    """Counts the word "a": on pairs of different lengths it orders some as the length oracle does, ties others."""
+
+    def token_rewards(self, rollout):
+        count = torch.tensor([float(r.split().count("a")) for r in rollout.responses])
+        return count[:, None] * rollout.mask / rollout.mask.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("reward", [None, LengthReward(), WordAReward()])
+def test_the_final_evaluation_gives_the_last_snapshots_measures(reward):
+    # what compare reads off a run's final evaluation rather than measuring its last snapshot again. Pairs
+    # (4 words, 1), (1, 2), (2, 1), the "a"-counter's margins 0, +1 and +2 words towards the longer: it agrees
+    # on 2.5 of 3; gold, the mean length, 11/6
+    policy = ScriptedPolicy({LAMBDA: ["a b c d", "a", "b", "a b", "a a", "b"], None: ["a", "a"]})
+    oracle = length_oracle(oracle_config(kind="length", labels="deterministic"))
+    cfg, prompts = EvalConfig(resamples=200, samples=3), ["p1", "p2"]
+    measured = snapshot_measures(policy, Labeller(oracle), prompts, cfg, reward)
+    assert measured["gold"] == pytest.approx(11 / 6)
+    if isinstance(reward, WordAReward):
+        assert measured["agreement"] == pytest.approx(2.5 / 3)
+    assert policy_measures(evaluate(policy, Labeller(oracle), prompts, cfg, reward=reward)) == pytest.approx(measured)
 
 
 class FirstShownJudge:

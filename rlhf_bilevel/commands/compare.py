@@ -64,7 +64,7 @@ from rlhf_bilevel.commands.eval import held_out_prompts, load_checkpoint_policy,
 from rlhf_bilevel.config import ConfigError, positive
 from rlhf_bilevel.distributed import resolve_device
 from rlhf_bilevel.environment import available_cores
-from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, snapshot_measures
+from rlhf_bilevel.evaluate import Estimate, EvalConfig, evaluate, policy_measures, snapshot_measures
 from rlhf_bilevel.labelling import make_labeller
 from rlhf_bilevel.preflight import check_output_dir
 from rlhf_bilevel.report import plain, write_eval
@@ -289,8 +289,12 @@ class Comparison:
         if "gold" in result:  # the oracle has a gold score
             curve = [{"oracle_pairs": 0, "seconds": 0.0, "gold": result["gold"]["reference"].mean}]
             for p, (load, s) in sorted(snapshots.items()):
-                policy, reward = load()
-                curve.append({"oracle_pairs": p, "seconds": s, **snapshot_measures(policy, labeller, self.prompts, self.cfg.eval, reward)})
+                if p == max(snapshots):  # the final policy and reward model, which `evaluate` has just measured
+                    measured = policy_measures(result)
+                else:
+                    policy, reward = load()
+                    measured = snapshot_measures(policy, labeller, self.prompts, self.cfg.eval, reward)
+                curve.append({"oracle_pairs": p, "seconds": s, **measured})
         row = {"method": method, "seed": seed, "oracle_pairs": pairs, "labels_flipped": flipped, "seconds": wall, "eval": result, "curve": curve}
         return row | ({"setting": setting} if setting else {})
 
@@ -305,8 +309,10 @@ class Comparison:
     def all(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
         runs = self.runs()
+        learning = [setting for setting in self.settings if any(method != "online-dpo" for method in self.cfg.methods)]
         if self.workers == 1:
             rows = [self.run(*run) for run in runs]
+            before = {setting: self.agreement_before_labels(setting) for setting in learning}
         else:
             # spawned, not forked: a forked child inherits torch's thread pool and OpenMP state mid-use
             context = multiprocessing.get_context("spawn")
@@ -316,31 +322,35 @@ class Comparison:
             initargs = (self.threads, warnings.filters, logging)
             with ProcessPoolExecutor(self.workers, mp_context=context, initializer=start_worker, initargs=initargs) as pool:
                 futures = [pool.submit(self.run, *run) for run in runs]
+                # queued after the runs, it takes a worker that the last runs leave idle
+                measures = {setting: pool.submit(self.agreement_before_labels, setting) for setting in learning}
                 try:
                     rows = [future.result() for future in futures]  # in submission order, whatever finishes first
+                    before = {setting: future.result() for setting, future in measures.items()}
                 except BaseException:
                     pool.shutdown(cancel_futures=True)  # the runs under way finish; the others never start
                     raise
-        self.measure_before_labels(rows)
+        for row in rows:
+            if row["method"] != "online-dpo" and row["curve"] and before[row.get("setting")] is not None:
+                row["curve"][0]["agreement"] = before[row.get("setting")]
         return write_comparison(rows, self.out, self.cfg.eval.confidence)
 
-    def measure_before_labels(self, rows: list[dict]) -> None:
-        """Starts the agreement curve of each run that learns a reward model at 0 labels: R_φ₀ on the
-        reference's pairs. Both are the same in every seed's run (`initial_parts`), so it is
-        measured once per swept setting, here."""
+    def agreement_before_labels(self, setting: str | None) -> float | None:
+        """Where the agreement curve of a run that learns a reward model starts, at 0 labels: how often
+        R_φ₀ orders the reference's pairs as the oracle does; None where the oracle has no gold score,
+        and so the runs no curve. R_φ₀ and the reference are the same in every seed's run
+        (`initial_parts`), so it is measured once per swept setting."""
         from rlhf_bilevel.commands.train import initial_parts
 
-        for setting in self.settings:
-            learners = [row for row in rows if row.get("setting") == setting and row["method"] != "online-dpo" and row["curve"]]
-            if not learners:
-                continue
-            recipe = self.recipe(learners[0]["seed"], learners[0]["method"], setting)
-            _, _, policy, reward = initial_parts(recipe, resolve_device(recipe.train.device))
-            labeller = make_labeller(recipe.oracle, learners[0]["seed"])
-            before = snapshot_measures(policy, labeller, self.prompts, self.cfg.eval, reward, adapter=None)
-            print(f"{setting + ': ' if setting else ''}the reward model before any label orders {before['agreement']:.3f} of the reference's pairs as the oracle does")
-            for row in learners:
-                row["curve"][0]["agreement"] = before["agreement"]
+        method = next(method for method in self.cfg.methods if method != "online-dpo")
+        recipe = self.recipe(self.cfg.seeds[0], method, setting)
+        labeller = make_labeller(recipe.oracle, self.cfg.seeds[0])
+        if not labeller.offers_score:
+            return None
+        _, _, policy, reward = initial_parts(recipe, resolve_device(recipe.train.device))
+        before = snapshot_measures(policy, labeller, self.prompts, self.cfg.eval, reward, adapter=None)["agreement"]
+        print(f"{setting + ': ' if setting else ''}the reward model before any label orders {before:.3f} of the reference's pairs as the oracle does")
+        return before
 
 
 def write_comparison(rows: list[dict], out: Path, confidence: float, **extra) -> dict:
