@@ -143,11 +143,11 @@ def snapshot_measures(
     policy, labeller: Labeller, prompts: Sequence[Any], cfg: EvalConfig, reward=None, adapter: str | None = LAMBDA
 ) -> dict[str, float]:
     """The cheap measures of one point along a run, on the responses `evaluate` draws from `adapter` (π_λ;
-    None for π_ref): their mean gold score and, given `reward` (the run's reward model at that point,
-    built on `policy` before it samples), how often it orders their pairs as the oracle does, over the
-    pairs the oracle decides (the mean of `evaluate`'s agreement, without its interval)."""
+    None for π_ref): their mean gold score, their KL to π_ref, and, given `reward` (the run's reward model
+    at that point, built on `policy` before it samples), how often it orders their pairs as the oracle
+    does, over the pairs the oracle decides (the mean of `evaluate`'s agreement, without its interval)."""
     rollout = pairs_each(policy, adapter, prompts, cfg.seed, cfg.samples)
-    measures = {"gold": labeller.score(rollout.prompts, rollout.responses).mean().item()}
+    measures = {"gold": labeller.score(rollout.prompts, rollout.responses).mean().item(), "kl": est.kl_to_reference(rollout).item()}
     if reward is not None:
         prob = labeller.evaluation_labels(rollout.prompts[0::2], rollout.responses[0::2], rollout.responses[1::2]).double()
         with torch.no_grad():
@@ -160,7 +160,7 @@ def policy_measures(result: dict) -> dict[str, float]:
     """What `snapshot_measures` takes of π_λ, read off an `evaluate` result on the same policy, prompts
     and config: both draw the same responses and ask the oracle the same, so the figures are the same,
     without the sampling and the oracle's labels a second time."""
-    measures = {"gold": result["gold"]["policy"].mean}
+    measures = {"gold": result["gold"]["policy"].mean, "kl": result["kl"]}
     if "agreement" in result:
         measures["agreement"] = result["agreement"]["policy"].mean
     return measures

@@ -3,6 +3,7 @@
 import json
 import math
 import re
+from dataclasses import astuple
 
 import pytest
 from conftest import run_cli
@@ -44,6 +45,10 @@ def test_quick_comparison_spends_one_budget_on_every_method(tmp_path):
         assert row["curve"][-1]["agreement"] == pytest.approx(row["eval"]["agreement"]["policy"]["mean"])
         assert row["curve"][-1]["gold"] == pytest.approx(row["eval"]["gold"]["policy"]["mean"])
     assert not any("agreement" in point for point in rows[2]["curve"])
+    # every method's policy has its KL at every snapshot: 0 at the reference, the final evaluation's at the end
+    for row in rows:
+        assert row["curve"][0]["kl"] == 0.0 and row["curve"][-1]["kl"] == pytest.approx(row["eval"]["kl"]) and "kl" in row["curve"][1]
+    assert (out / "comparison-kl.png").stat().st_size > 0
     assert [len(over["curve"]) for over in comparison["summary"].values()] == [3, 3, 3]
     assert ["agreement" in point for point in comparison["summary"]["bilevel"]["curve"]] == [True, True, True]
     # one seed: the mean is that seed's number, the interval undefined rather than made up
@@ -261,6 +266,28 @@ def test_merge_pools_the_agreement_along_the_runs_where_every_seed_measured_it(t
     mixed = merge([first, older], tmp_path / "mixed")
     assert not any("agreement" in point for point in mixed["summary"]["bilevel"]["curve"])
     assert not (tmp_path / "mixed" / "comparison-agreement.png").exists()
+
+
+def test_gold_per_sqrt_kl_over_seeds_and_seed_by_seed_where_every_policy_moved(tmp_path):
+    # the made-up runs move KL 1 + seed from a reference of gold 0.3
+    first = comparison_folder(tmp_path / "a", {("bilevel", 0): 0.6, ("alternating", 0): 0.5, ("bilevel", 1): 0.7, ("alternating", 1): 0.7})
+    merged = merge([first], tmp_path / "merged")
+    bilevel, alternating = [0.3, 0.4 / math.sqrt(2)], [0.2, 0.4 / math.sqrt(2)]
+    assert astuple(merged["summary"]["bilevel"]["gold_per_sqrt_kl"]) == pytest.approx(astuple(t_interval(bilevel, 0.95)))
+    assert astuple(merged["summary"]["alternating"]["gold_per_sqrt_kl"]) == pytest.approx(astuple(t_interval(alternating, 0.95)))
+    difference = merged["differences"]["bilevel − alternating"]["gold_per_sqrt_kl"]
+    assert astuple(difference) == pytest.approx(astuple(t_interval([0.1, 0.0], 0.95)))
+    differences_table = (tmp_path / "merged" / "comparison.md").read_text().split("\n\n")[2]
+    assert differences_table.splitlines()[2].endswith(f"| {difference.mean:.3f} [{difference.low:.3f}, {difference.high:.3f}] |")
+    assert (tmp_path / "merged" / "comparison-kl.png").stat().st_size > 0
+    # a KL estimate at or below 0 (a policy that did not measurably move) has no ratio, and its method no mean of one
+    runs = json.loads((first / "comparison.json").read_text())
+    runs["runs"][1]["eval"]["kl"] = -0.01
+    (first / "comparison.json").write_text(json.dumps(runs))
+    unmoved = merge([first], tmp_path / "unmoved")
+    assert "gold_per_sqrt_kl" in unmoved["summary"]["bilevel"] and "gold_per_sqrt_kl" not in unmoved["summary"]["alternating"]
+    assert "gold_per_sqrt_kl" not in unmoved["differences"]["bilevel − alternating"]
+    assert (tmp_path / "unmoved" / "comparison.md").read_text().split("\n\n")[2].splitlines()[2].endswith("| 1 of 2 | — |")
 
 
 @pytest.mark.parametrize(

@@ -124,13 +124,15 @@ class ShorterReward(LengthReward):
 
 
 def test_snapshot_measures_by_hand_agree_with_evaluate():
-    # the policy's pairs are [long, short], of 4 and 1 words: gold 2.5; a reward for length orders every
-    # pair as the length oracle does, its reverse none
+    # the policy's pairs are [long, short], of 4 and 1 words: gold 2.5; log 2 more than π_ref on each of
+    # 4 tokens: KL 4 log 2; a reward for length orders every pair as the length oracle does, its reverse none
     policy = ScriptedPolicy({LAMBDA: ["a b c d", "a"], None: ["a", "a"]})
     oracle = length_oracle(oracle_config(kind="length", labels="deterministic"))
     cfg, prompts = EvalConfig(resamples=200, samples=2), ["p1", "p2", "p3"]
-    assert snapshot_measures(policy, Labeller(oracle), prompts, cfg) == {"gold": pytest.approx(2.5)}
-    assert snapshot_measures(policy, Labeller(oracle), prompts, cfg, LengthReward()) == {"gold": pytest.approx(2.5), "agreement": 1.0}
+    moved = {"gold": pytest.approx(2.5), "kl": pytest.approx(4 * math.log(2))}
+    assert snapshot_measures(policy, Labeller(oracle), prompts, cfg) == moved
+    assert snapshot_measures(policy, Labeller(oracle), prompts, cfg, LengthReward()) == moved | {"agreement": 1.0}
+    assert snapshot_measures(policy, Labeller(oracle), prompts, cfg, adapter=None)["kl"] == 0.0
     assert snapshot_measures(policy, Labeller(oracle), prompts, cfg, ShorterReward())["agreement"] == 0.0
     full = evaluate(policy, Labeller(oracle), prompts, cfg, reward=LengthReward())
     assert (full["gold"]["policy"].mean, full["agreement"]["policy"].mean) == pytest.approx((2.5, 1.0))

@@ -80,6 +80,7 @@ QUICK = ["model.name=tiny", "model.dtype=float32", "bilevel.outer_steps=4", "tra
 SUMMARY_COLUMNS = [  # (measure, column title, decimals) of the over-seeds table
     ("gold", "gold", 3),
     ("gold_gain", "gold gain", 3),
+    ("gold_per_sqrt_kl", "gold gain per √KL", 3),
     ("agreement_policy", "agreement policy", 3),
     ("agreement_reference", "agreement reference", 3),
     ("kl", "KL", 2),
@@ -287,7 +288,7 @@ class Comparison:
         # measured, so one snapshot's model is in memory at a time
         curve = []
         if "gold" in result:  # the oracle has a gold score
-            curve = [{"oracle_pairs": 0, "seconds": 0.0, "gold": result["gold"]["reference"].mean}]
+            curve = [{"oracle_pairs": 0, "seconds": 0.0, "gold": result["gold"]["reference"].mean, "kl": 0.0}]
             for p, (load, s) in sorted(snapshots.items()):
                 if p == max(snapshots):  # the final policy and reward model, which `evaluate` has just measured
                     measured = policy_measures(result)
@@ -367,6 +368,7 @@ def write_comparison(rows: list[dict], out: Path, confidence: float, **extra) ->
     if any(row["curve"] for row in rows):
         plot(comparison["summary"], "oracle_pairs", "oracle pairs used", out / "comparison.png")
         plot(comparison["summary"], "seconds", "training seconds (wall clock)", out / "comparison-time.png")
+        plot_frontier([row for row in rows if row["curve"]], out / "comparison-kl.png")
     if along:
         plot(comparison["summary"], "oracle_pairs", "oracle pairs used", out / "comparison-agreement.png", measure="agreement")
     return comparison
@@ -388,12 +390,20 @@ def t_interval(values: Sequence[float], confidence: float) -> Estimate:
 
 
 def measures(row: dict) -> dict[str, float]:
-    """The final numbers of one run that the summary takes over seeds; those the method or oracle lacks are left out."""
+    """The final numbers of one run that the summary takes over seeds; those the method or oracle lacks are left out.
+
+    `gold_per_sqrt_kl`, the gold gained per unit of √KL to the reference, is how far a run's gold rose
+    for how far its policy moved. On SmolLM2 the seeds' gold differ mostly in how far their policies
+    moved (docs/results.md), and at first gold rises in proportion to √KL (Gao et al., 2023, for RL
+    against a learned reward), so the ratio compares the directions methods move in with less of that
+    spread."""
     result = row["eval"]
     values = {"kl": result["kl"], "seconds": row["seconds"]}
     if "gold" in result:
         values["gold"] = result["gold"]["policy"].mean
         values["gold_gain"] = values["gold"] - result["gold"]["reference"].mean
+        if result["kl"] > 0:  # a policy the estimate sees move at all
+            values["gold_per_sqrt_kl"] = values["gold_gain"] / math.sqrt(result["kl"])
     if "agreement" in result:
         values["agreement_policy"] = result["agreement"]["policy"].mean
         values["agreement_reference"] = result["agreement"]["reference"].mean
@@ -411,7 +421,8 @@ def summarise(rows: list[dict], confidence: float) -> dict[str, dict]:
         runs = [row for row in rows if run_name(row) == method]
         per_seed = [measures(row) for row in runs]
         summary[method] = {"seeds": [row["seed"] for row in runs]}
-        summary[method].update({name: t_interval([m[name] for m in per_seed], confidence) for name in per_seed[0]})
+        # a measure where every seed has it
+        summary[method].update({name: t_interval([m[name] for m in per_seed], confidence) for name in per_seed[0] if all(name in m for m in per_seed)})
         summary[method]["curve"] = [
             {
                 "oracle_pairs": sum(p["oracle_pairs"] for p in points) / len(points),
@@ -439,10 +450,13 @@ def differences(rows: list[dict], confidence: float) -> dict[str, dict]:
             if not pairs or "gold" not in pairs[0][0]["eval"]:
                 continue
             final = [a["eval"]["gold"]["policy"].mean - b["eval"]["gold"]["policy"].mean for a, b in pairs]
+            per_sqrt_kl = [(measures(a).get("gold_per_sqrt_kl"), measures(b).get("gold_per_sqrt_kl")) for a, b in pairs]
             result[f"{first} − {second}"] = {
                 "seeds": [a["seed"] for a, _ in pairs],
                 "gold": t_interval(final, confidence),
                 "higher": sum(d > 0 for d in final),
+                # where both policies moved on every seed
+                **({"gold_per_sqrt_kl": t_interval([x - y for x, y in per_sqrt_kl], confidence)} if all(None not in both for both in per_sqrt_kl) else {}),
                 "curve": [
                     {"oracle_pairs": points[0][0]["oracle_pairs"], "gold": t_interval([p["gold"] - q["gold"] for p, q in points], confidence)}
                     for points in zip(*(zip(a["curve"], b["curve"]) for a, b in pairs))
@@ -490,13 +504,16 @@ def summary_table(summary: dict[str, dict], confidence: float) -> str:
 
 
 def differences_table(diffs: dict[str, dict], confidence: float) -> str:
-    """One line per pair of methods: the mean of their per-seed gold differences, its interval, and the seeds the first wins."""
+    """One line per pair of methods: the mean of their per-seed gold differences, its interval, the seeds the
+    first wins, and the same interval for their gold gain per √KL."""
     lines = [
-        f"| paired difference | seeds | gold (mean [{confidence:.0%} CI]) | seeds the first is higher on |",
-        "|---|---|---|---|",
+        f"| paired difference | seeds | gold (mean [{confidence:.0%} CI]) | seeds the first is higher on | gold gain per √KL |",
+        "|---|---|---|---|---|",
     ]
     for pair, diff in diffs.items():
-        lines.append(f"| {pair} | {len(diff['seeds'])} | {cell(diff['gold'], 3)} | {diff['higher']} of {len(diff['seeds'])} |")
+        lines.append(
+            f"| {pair} | {len(diff['seeds'])} | {cell(diff['gold'], 3)} | {diff['higher']} of {len(diff['seeds'])} | {cell(diff.get('gold_per_sqrt_kl'), 3)} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -519,15 +536,31 @@ PLOTTED = {  # measure of a curve point: (y label, title)
 }
 
 
-def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path, measure: str = "gold") -> None:
-    """`measure` against `x` of the mean curves, one line per method, its seeds' interval shaded where it exists;
-    a method's line joins the points that have the measure."""
+def figure():
+    """A new figure and its axes, drawn without a screen."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    return plt.subplots(figsize=(6.5, 4.2))
+
+
+def save(fig, ax, path: Path, **labels) -> None:
+    """Labels the axes (`xlabel`, `ylabel`, `title`), adds the legend and writes the figure to `path`."""
+    import matplotlib.pyplot as plt
+
+    ax.set(**labels)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path, measure: str = "gold") -> None:
+    """`measure` against `x` of the mean curves, one line per method, its seeds' interval shaded where it exists;
+    a method's line joins the points that have the measure."""
+    fig, ax = figure()
     for method, over in summary.items():
         points = [point for point in over["curve"] if measure in point]
         if not points:
@@ -538,11 +571,23 @@ def plot(summary: dict[str, dict], x: str, xlabel: str, path: Path, measure: str
         if len(over["seeds"]) > 1:
             ax.fill_between(xs, [y.low for y in ys], [y.high for y in ys], color=line.get_color(), alpha=0.2)
     ylabel, title = PLOTTED[measure]
-    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, ax, path, xlabel=xlabel, ylabel=ylabel, title=title)
+
+
+def plot_frontier(rows: list[dict], path: Path) -> None:
+    """Gold against √KL to the reference, one line per run from the reference (0, its gold) through the
+    snapshots that measured their KL to the final evaluation, one colour per method: how much gold each
+    method buys for how far its policy moves. A KL estimate below 0 is drawn at 0."""
+    fig, ax = figure()
+    colours: dict[str, str] = {}
+    for row in rows:
+        result, name = row["eval"], run_name(row)
+        along = [(point["kl"], point["gold"]) for point in row["curve"][1:-1] if "kl" in point]
+        points = [(0.0, result["gold"]["reference"].mean), *along, (result["kl"], result["gold"]["policy"].mean)]
+        xs, ys = [math.sqrt(max(kl, 0.0)) for kl, _ in points], [gold for _, gold in points]
+        (line,) = ax.plot(xs, ys, marker="o", alpha=0.7, color=colours.get(name), label=None if name in colours else name)
+        colours.setdefault(name, line.get_color())
+    save(fig, ax, path, xlabel="√KL to the reference (nats^½)", ylabel="gold score (held-out)", title="Gold against how far each run moved")
 
 
 def check_new_comparison(out: Path) -> None:
