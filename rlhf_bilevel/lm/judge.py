@@ -121,7 +121,9 @@ class Judge:
             raise ConfigError(f"reward.judge.answers: {list(cfg.answers)} must begin with different tokens of the model's vocabulary")
         self.answer_tokens = torch.tensor([tokens[0][0], tokens[1][0]])
         # with `words`: what the base said of each word met so far, and of a typical word. Both follow from
-        # the frozen base alone, so a resumed run asks again and gets the same
+        # the frozen base alone, so a resumed run asks again rather than saving them; in bf16 a word's
+        # log-odds move with the other words of its batch (up to 0.25 on SmolLM2, docs/results.md), so
+        # a resumed run's can differ by that much
         # (log-odds, anchor score) of each word met, and of NEUTRAL_WORDS, read apart; kept apart so that
         # any anchor weight combines them without another pass
         self.word_parts: dict[str, tuple[float, float]] = {}
