@@ -155,7 +155,7 @@ def evaluate(
 @app.command()
 def compare(
     recipe: Path = typer.Option(Path("recipes/smollm2-sentiment.yaml"), "--recipe", help="The problem all methods share."),
-    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs, comparison.json/.md/.png, comparison-time.png and comparison-agreement.png."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Folder for the runs, comparison.json/.md/.png, comparison-time.png, comparison-agreement.png and comparison-kl.png."),
     seeds: list[int] = typer.Option([0], "--seed", help="A seed of the seed set (repeatable): each method runs once per seed."),
     methods: list[str] = typer.Option([], "--method", help="A method to run (repeatable): bilevel, alternating, online-dpo (default: all)."),
     jobs: int = typer.Option(1, "--jobs", help="Runs side by side in worker processes, each on its share of the cores."),
@@ -193,7 +193,7 @@ def compare(
 @app.command()
 def merge(
     sources: list[Path] = typer.Option(..., "--from", help="The --out folder of a finished comparison (repeatable)."),
-    out: Path = typer.Option(..., "--out", help="Folder for the merged comparison.json/.md/.png, comparison-time.png and comparison-agreement.png."),
+    out: Path = typer.Option(..., "--out", help="Folder for the merged comparison.json/.md/.png, comparison-time.png, comparison-agreement.png and comparison-kl.png."),
     methods: list[str] = typer.Option([], "--method", help="A method to keep (repeatable): bilevel, alternating, online-dpo (default: all)."),
 ) -> None:
     """Several comparisons of one problem (seeds added later, say) as one: tables and plots over all their seeds."""

@@ -34,11 +34,12 @@ seeds added later say, into one such report.
       bilevel-seed0/ alternating-seed0/ online-dpo-seed0/ ...   the runs (each with eval/)
       comparison.json       {"runs": one row per run, "summary": per method (and swept value) over its seeds,
                              "differences": per pair of methods, over the seeds both ran}
-      comparison.md         the runs table, the over-seeds table, the paired-differences table and the
-                            reward model's agreement at each snapshot
+      comparison.md         the runs table, the over-seeds table, the paired-differences table (gold and
+                            gold gain per √KL) and the reward model's agreement at each snapshot
       comparison.png        gold score against oracle pairs used: mean over seeds, interval shaded
       comparison-time.png   the same against wall-clock training seconds
       comparison-agreement.png  the reward model's agreement against oracle pairs used, for the methods that learn one
+      comparison-kl.png     each run's gold against √KL to the reference, through its snapshots
 """
 
 from __future__ import annotations
@@ -289,8 +290,9 @@ class Comparison:
         curve = []
         if "gold" in result:  # the oracle has a gold score
             curve = [{"oracle_pairs": 0, "seconds": 0.0, "gold": result["gold"]["reference"].mean, "kl": 0.0}]
+            last = max(snapshots)
             for p, (load, s) in sorted(snapshots.items()):
-                if p == max(snapshots):  # the final policy and reward model, which `evaluate` has just measured
+                if p == last:  # the final policy and reward model, which `evaluate` has just measured
                     measured = policy_measures(result)
                 else:
                     policy, reward = load()
