@@ -25,6 +25,8 @@ of one backward pass, and 4-byte floats elsewhere:
     critic replay       replay_capacity·2d·4
     critic batch        batch_size·V·4·3 (π, Q and their product over the vocabulary)
     reward heads        heads·max(hidden, 1)·(d + R·(H+1))·4
+    judge's words       P·4 with reward.judge.words, where the base is not read in float32: the copy
+                        that reads words (lm/judge.py)
     oracle model        P_o·w_o, for the llm-judge and reward-model oracles, whose shape is read as the base's is
     oracle batch        batch_size·2T·(L_o·d_o·w_o + V_o·4): a batch of prompts with both responses
 
@@ -163,7 +165,16 @@ def estimate(recipe: Recipe, shape: Shape, device: torch.device) -> list[Term]:
         Term("critic replay", b.critic.replay_capacity * 2 * d * FLOAT, {"bilevel.critic.replay_capacity": b.critic.replay_capacity}),
         Term("critic batch", b.critic.batch_size * vocab * FLOAT * 3, {"bilevel.critic.batch_size": b.critic.batch_size}),
         Term("reward heads", ro.heads * max(ro.hidden, 1) * (d + rows * (h + 1)) * FLOAT, {"reward.heads": ro.heads, "reward.hidden": ro.hidden}),
+        *judge_terms(recipe, shape, w),
     ]
+
+
+def judge_terms(recipe: Recipe, shape: Shape, w: int) -> list[Term]:
+    """The float32 copy of the base that reads the judge's words, where the base is not float32 already."""
+    judge = recipe.reward.judge
+    if not (judge.asks and judge.words) or (w == FLOAT and recipe.rollout.autocast is not True):
+        return []
+    return [Term("judge's words", shape.parameters * FLOAT, {"reward.judge.words": 1})]
 
 
 def oracle_terms(recipe: Recipe, device: torch.device) -> list[Term]:

@@ -76,13 +76,36 @@ def test_with_words_each_word_that_stands_out_adds_its_own_log_odds(policy, marg
 def test_with_words_each_distinct_word_is_asked_once(policy):
     judge = Judge(policy.trunk, policy.tokenizer, policy.chat_template, dataclasses.replace(JUDGE, words=True))
     asked = []
-    read = judge.read
-    judge.read = lambda texts: asked.extend(texts) or read(texts)
+    read = judge.read_words
+    judge.read_words = lambda words: asked.extend(words) or read(words)
     first = judge.word_evidence(["the dog the", "a dog"])
     assert sorted(asked) == sorted(NEUTRAL_WORDS + ["the", "dog", "a"])
     asked.clear()
     again = judge.word_evidence(["a dog", "my cat"])
     assert asked == ["cat", "my"] and again[0] == first[1]
+
+
+def test_words_are_read_in_float32_so_their_batch_leaves_no_trace():
+    """A word's score is kept for the run, so it must not depend on what else its batch held. On a bf16
+    base a row's result moves with its batch's padding (the responses' reader shows it); words are read
+    by a float32 copy of the base, adapters off, alike alone and among longer texts to 1e-5."""
+    base, tokenizer = load_base(ModelConfig(name="tiny", dtype="bfloat16"))
+    model = with_adapters(base, AdapterConfig(r=4, alpha=8))
+    perturb([p for name, p in model.named_parameters() if f".lora_B.{LAMBDA}." in name], 0.3, seed=1)
+    bf16 = LMPolicy(model, tokenizer, RolloutConfig(max_new_tokens=4), chat_template=False)
+    judge = Judge(bf16.trunk, tokenizer, False, dataclasses.replace(JUDGE, words=True))
+    assert judge.word_reader.trunk.head.weight.dtype == torch.float32 and judge.response_reader.trunk is bf16.trunk
+    words = [w for w in sorted(tokenizer.get_vocab()) if w.isalpha()][:30]
+    longer = [" ".join(words[i : i + 12]) for i in range(0, 24, 4)]
+    def log_odds(reader, texts):
+        return reader.answer_log_odds(reader.read(judge.rests(texts)))
+    for reader, moves in [(judge.word_reader, False), (judge.response_reader, True)]:
+        alone = torch.cat([log_odds(reader, [w]) for w in words])
+        among = log_odds(reader, words + longer)[: len(words)]
+        assert (alone - among).abs().max().item() > 1e-4 if moves else torch.allclose(alone, among, atol=1e-5, rtol=0)
+    # the same base, adapters off, as the bf16 one reads it, up to bf16's rounding
+    with bf16.adapter(LAMBDA):
+        torch.testing.assert_close(judge.score_words(words), judge.ask(words), atol=0.05, rtol=0)
 
 
 ANCHORED = dataclasses.replace(JUDGE, words=True, word_margin=0.0, anchors_first=("lovely", "Kind"), anchors_second=("horrible", "mean"))

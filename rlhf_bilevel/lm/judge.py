@@ -10,6 +10,8 @@ prior anchors it there, so labels correct the judge rather than replace it.
 With `words`, the judge is also asked about each word of a response on its own, once per distinct
 word, and the log-odds of the words that stand out from a typical word's add to the response's: the
 oracle's notion of sentiment (VADER) is a sum over words, which asking about the whole text blurs.
+Words are read in float32 (`exact`): a word's score is kept for the rest of the run, so it must not
+depend on which other words shared its batch, as a bf16 one does.
 
 With anchors, a word's score also reads the base's state after the word's prompt along the direction
 from words the second answer fits to words the first answer fits (`AnchorDirection`): the base's own
@@ -18,6 +20,7 @@ sense of the words, beyond the two answer tokens it happens to put next.
 
 from __future__ import annotations
 
+import copy
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -121,9 +124,9 @@ class Judge:
             raise ConfigError(f"reward.judge.answers: {list(cfg.answers)} must begin with different tokens of the model's vocabulary")
         self.answer_tokens = torch.tensor([tokens[0][0], tokens[1][0]])
         # with `words`: what the base said of each word met so far, and of a typical word. Both follow from
-        # the frozen base alone, so a resumed run asks again rather than saving them; in bf16 a word's
-        # log-odds move with the other words of its batch (up to 0.25 on SmolLM2, docs/results.md), so
-        # a resumed run's can differ by that much
+        # the frozen base alone, read in float32 so that the batch a word came in leaves no trace (in bf16
+        # up to 0.25 log-odds on SmolLM2, docs/results.md): a resumed run, or another process, asks again
+        # and gets the same scores
         # (log-odds, anchor score) of each word met, and of NEUTRAL_WORDS, read apart; kept apart so that
         # any anchor weight combines them without another pass
         self.word_parts: dict[str, tuple[float, float]] = {}
@@ -138,11 +141,16 @@ class Judge:
             asked = f"{asked}\n"
         start, end = asked.split(TEXT)
         cut = start.rindex(cfg.question) + len(cfg.question)
-        self.start, self.before_text, self.end = start[:cut], start[cut:], end + cfg.answer_prefix
-        self.start_states: list[tuple[Tensor, Tensor]] | None = None  # the start's KV cache, encoded once
+        start, self.before_text, self.end = start[:cut], start[cut:], end + cfg.answer_prefix
+        self.response_reader = PromptReader(trunk, tokenizer, start, chat_template, self.answer_tokens)
+        self.word_reader = PromptReader(exact(trunk), tokenizer, start, chat_template, self.answer_tokens) if cfg.words else None
 
     def prompts(self, texts: Sequence[str]) -> list[str]:
-        return [self.start + self.before_text + text + self.end for text in texts]
+        return [self.response_reader.start + rest for rest in self.rests(texts)]
+
+    def rests(self, texts: Sequence[str]) -> list[str]:
+        """What follows the prompts' common start: the text, and the start of the reply."""
+        return [self.before_text + text + self.end for text in texts]
 
     def log_odds(self, responses: Sequence[str]) -> Tensor:
         """[N] log P(answers[0]) − log P(answers[1]) of the base's next token after each judge prompt; with
@@ -157,7 +165,7 @@ class Judge:
         weight = self.cfg.anchor_weight if anchor_weight is None else anchor_weight
         words = [[w.lower() for w in WORD.findall(response)] for response in responses]
         if self.neutral_parts is None:
-            self.neutral_parts = self.parts(self.read(NEUTRAL_WORDS))
+            self.neutral_parts = self.parts(self.read_words(NEUTRAL_WORDS))
         typical = statistics.median(log_odds + weight * anchor for log_odds, anchor in self.neutral_parts)
         scores = self.scores_of({w for ws in words for w in ws}, weight)
         margin = self.cfg.word_margin if margin is None else margin
@@ -175,12 +183,12 @@ class Judge:
         new = sorted(words.difference(self.word_parts))
         for start in range(0, len(new), WORD_BATCH):
             chunk = new[start : start + WORD_BATCH]
-            self.word_parts.update(zip(chunk, self.parts(self.read(chunk))))
+            self.word_parts.update(zip(chunk, self.parts(self.read_words(chunk))))
         return {w: self.word_parts[w][0] + weight * self.word_parts[w][1] for w in words}
 
     def parts(self, hidden: Tensor) -> list[tuple[float, float]]:
         """(log-odds, anchor score) of each state [N, d] of a word's prompt; the anchor score is 0 without anchors."""
-        log_odds = self.answer_log_odds(hidden)
+        log_odds = self.word_reader.answer_log_odds(hidden)
         if not self.cfg.anchored:
             return [(x, 0.0) for x in log_odds.tolist()]
         if self.anchor is None:
@@ -191,14 +199,59 @@ class Judge:
         """The anchors' direction, standardised on the states of NEUTRAL_WORDS and the anchors: fixed words,
         so a resumed run scores every word as before."""
         first, second = ([w.lower() for w in words] for words in (self.cfg.anchors_first, self.cfg.anchors_second))
-        hidden = self.read([*NEUTRAL_WORDS, *first, *second]).float()
-        log_odds = self.answer_log_odds(hidden)
+        hidden = self.read_words([*NEUTRAL_WORDS, *first, *second])
+        log_odds = self.word_reader.answer_log_odds(hidden)
         _, *anchors = torch.split(torch.arange(len(hidden)), [len(NEUTRAL_WORDS), len(first), len(second)])
         return AnchorDirection.fit(hidden, log_odds, *anchors)
 
     def ask(self, texts: Sequence[str]) -> Tensor:
         """[N] log P(answers[0]) − log P(answers[1]) of the base's next token after each text's judge prompt."""
-        return self.answer_log_odds(self.read(texts))
+        return self.response_reader.answer_log_odds(self.read(texts))
+
+    def read(self, texts: Sequence[str]) -> Tensor:
+        """[N, d] the base's last hidden state after each text's judge prompt, where it puts the answer."""
+        return self.response_reader.read(self.rests(texts))
+
+    def read_words(self, words: Sequence[str]) -> Tensor:
+        """[N, d] as `read`, of words, in float32."""
+        return self.word_reader.read(self.rests(words))
+
+
+def exact(trunk: Trunk) -> Trunk:
+    """`trunk` computing in float32: itself where it already does, else a float32 copy (frozen, its
+    adapters kept but never switched on) that runs without autocast. A row's float32 result moves with
+    the rest of its batch by about 1e-5 (its bf16 one by up to 0.25 log-odds on SmolLM2)."""
+    if not trunk.autocasting and trunk.head.weight.dtype == torch.float32:
+        return trunk
+    model = copy.deepcopy(trunk.model).float().requires_grad_(False)
+    return Trunk(model, autocast=False, gradient_checkpointing=False, compile=False)
+
+
+class PromptReader:
+    """The base (`trunk` with its adapters off) reading prompts that all begin with `start`, which it
+    encodes once: most of a word's prompt. `tokenizer` pads on the left: the answer follows each prompt's end."""
+
+    def __init__(self, trunk: Trunk, tokenizer: PreTrainedTokenizerBase, start: str, chat_template: bool, answer_tokens: Tensor):
+        self.trunk, self.tokenizer, self.start, self.answer_tokens = trunk, tokenizer, start, answer_tokens
+        self.special_tokens = not chat_template  # a chat template writes its own
+        self.start_states: list[tuple[Tensor, Tensor]] | None = None
+
+    @torch.no_grad()
+    def read(self, rests: Sequence[str]) -> Tensor:
+        """[N, d] the base's last hidden state after `start` + each of `rests`."""
+        trunk, device = self.trunk, self.trunk.device
+        rest = self.tokenizer(list(rests), return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        with trunk.adapter(None):
+            if self.start_states is None:
+                start = self.tokenizer(self.start, return_tensors="pt", add_special_tokens=self.special_tokens)
+                encoding = PrefixCache(record=True)
+                trunk(start["input_ids"].to(device), start["attention_mask"].to(device), past=encoding)
+                self.start_states = encoding.take()
+            n, length = len(rests), self.start_states[0][0].shape[-2]
+            past = PrefixCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self.start_states])
+            # the padding of the shorter rests lies between the start and the rest: masked, and not counted in positions
+            mask = torch.cat([torch.ones(n, length, dtype=torch.long, device=device), rest["attention_mask"].to(device)], 1)
+            return trunk(rest["input_ids"].to(device), mask, past=past)[:, -1]
 
     def answer_log_odds(self, hidden: Tensor) -> Tensor:
         """[N] log P(answers[0]) − log P(answers[1]) of the next token, from the base's last hidden states [N, d]."""
@@ -207,25 +260,6 @@ class Judge:
             # the two answers' logits alone: their difference is the log-odds, the softmax's normaliser cancelling
             logits = (hidden.to(trunk.head.weight.dtype) @ trunk.head.weight[self.answer_tokens.to(hidden.device)].T).float()
         return logits[:, 0] - logits[:, 1]
-
-    @torch.no_grad()
-    def read(self, texts: Sequence[str]) -> Tensor:
-        """[N, d] the base's last hidden state after each text's judge prompt, where it puts the answer.
-        The prompts' common start is encoded once per judge: it is most of a word's prompt."""
-        trunk, device = self.trunk, self.trunk.device
-        rest = [self.before_text + text + self.end for text in texts]
-        rest = self.tokenizer(rest, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        with trunk.adapter(None):
-            if self.start_states is None:
-                start = self.tokenizer(self.start, return_tensors="pt", add_special_tokens=not self.chat_template)
-                encoding = PrefixCache(record=True)
-                trunk(start["input_ids"].to(device), start["attention_mask"].to(device), past=encoding)
-                self.start_states = encoding.take()
-            n, length = len(texts), self.start_states[0][0].shape[-2]
-            past = PrefixCache([(k.expand(n, -1, -1, -1), v.expand(n, -1, -1, -1)) for k, v in self.start_states])
-            # the padding of the shorter rests lies between the start and the rest: masked, and not counted in positions
-            mask = torch.cat([torch.ones(n, length, dtype=torch.long, device=device), rest["attention_mask"].to(device)], 1)
-            return trunk(rest["input_ids"].to(device), mask, past=past)[:, -1]
 
 
 @dataclass(frozen=True)
