@@ -84,7 +84,8 @@ def test_summary_against_hand_computed_floor():
 
 def test_timing_hooks_change_nothing_and_cover_the_outer_step(tmp_path):
     """Same seed, with and without the timing proxies: the same adapters and reward head afterwards."""
-    recipe = load_recipe(RECIPES / "tiny-debug.yaml", ["bilevel.inner_steps=1"])
+    judge = "reward.judge={question: is it good, answers: [lovely, horrible], answer_prefix: it is, words: true}"
+    recipe = load_recipe(RECIPES / "tiny-debug.yaml", ["bilevel.inner_steps=1", judge])
     plain = build(recipe, tmp_path / "plain", RECIPES)
     plain.bilevel.outer_step()
     timed = build(recipe, tmp_path / "timed", RECIPES)

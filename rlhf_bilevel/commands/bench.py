@@ -71,7 +71,9 @@ SHARED_SETTINGS = ("max_new_tokens", "pairs_per_step", "labelled_pairs", "lora_r
 """What every method must run with for a comparison to count, whatever its dtype."""
 DTYPE_SETTINGS = ("base_dtype", "autocast")
 """What every method must run with in the same dtype."""
-BILEVEL_PHASES = ("rollouts", "reference", "oracle", "critic", "reward", "lambda_step", "lambda_prime_step", "phi_step")
+BILEVEL_PHASES = (
+    "rollouts", "judge", "judge_words", "reference", "oracle", "critic", "reward", "lambda_step", "lambda_prime_step", "phi_step",
+)
 
 
 class PhaseTimer:
@@ -211,6 +213,9 @@ def instrument(trainer: Trainer, timer: PhaseTimer) -> None:
     """Times the parts the trainer hands Algorithm 1, and its phase marks, into `timer` (BILEVEL_PHASES)."""
     policy, bilevel = trainer.policy, trainer.bilevel
     timer.instrument(policy, "sample", "rollouts")
+    if policy.judge is not None:  # asked as rollouts are sampled; its words read in float32 (lm/judge.py)
+        timer.instrument(policy.judge, "ask", "judge")
+        timer.instrument(policy.judge, "read_words", "judge_words")
     timer.instrument(policy, "reference", "reference")
     timer.instrument(trainer.labeller, "ask", "oracle")
     timer.instrument(trainer.reward, "token_rewards", "reward")
