@@ -25,7 +25,7 @@ of one backward pass, and 4-byte floats elsewhere:
     critic replay       replay_capacity·2d·4
     critic batch        batch_size·V·4·3 (π, Q and their product over the vocabulary)
     reward heads        heads·max(hidden, 1)·(d + R·(H+1))·4
-    judge's words       P·4 with reward.judge.words, where the base is not read in float32: the copy
+    judge's words       P·4 with reward.judge.words and a base that is not float32: the float32 copy
                         that reads words (lm/judge.py)
     oracle model        P_o·w_o, for the llm-judge and reward-model oracles, whose shape is read as the base's is
     oracle batch        batch_size·2T·(L_o·d_o·w_o + V_o·4): a batch of prompts with both responses
@@ -172,7 +172,7 @@ def estimate(recipe: Recipe, shape: Shape, device: torch.device) -> list[Term]:
 def judge_terms(recipe: Recipe, shape: Shape, w: int) -> list[Term]:
     """The float32 copy of the base that reads the judge's words, where the base is not float32 already."""
     judge = recipe.reward.judge
-    if not (judge.asks and judge.words) or (w == FLOAT and recipe.rollout.autocast is not True):
+    if not (judge.asks and judge.words) or w == FLOAT:
         return []
     return [Term("judge's words", shape.parameters * FLOAT, {"reward.judge.words": 1})]
 

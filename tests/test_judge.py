@@ -85,7 +85,7 @@ def test_with_words_each_distinct_word_is_asked_once(policy):
     assert asked == ["cat", "my"] and again[0] == first[1]
 
 
-def test_words_are_read_in_float32_so_their_batch_leaves_no_trace():
+def test_words_are_read_in_float32_so_their_batch_leaves_no_trace(policy):
     """A word's score is kept for the run, so it must not depend on what else its batch held. On a bf16
     base a row's result moves with its batch's padding (the responses' reader shows it); words are read
     by a float32 copy of the base, adapters off, alike alone and among longer texts to 1e-5."""
@@ -106,6 +106,11 @@ def test_words_are_read_in_float32_so_their_batch_leaves_no_trace():
     # the same base, adapters off, as the bf16 one reads it, up to bf16's rounding
     with bf16.adapter(LAMBDA):
         torch.testing.assert_close(judge.score_words(words), judge.ask(words), atol=0.05, rtol=0)
+    # a float32 base is not copied: read as it is, or without the autocast the run asks for
+    assert Judge(policy.trunk, policy.tokenizer, False, dataclasses.replace(JUDGE, words=True)).word_reader.trunk is policy.trunk
+    autocast = LMPolicy(policy.trunk.model, policy.tokenizer, RolloutConfig(max_new_tokens=4, autocast=True), chat_template=False)
+    reader = Judge(autocast.trunk, policy.tokenizer, False, dataclasses.replace(JUDGE, words=True)).word_reader.trunk
+    assert reader.model is autocast.trunk.model and autocast.trunk.autocasting and not reader.autocasting
 
 
 ANCHORED = dataclasses.replace(JUDGE, words=True, word_margin=0.0, anchors_first=("lovely", "Kind"), anchors_second=("horrible", "mean"))

@@ -218,11 +218,12 @@ class Judge:
 
 
 def exact(trunk: Trunk) -> Trunk:
-    """`trunk` computing in float32: itself where it already does, else a float32 copy (frozen, its
-    adapters kept but never switched on) that runs without autocast. A row's float32 result moves with
-    the rest of its batch by about 1e-5 (its bf16 one by up to 0.25 log-odds on SmolLM2)."""
-    if not trunk.autocasting and trunk.head.weight.dtype == torch.float32:
-        return trunk
+    """`trunk` computing in float32, without autocast: itself where it already does; over its own model
+    where only autocast stands in the way; else over a float32 copy of the model (frozen, its adapters
+    kept but never switched on). A row's float32 result moves with the rest of its batch by about 1e-5,
+    its bf16 one by up to 0.25 log-odds on SmolLM2."""
+    if trunk.head.weight.dtype == torch.float32:
+        return trunk if not trunk.autocasting else Trunk(trunk.model, autocast=False, gradient_checkpointing=False, compile=False)
     model = copy.deepcopy(trunk.model).float().requires_grad_(False)
     return Trunk(model, autocast=False, gradient_checkpointing=False, compile=False)
 
