@@ -118,11 +118,11 @@ class Judge:
     where `chat_template`. `tokenizer` pads on the left: the answer follows each prompt's end."""
 
     def __init__(self, trunk: Trunk, tokenizer: PreTrainedTokenizerBase, chat_template: bool, cfg: JudgeConfig):
-        self.trunk, self.tokenizer, self.chat_template, self.cfg = trunk, tokenizer, chat_template, cfg
+        self.cfg = cfg
         tokens = [tokenizer.encode(answer, add_special_tokens=False) for answer in cfg.answers]
         if any(not t for t in tokens) or tokens[0][0] == tokens[1][0]:
             raise ConfigError(f"reward.judge.answers: {list(cfg.answers)} must begin with different tokens of the model's vocabulary")
-        self.answer_tokens = torch.tensor([tokens[0][0], tokens[1][0]])
+        answer_tokens = torch.tensor([tokens[0][0], tokens[1][0]])
         # with `words`: what the base said of each word met so far, and of a typical word. Both follow from
         # the frozen base alone, read in float32 so that the batch a word came in leaves no trace (in bf16
         # up to 0.25 log-odds on SmolLM2, docs/results.md): a resumed run, or another process, asks again
@@ -142,8 +142,8 @@ class Judge:
         start, end = asked.split(TEXT)
         cut = start.rindex(cfg.question) + len(cfg.question)
         start, self.before_text, self.end = start[:cut], start[cut:], end + cfg.answer_prefix
-        self.response_reader = PromptReader(trunk, tokenizer, start, chat_template, self.answer_tokens)
-        self.word_reader = PromptReader(exact(trunk), tokenizer, start, chat_template, self.answer_tokens) if cfg.words else None
+        self.response_reader = PromptReader(trunk, tokenizer, start, chat_template, answer_tokens)
+        self.word_reader = PromptReader(exact(trunk), tokenizer, start, chat_template, answer_tokens) if cfg.words else None
 
     def prompts(self, texts: Sequence[str]) -> list[str]:
         return [self.response_reader.start + rest for rest in self.rests(texts)]
@@ -170,7 +170,7 @@ class Judge:
         scores = self.scores_of({w for ws in words for w in ws}, weight)
         margin = self.cfg.word_margin if margin is None else margin
         deviations = [[scores[w] - typical for w in ws] for ws in words]
-        return torch.tensor([sum(d for d in ds if abs(d) > margin) for ds in deviations], device=self.trunk.device)
+        return torch.tensor([sum(d for d in ds if abs(d) > margin) for ds in deviations], device=self.response_reader.trunk.device)
 
     def score_words(self, words: Sequence[str], anchor_weight: float | None = None) -> Tensor:
         """[N] s(w): the judge's log-odds for each word asked alone; with anchors, plus `anchor_weight`
