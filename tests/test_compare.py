@@ -278,7 +278,8 @@ def test_gold_per_sqrt_kl_over_seeds_and_seed_by_seed_where_every_policy_moved(t
     difference = merged["differences"]["bilevel − alternating"]["gold_per_sqrt_kl"]
     assert astuple(difference) == pytest.approx(astuple(t_interval([0.1, 0.0], 0.95)))
     differences_table = (tmp_path / "merged" / "comparison.md").read_text().split("\n\n")[2]
-    assert differences_table.splitlines()[2].endswith(f"| {difference.mean:.3f} [{difference.low:.3f}, {difference.high:.3f}] |")
+    # both methods of a seed moved as far, so at matched KL the difference is the final gold's: 0.1 and 0
+    assert differences_table.splitlines()[2].endswith(f"| {difference.mean:.3f} [{difference.low:.3f}, {difference.high:.3f}] | 0.050 [-0.585, 0.685] |")
     assert (tmp_path / "merged" / "comparison-kl.png").stat().st_size > 0
     # a KL estimate at or below 0 (a policy that did not measurably move) has no ratio, and its method no mean of one
     runs = json.loads((first / "comparison.json").read_text())
@@ -287,7 +288,34 @@ def test_gold_per_sqrt_kl_over_seeds_and_seed_by_seed_where_every_policy_moved(t
     unmoved = merge([first], tmp_path / "unmoved")
     assert "gold_per_sqrt_kl" in unmoved["summary"]["bilevel"] and "gold_per_sqrt_kl" not in unmoved["summary"]["alternating"]
     assert "gold_per_sqrt_kl" not in unmoved["differences"]["bilevel − alternating"]
-    assert (tmp_path / "unmoved" / "comparison.md").read_text().split("\n\n")[2].splitlines()[2].endswith("| 1 of 2 | — |")
+    assert (tmp_path / "unmoved" / "comparison.md").read_text().split("\n\n")[2].splitlines()[2].endswith("| 1 of 2 | — | — |")
+
+
+def test_gold_at_matched_kl_reads_the_run_that_moved_further_where_it_first_reached_the_other_s_kl(tmp_path):
+    first = comparison_folder(tmp_path / "a", {("bilevel", 0): 0.6, ("alternating", 0): 0.5, ("bilevel", 1): 0.7, ("alternating", 1): 0.7})
+    runs = json.loads((first / "comparison.json").read_text())
+    run = {(row["method"], row["seed"]): row for row in runs["runs"]}
+    # seed 0: bilevel ends at KL 1; alternating passed √KL 3 (gold 0.55) before ending at √KL 2 (0.5), so it first
+    # reached √KL 1 a third of the way from the reference (0, 0.3) to that snapshot: 0.3 + 0.25 / 3
+    run["bilevel", 0]["eval"]["kl"] = 1.0
+    run["alternating", 0]["eval"]["kl"] = 4.0
+    run["alternating", 0]["curve"][1] |= {"kl": 9.0, "gold": 0.55}
+    # seed 1: bilevel moved further (√KL 2, no snapshot KL) and is read at alternating's √2: 0.3 + 0.4 · √2 / 2
+    run["bilevel", 1]["eval"]["kl"] = 4.0
+    (first / "comparison.json").write_text(json.dumps(runs))
+    merged = merge([first], tmp_path / "merged")
+    expected = t_interval([0.6 - (0.3 + 0.25 / 3), (0.3 + 0.4 * math.sqrt(2) / 2) - 0.7], 0.95)
+    matched = merged["differences"]["bilevel − alternating"]["gold_at_matched_kl"]
+    assert astuple(matched) == pytest.approx(astuple(expected))
+    differences_table = (tmp_path / "merged" / "comparison.md").read_text().split("\n\n")[2]
+    assert differences_table.splitlines()[0].endswith("| gold at the lower KL of the two |")
+    assert differences_table.splitlines()[2].endswith(f"| {matched.mean:.3f} [{matched.low:.3f}, {matched.high:.3f}] |")
+    # a policy that did not measurably move has no KL to match
+    run["alternating", 1]["eval"]["kl"] = 0.0
+    (first / "comparison.json").write_text(json.dumps(runs))
+    unmoved = merge([first], tmp_path / "unmoved")
+    assert "gold_at_matched_kl" not in unmoved["differences"]["bilevel − alternating"]
+    assert (tmp_path / "unmoved" / "comparison.md").read_text().split("\n\n")[2].splitlines()[2].endswith("| — | — |")
 
 
 @pytest.mark.parametrize(

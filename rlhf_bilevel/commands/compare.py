@@ -34,8 +34,9 @@ seeds added later say, into one such report.
       bilevel-seed0/ alternating-seed0/ online-dpo-seed0/ ...   the runs (each with eval/)
       comparison.json       {"runs": one row per run, "summary": per method (and swept value) over its seeds,
                              "differences": per pair of methods, over the seeds both ran}
-      comparison.md         the runs table, the over-seeds table, the paired-differences table (gold and
-                            gold gain per √KL) and the reward model's agreement at each snapshot
+      comparison.md         the runs table, the over-seeds table, the paired-differences table (gold,
+                            gold gain per √KL, gold at the lower KL of the two) and the reward
+                            model's agreement at each snapshot
       comparison.png        gold score against oracle pairs used: mean over seeds, interval shaded
       comparison-time.png   the same against wall-clock training seconds
       comparison-agreement.png  the reward model's agreement against oracle pairs used, for the methods that learn one
@@ -453,18 +454,53 @@ def differences(rows: list[dict], confidence: float) -> dict[str, dict]:
                 continue
             final = [a["eval"]["gold"]["policy"].mean - b["eval"]["gold"]["policy"].mean for a, b in pairs]
             per_sqrt_kl = [(measures(a).get("gold_per_sqrt_kl"), measures(b).get("gold_per_sqrt_kl")) for a, b in pairs]
+            matched = [gold_at_matched_kl(a, b) for a, b in pairs]
             result[f"{first} − {second}"] = {
                 "seeds": [a["seed"] for a, _ in pairs],
                 "gold": t_interval(final, confidence),
                 "higher": sum(d > 0 for d in final),
                 # where both policies moved on every seed
                 **({"gold_per_sqrt_kl": t_interval([x - y for x, y in per_sqrt_kl], confidence)} if all(None not in both for both in per_sqrt_kl) else {}),
+                **({"gold_at_matched_kl": t_interval(matched, confidence)} if None not in matched else {}),
                 "curve": [
                     {"oracle_pairs": points[0][0]["oracle_pairs"], "gold": t_interval([p["gold"] - q["gold"] for p, q in points], confidence)}
                     for points in zip(*(zip(a["curve"], b["curve"]) for a, b in pairs))
                 ],
             }
     return result
+
+
+def frontier(row: dict) -> list[tuple[float, float]]:
+    """(√KL to the reference, gold) along one run, in the order it went: the reference (0, its gold), each
+    snapshot that measured its KL, the final policy. A KL estimate below 0 counts as 0."""
+    result = row["eval"]
+    along = [(point["kl"], point["gold"]) for point in row["curve"][1:-1] if "kl" in point]
+    points = [(0.0, result["gold"]["reference"].mean), *along, (result["kl"], result["gold"]["policy"].mean)]
+    return [(math.sqrt(max(kl, 0.0)), gold) for kl, gold in points]
+
+
+def gold_at_matched_kl(a: dict, b: dict) -> float | None:
+    """Run `a`'s gold minus run `b`'s where both stood at the same KL: the lower of their two final KLs.
+    The run that ended there gives its final gold; the other its gold where its path first reached that
+    √KL, linear between the two points around it. None where either policy did not measurably move.
+
+    Gold per √KL compares runs that moved different distances along a frontier that bends over as gold
+    nears its ceiling, which favours the one that moved less; this compares them at one distance. The
+    chord between snapshots lies below a frontier that bends over, so the interpolated run is slightly
+    under-rated; more `--snapshots` make its path finer."""
+    paths = frontier(a), frontier(b)
+    reach = min(path[-1][0] for path in paths)
+    if reach <= 0:
+        return None
+
+    def gold_at(path: list[tuple[float, float]]) -> float:
+        if path[-1][0] == reach:
+            return path[-1][1]
+        # a path from 0 to beyond `reach` first crosses it going up
+        (x0, g0), (x1, g1) = next(segment for segment in zip(path, path[1:]) if segment[0][0] <= reach < segment[1][0])
+        return g0 + (g1 - g0) * (reach - x0) / (x1 - x0)
+
+    return gold_at(paths[0]) - gold_at(paths[1])
 
 
 # -- what a user reads ---------------------------------------------------------------------------------
@@ -507,14 +543,15 @@ def summary_table(summary: dict[str, dict], confidence: float) -> str:
 
 def differences_table(diffs: dict[str, dict], confidence: float) -> str:
     """One line per pair of methods: the mean of their per-seed gold differences, its interval, the seeds the
-    first wins, and the same interval for their gold gain per √KL."""
+    first wins, and the same interval for their gold gain per √KL and for their gold at the lower KL of the two."""
     lines = [
-        f"| paired difference | seeds | gold (mean [{confidence:.0%} CI]) | seeds the first is higher on | gold gain per √KL |",
-        "|---|---|---|---|---|",
+        f"| paired difference | seeds | gold (mean [{confidence:.0%} CI]) | seeds the first is higher on | gold gain per √KL | gold at the lower KL of the two |",
+        "|---|---|---|---|---|---|",
     ]
     for pair, diff in diffs.items():
         lines.append(
-            f"| {pair} | {len(diff['seeds'])} | {cell(diff['gold'], 3)} | {diff['higher']} of {len(diff['seeds'])} | {cell(diff.get('gold_per_sqrt_kl'), 3)} |"
+            f"| {pair} | {len(diff['seeds'])} | {cell(diff['gold'], 3)} | {diff['higher']} of {len(diff['seeds'])} "
+            f"| {cell(diff.get('gold_per_sqrt_kl'), 3)} | {cell(diff.get('gold_at_matched_kl'), 3)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -583,10 +620,8 @@ def plot_frontier(rows: list[dict], path: Path) -> None:
     fig, ax = figure()
     colours: dict[str, str] = {}
     for row in rows:
-        result, name = row["eval"], run_name(row)
-        along = [(point["kl"], point["gold"]) for point in row["curve"][1:-1] if "kl" in point]
-        points = [(0.0, result["gold"]["reference"].mean), *along, (result["kl"], result["gold"]["policy"].mean)]
-        xs, ys = [math.sqrt(max(kl, 0.0)) for kl, _ in points], [gold for _, gold in points]
+        name = run_name(row)
+        xs, ys = zip(*frontier(row))
         (line,) = ax.plot(xs, ys, marker="o", alpha=0.7, color=colours.get(name), label=None if name in colours else name)
         colours.setdefault(name, line.get_color())
     save(fig, ax, path, xlabel="√KL to the reference (nats^½)", ylabel="gold score (held-out)", title="Gold against how far each run moved")
