@@ -486,8 +486,8 @@ def gold_at_matched_kl(a: dict, b: dict) -> float | None:
 
     Gold per √KL compares runs that moved different distances along a frontier that bends over as gold
     nears its ceiling, which favours the one that moved less; this compares them at one distance. The
-    chord between snapshots lies below a frontier that bends over, so the interpolated run is slightly
-    under-rated; more `--snapshots` make its path finer."""
+    interpolated run is read off the chord between two snapshots, which lies below a path that bends
+    over there and above one that bends up; more `--snapshots` make its path finer."""
     paths = frontier(a), frontier(b)
     reach = min(path[-1][0] for path in paths)
     if reach <= 0:
