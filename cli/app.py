@@ -36,9 +36,13 @@ def theory(
     prompts: int = typer.Option(3, "--prompts", help="Number of prompts."),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Penalty σ of the main runs."),
     beta: Optional[float] = typer.Option(None, "--beta", help="KL weight β of the lower level."),
+    fixed_points: int = typer.Option(
+        0, "--fixed-points", help="Only where bilevel and alternating come to rest, and their policies' gold, on this many problems (seeds --seed, --seed+1, …)."
+    ),
 ) -> None:
     """The convergence lab: Algorithm 1 on an exact token MDP, against Φ* (Theorem 1)."""
-    from rlhf_bilevel.commands.theory import TheoryConfig, run_lab
+    from rlhf_bilevel.commands.theory import TheoryConfig, run_fixed_points, run_lab
+    from rlhf_bilevel.exact.fixed_points import Unsettled
     from rlhf_bilevel.exact.testbed import TestbedConfig
 
     try:
@@ -46,8 +50,19 @@ def theory(
         changes = {"testbed": testbed, "seed": seed}
         changes.update({k: v for k, v in {"sigma": sigma, "beta": beta}.items() if v is not None})
         cfg = TheoryConfig.quick(**changes) if quick else TheoryConfig(**changes)
+        if fixed_points < 0:
+            raise ConfigError(f"--fixed-points: a number of problems ≥ 1 (0: the whole lab), got {fixed_points}")
+        if fixed_points:
+            result = run_fixed_points(cfg, fixed_points, out, log=typer.echo)
+            gap = result["bilevel_minus_alternating"]
+            typer.echo(
+                f"gold of argmin Φ − alternating's resting point: {gap['gold']['mean']:+.4f} "
+                f"[{gap['gold']['low']:+.4f}, {gap['gold']['high']:+.4f}] over {gap['problems']} problems, "
+                f"bilevel higher on {gap['bilevel_higher']}; wrote {out / 'fixed_points.json'}"
+            )
+            return
         result = run_lab(cfg, out, log=typer.echo)
-    except ConfigError as error:
+    except (ConfigError, Unsettled) as error:
         fail(str(error))
     typer.echo(f"wrote {out / 'theory.json'} and {out / 'theory.png'} (Φ* = {result['phi_star']:.6f})")
 

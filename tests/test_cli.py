@@ -15,6 +15,7 @@ from conftest import run_cli
         (["--vocab", "1"], "vocab"),
         (["--vocab", "8", "--horizon", "5"], "vocab=8, horizon=5"),
         (["--beta", "0"], "beta"),
+        (["--fixed-points", "-1"], "--fixed-points"),
     ],
 )
 def test_bad_values_give_one_line_errors(tmp_path, args, field):
@@ -29,12 +30,24 @@ def test_quick_lab_writes_json_and_png(tmp_path):
     result = run_cli("theory", "--quick", "--out", str(tmp_path))
     assert result.returncode == 0, result.stderr
     data = json.loads((tmp_path / "theory.json").read_text())
-    for key in ("phi_star", "gap_sq", "slope", "sigma", "B", "replay_bias", "oracle_pairs"):
+    for key in ("phi_star", "fixed_points", "gap_sq", "slope", "sigma", "B", "replay_bias", "oracle_pairs"):
         assert key in data
     assert set(data["gap_sq"]) == {"exact", "sampled", "alternating", "printed", "exact_replay", "exact_replay_steps", "sampled_replay"}
     assert len(data["gap_sq"]["exact"]) == 40 and len(data["gap_sq"]["sampled"]) == 8
     assert data["B"]["oracle_pairs"][1] > data["B"]["oracle_pairs"][0] > 0
     assert (tmp_path / "theory.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fixed_point_study_writes_each_problem_and_the_paired_difference(tmp_path):
+    result = run_cli("theory", "--fixed-points", "2", "--seed", "3", "--vocab", "3", "--horizon", "2", "--prompts", "2", "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    data = json.loads((tmp_path / "fixed_points.json").read_text())
+    assert [row["problem"] for row in data["problems"]] == [3, 4]
+    gaps = [row["bilevel"]["gold"] - row["alternating"]["gold"] for row in data["problems"]]
+    difference = data["bilevel_minus_alternating"]
+    assert difference["gold"]["mean"] == pytest.approx(sum(gaps) / 2) and difference["problems"] == 2
+    assert difference["gold"]["low"] < difference["gold"]["mean"] < difference["gold"]["high"]
+    assert "over 2 problems" in result.stdout and not (tmp_path / "theory.json").exists()
 
 
 def test_train_into_a_log_file_shows_a_line_per_outer_step(tmp_path):

@@ -3,6 +3,7 @@ writes theory.json and theory.png."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
@@ -10,9 +11,10 @@ from typing import Callable
 import torch
 
 from rlhf_bilevel.environment import default_dtype, threads
+from rlhf_bilevel.exact.fixed_points import Unsettled
 from rlhf_bilevel.exact.lab import ConvergenceStudy, Lab, TheoryConfig
 
-__all__ = ["TheoryConfig", "plot", "run_lab"]
+__all__ = ["TheoryConfig", "plot", "run_fixed_points", "run_lab"]
 
 
 def plot(result: dict, path: Path) -> None:
@@ -60,4 +62,49 @@ def run_lab(cfg: TheoryConfig, out: Path, log: Callable[[str], None] = print) ->
     out.mkdir(parents=True, exist_ok=True)
     (out / "theory.json").write_text(json.dumps(result, indent=1))
     plot(result, out / "theory.png")
+    return result
+
+
+def run_fixed_points(cfg: TheoryConfig, problems: int, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Where bilevel and alternating come to rest (`exact/fixed_points.py`) on `problems` problems, the
+    testbed seeds cfg.seed, cfg.seed + 1, …, and the gold of each one's policy: per problem and over
+    problems, mean and Student-t 95% interval, with the paired difference bilevel − alternating. A problem
+    where the alternating refits do not settle is listed under "unsettled" and left out of the figures.
+    Writes fixed_points.json under `out`; no convergence runs."""
+    from rlhf_bilevel.commands.compare import t_interval
+
+    rows, unsettled = [], []
+    with default_dtype(torch.float64), threads(1):
+        for seed in range(cfg.seed, cfg.seed + problems):
+            lab = Lab(dataclasses.replace(cfg, testbed=dataclasses.replace(cfg.testbed, seed=seed), seed=seed))
+            star = lab.phi_star()
+            try:
+                rest = lab.fixed_points()
+            except Unsettled as error:
+                unsettled.append({"problem": seed, "reason": str(error)})
+                log(f"problem {seed}: left out, {error}")
+                continue
+            rows.append({"problem": seed, "phi_star_reached": star["reached"], **rest})
+            log(
+                f"problem {seed}: gold π_ref {rest['reference']['gold']:.4f}, argmin Φ {rest['bilevel']['gold']:.4f} "
+                f"(KL {rest['bilevel']['kl']:.3f}, Φ {rest['bilevel']['phi']:.5f}), alternating {rest['alternating']['gold']:.4f} "
+                f"(KL {rest['alternating']['kl']:.3f}, Φ {rest['alternating']['phi']:.5f}), gold-optimal {rest['gold_optimal']['gold']:.4f}"
+            )
+    if not rows:
+        raise Unsettled(f"the alternating refits settled on none of the {problems} problems")
+    summary = {
+        name: {measure: dataclasses.asdict(t_interval([row[name][measure] for row in rows], 0.95)) for measure in ("gold", "kl")}
+        for name in ("reference", "bilevel", "alternating", "gold_optimal")
+    }
+    gap = [row["bilevel"]["gold"] - row["alternating"]["gold"] for row in rows]
+    difference = {"gold": dataclasses.asdict(t_interval(gap, 0.95)), "bilevel_higher": sum(g > 0 for g in gap), "problems": len(gap)}
+    result = {
+        "config": dataclasses.asdict(cfg),
+        "problems": rows,
+        "unsettled": unsettled,
+        "summary": summary,
+        "bilevel_minus_alternating": difference,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fixed_points.json").write_text(json.dumps(result, indent=1))
     return result

@@ -5,7 +5,8 @@ Its experiments (`ConvergenceStudy`; `rlhf-bilevel theory` writes them to `theor
 argmin L_σ itself (the bias it converges to, Theorem 1's σ term); against B, the floor of
 sampled runs (its 1/B term); the alternating and printed-pseudo-code runs beside them; and
 the practical φ update (docs/algorithm.md, "Deviations from Algorithm 1"): the preference store
-replayed, one step or several, with the store's d_t measured against the theorem's exact one.
+replayed, one step or several, with the store's d_t measured against the theorem's exact one; and
+where each method comes to rest, with its policy's gold (`exact/fixed_points.py`).
 
 The upper objective carries ρ/2 ‖φ‖² (ρ = `reward_decay`), in the algorithm's φ step and in
 every exact value alike: without it the bt_nll of the sigmoid reward keeps falling as
@@ -30,7 +31,7 @@ from rlhf_bilevel import estimators as est
 from rlhf_bilevel.bilevel import Bilevel
 from rlhf_bilevel.config import BilevelConfig, ConfigError, positive
 from rlhf_bilevel.critic import CriticConfig
-from rlhf_bilevel.exact import solve
+from rlhf_bilevel.exact import fixed_points, solve
 from rlhf_bilevel.exact.models import ExactReward
 from rlhf_bilevel.exact.testbed import Testbed, TestbedConfig
 from rlhf_bilevel.steps import StepConfig, norm
@@ -190,6 +191,13 @@ class Lab:
         solve.minimise(reward, solve.PenaltyValue(self.problem, sigma, self.cfg.reward_decay), max_iter=200)
         return self.phi(reward) - phi_star
 
+    def fixed_points(self) -> dict:
+        """Each method's resting point and its policy's gold (`exact/fixed_points.py`): argmin Φ as
+        `phi_star` found it (call that first), and the alternating method's fixed point reached from the
+        runs' initial reward model."""
+        start = self.testbed.reward(seed=self.cfg.seed)
+        return fixed_points.fixed_points(self.problem, self.minimiser, start, self.cfg.reward_decay)
+
     def run(
         self, phi_star: float, exact: bool, outer_steps: int, probe: Callable[[Bilevel], dict] | None = None, **changes
     ) -> dict:
@@ -318,6 +326,16 @@ class ConvergenceStudy:
         star = self.lab.phi_star()
         phi_star = star["phi_star"]
         self.log(f"Φ* = {phi_star:.6f} ({star['reached']}/{cfg.starts} starts reached it; ρ = {cfg.reward_decay:g})")
+        try:
+            rest = self.lab.fixed_points()
+            self.log(
+                f"fixed points: gold of λ*(φ) {rest['bilevel']['gold']:.4f} at argmin Φ (KL {rest['bilevel']['kl']:.3f}), "
+                f"{rest['alternating']['gold']:.4f} where alternating rests (KL {rest['alternating']['kl']:.3f}); "
+                f"π_ref {rest['reference']['gold']:.4f}"
+            )
+        except fixed_points.Unsettled as error:
+            rest = {"unsettled": str(error)}
+            self.log(f"fixed points: {error}")
         runs = {}
         runs["exact"] = self.lab.run(phi_star, True, cfg.outer_steps)
         self.log(f"exact gradients: slope {runs['exact']['slope']:.2f}, floor {runs['exact']['floor']:.2e}")
@@ -346,6 +364,7 @@ class ConvergenceStudy:
             "config": dataclasses.asdict(cfg),
             "phi_star": phi_star,
             "phi_star_starts": star,
+            "fixed_points": rest,
             "runs": runs,
             "gap_sq": {name: run["gap_sq"] for name, run in runs.items()},
             "slope": {name: run["slope"] for name, run in runs.items()},
