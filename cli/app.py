@@ -58,7 +58,9 @@ def theory(
             typer.echo(
                 f"gold of argmin Φ − alternating's resting point: {gap['gold']['mean']:+.4f} "
                 f"[{gap['gold']['low']:+.4f}, {gap['gold']['high']:+.4f}] over {gap['problems']} problems, "
-                f"bilevel higher on {gap['bilevel_higher']}; wrote {out / 'fixed_points.json'}"
+                f"bilevel higher on {gap['bilevel_higher']}; in shortfall from the best gold at each one's KL "
+                f"{gap['shortfall']['mean']:+.4f} [{gap['shortfall']['low']:+.4f}, {gap['shortfall']['high']:+.4f}]; "
+                f"wrote {out / 'fixed_points.json'}"
             )
             return
         result = run_lab(cfg, out, log=typer.echo)

@@ -47,6 +47,7 @@ def test_fixed_point_study_writes_each_problem_and_the_paired_difference(tmp_pat
     difference = data["bilevel_minus_alternating"]
     assert difference["gold"]["mean"] == pytest.approx(sum(gaps) / 2) and difference["problems"] == 2
     assert difference["gold"]["low"] < difference["gold"]["mean"] < difference["gold"]["high"]
+    assert all(row[name]["shortfall"] > -1e-9 for row in data["problems"] for name in ("bilevel", "alternating", "reference"))
     assert "over 2 problems" in result.stdout and not (tmp_path / "theory.json").exists()
 
 

@@ -1,5 +1,8 @@
 """Where each method comes to rest on the exact problem: the alternating point is a fixed point of its
-refits but not a stationary point of Φ, argmin Φ is no worse on Φ, and a policy's gold is what sampling it gives."""
+refits but not a stationary point of Φ, argmin Φ is no worse on Φ, a policy's gold is what sampling it
+gives, and the gold-against-KL frontier is met by the gold-optimal policies and passed by none."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -64,3 +67,17 @@ def test_policy_gold_is_the_mean_gold_of_its_samples(rest):
     rollout = SampledRollouts(policy, list(range(testbed.tree.prompts)), torch.Generator().manual_seed(0)).rollouts(LAMBDA, 20000)
     gold = testbed.gold.gold_return(rollout.prompts, rollout.responses)
     assert abs(gold.mean().item() - exact.gold) < 4 * gold.std().item() / 20000**0.5
+
+
+def test_the_frontier_is_met_by_the_gold_optimal_policy_and_passed_by_none(rest):
+    testbed = rest[0]
+    problem = testbed.problem
+    undiscounted = replace(problem, gamma=1.0)
+    for beta in (0.2, 1.0):
+        best = solve.soft_optimal(replace(undiscounted, beta=beta), problem.gold.node_gold)
+        assert abs(fixed_points.policy_value(problem, best).shortfall) < 1e-6
+    policy = testbed.new_policy()
+    for seed in range(5):
+        perturb(policy.parameters_of(LAMBDA), 0.5, seed=seed)
+        with torch.no_grad():
+            assert fixed_points.policy_value(problem, policy.table()).shortfall > -1e-9

@@ -13,11 +13,14 @@ Neither objective is gold: Φ rewards a reward model that keeps its policy where
 oracle well, whatever that policy's gold. `fixed_points` measures both ends on the exact problem,
 and the gold E_{τ∼λ*(φ)} R*(τ) and KL(λ*(φ) ‖ π_ref) of each one's policy, beside π_ref and the
 policy that is soft-optimal for the gold reward itself (the best any reward model could induce at β).
+Each policy's shortfall, the most gold any policy gets at its KL less its own, tells a policy that
+moved in a worse direction from one that moved less far along a good one.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
@@ -36,13 +39,14 @@ class PolicyValue:
 
     gold: float  # E_x E_{τ∼π(·|x)} R*(τ)
     kl: float  # E_x KL(π(·|x) ‖ π_ref(·|x)), over whole responses
+    shortfall: float  # the most gold any policy gets at this KL (`frontier_gold`), less this policy's
     phi: float | None = None  # Φ(φ) (+ ρ/2 ‖φ‖²), where a reward model induced the policy
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def policy_value(problem: solve.Problem, logp: Tensor, phi: float | None = None) -> PolicyValue:
+def gold_and_kl(problem: solve.Problem, logp: Tensor) -> tuple[float, float]:
     """Gold and KL of the policy `logp` ([S, V] log-probabilities), summed exactly over every trajectory."""
     tree = problem.tree
     with torch.no_grad():
@@ -50,7 +54,33 @@ def policy_value(problem: solve.Problem, logp: Tensor, phi: float | None = None)
         states = tree.path_states(tree.leaf_path)
         log_ratio = (logp - problem.ref)[states].gather(-1, tree.leaf_tokens.unsqueeze(-1)).squeeze(-1)
         log_ratio = (log_ratio * tree.leaf_mask).sum(-1)
-        return PolicyValue(gold=(prob * problem.gold.leaf_gold).sum().item(), kl=(prob * log_ratio).sum().item(), phi=phi)
+        return (prob * problem.gold.leaf_gold).sum().item(), (prob * log_ratio).sum().item()
+
+
+def frontier_gold(problem: solve.Problem, kl: float, tolerance: float = 1e-9) -> float:
+    """The most gold any policy gets within KL `kl` of π_ref: the policy soft-optimal for the undiscounted gold
+    reward at the temperature β′ whose KL is `kl` (it maximises gold − β′·KL, so no policy at that KL has
+    more gold), β′ found by bisection on log β′ (its KL falls as β′ grows)."""
+    undiscounted = replace(problem, gamma=1.0)
+
+    def at(log_beta: float) -> tuple[float, float]:
+        logp = solve.soft_optimal(replace(undiscounted, beta=math.exp(log_beta)), problem.gold.node_gold)
+        return gold_and_kl(problem, logp)
+
+    low, high = math.log(1e-4), math.log(1e4)  # KL near its largest, and near 0
+    if kl <= at(high)[1]:
+        return at(high)[0]
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        low, high = (middle, high) if at(middle)[1] > kl else (low, middle)
+    return at(high)[0]
+
+
+def policy_value(problem: solve.Problem, logp: Tensor, phi: float | None = None) -> PolicyValue:
+    """Gold and KL of the policy `logp` ([S, V] log-probabilities), and how far its gold falls short of the
+    most any policy gets at its KL."""
+    gold, kl = gold_and_kl(problem, logp)
+    return PolicyValue(gold=gold, kl=kl, shortfall=frontier_gold(problem, kl) - gold, phi=phi)
 
 
 def induced_value(problem: solve.Problem, reward: ExactReward, decay: float) -> PolicyValue:
