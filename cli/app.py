@@ -42,7 +42,6 @@ def theory(
 ) -> None:
     """The convergence lab: Algorithm 1 on an exact token MDP, against Φ* (Theorem 1)."""
     from rlhf_bilevel.commands.theory import TheoryConfig, run_fixed_points, run_lab
-    from rlhf_bilevel.exact.fixed_points import Unsettled
     from rlhf_bilevel.exact.testbed import TestbedConfig
 
     try:
@@ -55,6 +54,9 @@ def theory(
         if fixed_points:
             result = run_fixed_points(cfg, fixed_points, out, log=typer.echo)
             gap = result["bilevel_minus_alternating"]
+            if gap is None:
+                typer.echo(f"the alternating refits settled on none of the {fixed_points} problems; wrote {out / 'fixed_points.json'}")
+                return
             typer.echo(
                 f"gold of argmin Φ − alternating's resting point: {gap['gold']['mean']:+.4f} "
                 f"[{gap['gold']['low']:+.4f}, {gap['gold']['high']:+.4f}] over {gap['problems']} problems, "
@@ -64,7 +66,7 @@ def theory(
             )
             return
         result = run_lab(cfg, out, log=typer.echo)
-    except (ConfigError, Unsettled) as error:
+    except ConfigError as error:
         fail(str(error))
     typer.echo(f"wrote {out / 'theory.json'} and {out / 'theory.png'} (Φ* = {result['phi_star']:.6f})")
 

@@ -81,3 +81,9 @@ def test_the_frontier_is_met_by_the_gold_optimal_policy_and_passed_by_none(rest)
         perturb(policy.parameters_of(LAMBDA), 0.5, seed=seed)
         with torch.no_grad():
             assert fixed_points.policy_value(problem, policy.table()).shortfall > -1e-9
+
+
+def test_refits_that_do_not_settle_raise_and_say_how_far_phi_still_moves(rest):
+    testbed = rest[0]
+    with pytest.raises(fixed_points.Unsettled, match=r"did not settle in 1 rounds \(φ's last move [1-9]"):
+        fixed_points.stable_point(testbed.problem, testbed.reward(seed=0), DECAY, rounds=1)

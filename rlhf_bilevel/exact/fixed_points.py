@@ -102,10 +102,11 @@ def stable_point(problem: solve.Problem, reward: ExactReward, decay: float, roun
             logp = solve.soft_optimal(problem, reward.node_rewards())
         solve.minimise(reward, lambda r: solve.upper(problem, logp, r.node_rewards()) + solve.weight_decay(r, decay))
         current = torch.cat([p.detach().flatten() for p in reward.parameters()])
-        if (current - previous).norm() < tolerance:
+        move = (current - previous).norm().item()
+        if move < tolerance:
             return refit
         previous = current
-    raise Unsettled(f"the alternating refits did not settle in {rounds} rounds (φ's last move {(current - previous).norm():.2e})")
+    raise Unsettled(f"the alternating refits did not settle in {rounds} rounds (φ's last move {move:.2e})")
 
 
 def fixed_points(problem: solve.Problem, bilevel: ExactReward, start: ExactReward, decay: float) -> dict:
