@@ -36,6 +36,7 @@ def theory(
     prompts: int = typer.Option(3, "--prompts", help="Number of prompts."),
     sigma: Optional[float] = typer.Option(None, "--sigma", help="Penalty σ of the main runs."),
     beta: Optional[float] = typer.Option(None, "--beta", help="KL weight β of the lower level."),
+    reward_hidden: int = typer.Option(0, "--reward-hidden", help="Width of the reward model's hidden layer; 0: a logistic unit."),
     fixed_points: int = typer.Option(
         0, "--fixed-points", help="Only where bilevel and alternating come to rest, and their policies' gold, on this many problems (seeds --seed, --seed+1, …)."
     ),
@@ -45,7 +46,7 @@ def theory(
     from rlhf_bilevel.exact.testbed import TestbedConfig
 
     try:
-        testbed = TestbedConfig(prompts=prompts, vocab=vocab, horizon=horizon, reward_hidden=0, seed=seed)
+        testbed = TestbedConfig(prompts=prompts, vocab=vocab, horizon=horizon, reward_hidden=reward_hidden, seed=seed)
         changes = {"testbed": testbed, "seed": seed}
         changes.update({k: v for k, v in {"sigma": sigma, "beta": beta}.items() if v is not None})
         cfg = TheoryConfig.quick(**changes) if quick else TheoryConfig(**changes)

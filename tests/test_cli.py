@@ -16,6 +16,7 @@ from conftest import run_cli
         (["--vocab", "8", "--horizon", "5"], "vocab=8, horizon=5"),
         (["--beta", "0"], "beta"),
         (["--fixed-points", "-1"], "--fixed-points"),
+        (["--reward-hidden", "-2"], "reward_hidden"),
     ],
 )
 def test_bad_values_give_one_line_errors(tmp_path, args, field):

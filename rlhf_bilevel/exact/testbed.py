@@ -39,6 +39,8 @@ class Testbed:
             raise ConfigError(str(error)) from None
         if cfg.temperature <= 0:
             raise ConfigError(f"temperature: must be > 0, got {cfg.temperature}")
+        if cfg.reward_hidden < 0:
+            raise ConfigError(f"reward_hidden: a width ≥ 0 (0: a logistic unit), got {cfg.reward_hidden}")
         self.cfg = cfg
         self.gold = GoldOracle(self.tree, temperature=cfg.temperature, seed=cfg.seed + 1)
         policy = self.new_policy()
