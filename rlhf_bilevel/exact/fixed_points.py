@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parameters_to_vector
 
 from rlhf_bilevel.exact import solve
 from rlhf_bilevel.exact.models import ExactReward
@@ -41,9 +42,6 @@ class PolicyValue:
     kl: float  # E_x KL(π(·|x) ‖ π_ref(·|x)), over whole responses
     shortfall: float  # the most gold any policy gets at this KL (`frontier_gold`), less this policy's
     phi: float | None = None  # Φ(φ) (+ ρ/2 ‖φ‖²), where a reward model induced the policy
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def gold_and_kl(problem: solve.Problem, logp: Tensor) -> tuple[float, float]:
@@ -68,8 +66,9 @@ def frontier_gold(problem: solve.Problem, kl: float, tolerance: float = 1e-9) ->
         return gold_and_kl(problem, logp)
 
     low, high = math.log(1e-4), math.log(1e4)  # KL near its largest, and near 0
-    if kl <= at(high)[1]:
-        return at(high)[0]
+    nearest = at(high)
+    if kl <= nearest[1]:
+        return nearest[0]
     while high - low > tolerance:
         middle = (low + high) / 2
         low, high = (middle, high) if at(middle)[1] > kl else (low, middle)
@@ -96,12 +95,12 @@ def stable_point(problem: solve.Problem, reward: ExactReward, decay: float, roun
     fit φ exactly to the pairs of λ*(φ_prev) (L-BFGS on f + ρ/2 ‖φ‖², the policy held fixed), then let the
     policy follow. Returns the number of refits it took for φ to move less than `tolerance`; raises
     `Unsettled` if `rounds` refits do not get there."""
-    previous = torch.cat([p.detach().flatten() for p in reward.parameters()])
+    previous = parameters_to_vector(reward.parameters()).detach()
     for refit in range(1, rounds + 1):
         with torch.no_grad():
             logp = solve.soft_optimal(problem, reward.node_rewards())
         solve.minimise(reward, lambda r: solve.upper(problem, logp, r.node_rewards()) + solve.weight_decay(r, decay))
-        current = torch.cat([p.detach().flatten() for p in reward.parameters()])
+        current = parameters_to_vector(reward.parameters()).detach()
         move = (current - previous).norm().item()
         if move < tolerance:
             return refit
@@ -121,4 +120,4 @@ def fixed_points(problem: solve.Problem, bilevel: ExactReward, start: ExactRewar
         "alternating": induced_value(problem, start, decay),
         "gold_optimal": policy_value(problem, gold_optimal),
     }
-    return {"refits": refits, **{name: value.as_dict() for name, value in values.items()}}
+    return {"refits": refits, **{name: asdict(value) for name, value in values.items()}}
